@@ -1,0 +1,118 @@
+"""The catalog: what was ingested, which slices exist, what each model was trained on.
+
+SQLite by default, PostgreSQL in production; the schema is owned by the Alembic chain in `migrations/`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from wudao.catalog.models import (  # noqa: F401  (re-exported)
+    Base,
+    QuarantineRecord,
+    SeenObject,
+    Shard,
+    Slice,
+    Source,
+    Tokenizer,
+    TrainingRun,
+)
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class CatalogError(RuntimeError):
+    pass
+
+
+def _alembic_config(url: str) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # configparser interpolation
+    return cfg
+
+
+def _engine(url: str) -> Engine:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # enforce FKs; WAL lets readers run beside a writer
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def upgrade(url: str, revision: str = "head") -> str:
+    """Run the migration chain up to `revision`; returns the revision the DB is at afterwards."""
+    cfg = _alembic_config(url)
+    engine = _engine(url)
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+        return current_revision(engine) or "base"
+    except OperationalError as e:
+        raise CatalogError(f"cannot reach the catalog DB ({_safe(url)}): {e.orig}") from None
+    finally:
+        engine.dispose()
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+class Catalog:
+    """A connection to the catalog DB; use `session()` for a unit of work that commits or rolls back whole."""
+
+    def __init__(self, url: str, *, auto_upgrade: bool | None = None):
+        self.url = url
+        # A local SQLite catalog is upgraded in place; a shared server DB is only checked (upgrade it on purpose).
+        if auto_upgrade is None:
+            auto_upgrade = url.startswith("sqlite")
+        if auto_upgrade:
+            upgrade(url)
+        self.engine = _engine(url)
+        try:
+            at = current_revision(self.engine)
+        except OperationalError as e:
+            raise CatalogError(f"cannot reach the catalog DB ({_safe(url)}): {e.orig}") from None
+        if at != head_revision():
+            raise CatalogError(f"catalog DB {_safe(url)} is at revision {at or 'base'}: run `wudao db upgrade`")
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions.begin() as s:
+            yield s
+
+    def close(self) -> None:
+        self.engine.dispose()

