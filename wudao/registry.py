@@ -102,7 +102,7 @@ def gate(candidate: dict[str, float], parent: dict[str, float] | None) -> tuple[
 
 
 class WudaoLM(mlflow.pyfunc.PythonModel):
-    """pyfunc flavour: `predict(["prompt", …])` (or a DataFrame with column `prompt`) -> greedy continuations."""
+    """pyfunc flavour: `predict(["prompt", …], params={"max_new_tokens": n})` -> greedy continuations."""
 
     def load_context(self, context) -> None:
         from safetensors.torch import load_file
@@ -118,8 +118,8 @@ class WudaoLM(mlflow.pyfunc.PythonModel):
         self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]).read_bytes())
         self.eos = self.tokenizer.token_to_id(EOS)
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
-        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
+        prompts = [str(p) for p in model_input]
         max_new = int((params or {}).get("max_new_tokens", 32))
         out = []
         for prompt in prompts:

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from wudao import registry
 from wudao.catalog import Catalog, Slice
 from wudao.config import Settings
-from wudao.data.ingest import ingest
+from wudao.data.ingest import canonical_source, ingest
 from wudao.storage import ObjectStore, S3Store, open_store, store_from_settings
 
 
@@ -38,6 +38,7 @@ def _cache_dir(settings: Settings):
 
 def run_ingest(settings: Settings, source: str) -> dict[str, Any]:
     """New objects of `source` -> a committed slice (or no slice when nothing new arrived)."""
+    source = canonical_source(source)  # a missing folder is an error, never created
     store = platform_store(settings)
     source_store = store_from_settings(settings, source) if source.startswith("s3://") else open_store(source)
     cat = catalog(settings)

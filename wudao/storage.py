@@ -246,6 +246,25 @@ class LocalStore(ObjectStore):
         self._meta(key).unlink(missing_ok=True)
 
 
+class _BodyReader(io.RawIOBase):
+    """botocore's StreamingBody as a real raw stream, so gzip and TextIOWrapper can read it incrementally."""
+
+    def __init__(self, body):
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._body.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._body.close()
+        super().close()
+
+
 class S3Store(ObjectStore):
     """An S3 bucket (AWS, MinIO, SeaweedFS) with an optional key prefix."""
 
@@ -355,7 +374,8 @@ class S3Store(ObjectStore):
 
     def open_read(self, key: str) -> IO[bytes]:
         with self._errors(self.url(key)):
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        return io.BufferedReader(_BodyReader(body), buffer_size=_CHUNK)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         full = join_key(self.prefix, prefix) if self.prefix else prefix

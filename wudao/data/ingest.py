@@ -108,7 +108,8 @@ def _records(store: ObjectStore, obj: ObjectInfo, quarantine: list[_Quarantined]
             quarantine.append(_Quarantined(key, None, "corrupt_gzip", str(e)[:200]))
 
 
-def _source_uri(source: str) -> str:
+def canonical_source(source: str) -> str:
+    """`s3://…` without a trailing slash, or the absolute path of an existing folder (else IngestError)."""
     if source.startswith("s3://"):
         return source.rstrip("/")
     path = Path(source).expanduser()
@@ -126,7 +127,7 @@ def ingest(
     settings: IngestSettings,
 ) -> IngestReport:
     """Ingest the new objects of `source` (read through `source_store`) into a new slice in `store`."""
-    source_uri = _source_uri(source)
+    source_uri = canonical_source(source)
     report = IngestReport(source=source_uri)
     with catalog.session() as s:
         src = s.scalar(select(Source).where(Source.uri == source_uri))

@@ -1,0 +1,162 @@
+"""Shared fixtures: one real local stack (SeaweedFS + MLflow + Prefect) per test session, on free loopback ports.
+
+Nothing here mocks S3, MLflow or Prefect: the fixtures start the same servers `wudao stack up` starts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from wudao import stack
+from wudao.config import Settings, StackSettings
+from wudao.storage import S3Store
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_stack_settings() -> StackSettings:
+    """Ports for one stack: weed needs master..master+3 and each + 10000 (gRPC) free."""
+    import random
+
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    taken: set[int] = set()
+
+    def block(width: int) -> int:
+        for _ in range(500):
+            base = rng.randint(20000, 50000)
+            ports = [base + i for i in range(width)] + [base + i + 10000 for i in range(width)]
+            if not taken.intersection(ports) and all(_port_free(p) for p in ports):
+                taken.update(ports)
+                return base
+        raise RuntimeError("no free port block on 127.0.0.1")
+
+    return StackSettings(
+        s3_port=block(1), master_port=block(4), mlflow_port=block(1), prefect_port=block(1), start_timeout_s=180
+    )
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory):
+    """A running stack under a temporary home; yields (home, StackSettings)."""
+    home = tmp_path_factory.mktemp("stack-home")
+    cfg = free_stack_settings()
+    stack.up(home, cfg)
+    try:
+        yield home, cfg
+    finally:
+        stack.down(home, cfg)
+
+
+@pytest.fixture
+def s3_settings(local_stack, tmp_path) -> Settings:
+    """Settings pointing at the session stack, isolated per test (own prefix, catalog, experiment, model)."""
+    home, cfg = local_stack
+    key_id, secret = stack.read_s3_credentials(home)
+    tag = uuid.uuid4().hex[:8]
+    return Settings(
+        home=tmp_path / "home",
+        storage_uri=f"s3://{cfg.bucket}/test-{tag}",
+        s3_endpoint_url=f"http://127.0.0.1:{cfg.s3_port}",
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+        mlflow_tracking_uri=f"http://127.0.0.1:{cfg.mlflow_port}",
+        registry={"experiment": f"test-{tag}", "model_name": f"wudao-test-{tag}"},
+        train={"steps": 6, "batch_size": 4, "seq_len": 32},
+        model={"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 64},
+    ).resolved()
+
+
+@pytest.fixture
+def s3_store(s3_settings) -> S3Store:
+    from wudao.stages import platform_store
+
+    return platform_store(s3_settings)
+
+
+@pytest.fixture
+def local_settings(tmp_path) -> Settings:
+    """Settings with no servers at all: folder store, SQLite catalog."""
+    return Settings(
+        home=tmp_path / "home",
+        storage_uri=str(tmp_path / "objects"),
+        train={"steps": 4, "batch_size": 4, "seq_len": 32},
+        model={"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 64},
+    ).resolved()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    from wudao.data.demo import write_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    write_demo(out, slices=3, seed=0, images=8)
+    return out
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """A throwaway PostgreSQL cluster on a free loopback port (skipped where no server binaries exist)."""
+    if url := os.environ.get("WUDAO_TEST_POSTGRES_URL"):
+        yield url
+        return
+    bin_dir = _pg_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server binaries (install the postgresql package)")
+    root = tmp_path_factory.mktemp("pg")
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root: run the cluster as the postgres user
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser")
+        run_as = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+        os.chmod(root.parent, 0o755)
+        os.chmod(root.parent.parent, 0o755)
+    port = free_port()
+    subprocess.run([*run_as, str(bin_dir / "initdb"), "-D", str(data), "-U", "wudao", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "pg.log"), "start",
+         "-o", f"-h 127.0.0.1 -p {port} -k {sock}"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        yield f"postgresql+psycopg://wudao@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

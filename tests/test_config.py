@@ -1,0 +1,39 @@
+"""The settings tree: defaults, wudao.toml, WUDAO_* and standard env vars, and secrets kept out of sight."""
+
+from __future__ import annotations
+
+from wudao.config import Settings
+
+
+def test_defaults_resolve_to_local_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for var in ("WUDAO_HOME", "WUDAO_STORAGE_URI", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ACCESS_KEY_ID"):
+        monkeypatch.delenv(var, raising=False)
+    s = Settings().resolved()
+    assert s.home == tmp_path / ".wudao"
+    assert s.storage_uri == str(tmp_path / ".wudao" / "objects")
+    assert s.catalog_url == f"sqlite:///{tmp_path / '.wudao' / 'catalog.db'}"
+    assert s.mlflow_tracking_uri.startswith("sqlite:///")
+
+
+def test_env_and_toml_sources(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wudao.toml").write_text('storage_uri = "s3://from-toml"\n[train]\nsteps = 11\nlr = 0.5\n')
+    monkeypatch.setenv("WUDAO_TRAIN__STEPS", "22")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8999")
+    s = Settings()
+    assert s.storage_uri == "s3://from-toml"
+    assert s.train.steps == 22, "env beats the file"
+    assert s.train.lr == 0.5, "the file beats defaults"
+    assert s.mlflow_tracking_uri == "http://127.0.0.1:5999"
+    assert s.s3_endpoint_url == "http://127.0.0.1:8999"
+
+
+def test_secrets_never_printed(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDSECRET")
+    s = Settings()
+    assert s.aws_secret_access_key.get_secret_value() == "very-secret-value"
+    text = repr(s) + str(s) + str(s.public_dict())
+    assert "very-secret-value" not in text and "AKIDSECRET" not in text
