@@ -221,6 +221,29 @@ def _render_cycle(result: dict[str, Any]) -> None:
         typer.echo(f"Prefect flow run:     {result['prefect_flow_run_url']}")
 
 
+@app.command("deploy")
+def deploy_cmd(
+    cron: Annotated[str | None, typer.Option(help='Schedule, e.g. "0 2 * * *" (UTC); none = trigger only.')] = None,
+    source: Annotated[str | None, typer.Option(help="Default SOURCE parameter of scheduled runs.")] = None,
+) -> None:
+    """Serve the `lifelong-cycle/default` deployment on the Prefect server (runs until stopped).
+
+    Triggered runs (UI, `curl`, `run_deployment`) execute in this process, one at a time.
+    """
+    settings = _settings()
+    if not settings.prefect_api_url:
+        typer.echo("error: no Prefect server: run `wudao stack up` or set PREFECT_API_URL", err=True)
+        raise typer.Exit(1)
+    if cron and not source:
+        typer.echo("error: a schedule needs --source (the folder or s3:// prefix to watch)", err=True)
+        raise typer.Exit(1)
+    os.environ["PREFECT_API_URL"] = settings.prefect_api_url
+    from flows.lifelong import lifelong_cycle
+
+    typer.echo(f"serving lifelong-cycle/default on {settings.prefect_api_url} (Ctrl+C to stop)", err=True)
+    lifelong_cycle.serve(name="default", cron=cron, parameters={"source": source} if source else {}, limit=1)
+
+
 @app.command("config")
 def config_cmd(json_out: JsonOpt = False) -> None:
     """The resolved settings (secrets left out)."""
