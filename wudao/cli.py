@@ -154,12 +154,22 @@ def demo_data(
 @app.command("ingest")
 def ingest_cmd(
     source: Annotated[str, typer.Argument(help="A local folder or an s3://bucket/prefix with new raw data.")],
+    slice_name: Annotated[str | None, typer.Option("--slice", help="Name of the new slice (default: slice-<seq>).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Ingest the new objects of SOURCE into a committed slice of token shards."""
+    """Ingest the new objects of SOURCE: clean, dedup against all history, tokenize, shard, commit one slice."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from wudao import stages
 
-    _run(json_out, lambda: stages.run_ingest(_settings(), source), _print_kv)
+    def work():
+        with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as bar:  # fmt: skip
+            task = bar.add_task("ingest", total=None)
+            return stages.run_ingest(_settings(), source, slice_name, lambda done, total: bar.update(task, completed=done, total=total))
+
+    _run(json_out, work, _print_kv)
 
 
 @app.command("train")

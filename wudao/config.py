@@ -23,6 +23,45 @@ from pydantic_settings import (
 )
 
 
+class CleanSettings(BaseModel):
+    """Cleaning and quality thresholds (Gopher/C4 for English, WuDaoCorpora-style for Chinese)."""
+
+    traditional_to_simplified: bool = True
+    """Convert traditional Chinese to simplified (opencc t2s) so both scripts share one vocabulary."""
+    scrub_pii: bool = True
+    """Replace e-mail addresses, phone numbers and Chinese ID numbers with <EMAIL>, <PHONE>, <ID>."""
+    keep_other_languages: bool = False
+    """Keep documents that are neither Chinese nor English (tagged `other`); else quarantined as `low_quality`."""
+    max_garbled_ratio: float = 0.001
+    """Most mojibake hits (U+FFFD, 锟斤拷, Latin-1 debris) per character before a document counts as garbled."""
+    zh_min_chars: int = 10
+    """Fewest Chinese characters in a Chinese document (WuDaoCorpora drops paragraphs under 10)."""
+    zh_min_han_ratio: float = 0.5
+    """Smallest share of Chinese characters among non-space characters. WuDaoCorpora uses 0.7 for whole web
+    pages; 0.5 keeps short factual text with Latin names and numbers."""
+    en_min_words: int = 8
+    """Fewest words in an English document. Gopher uses 50 for web pages; short factual documents are the point
+    of the demo corpus, so the default is lower."""
+    en_max_words: int = 100_000
+    """Most words in an English document (Gopher)."""
+    en_min_mean_word_length: float = 3.0
+    """Gopher: mean word length between 3 and 10 characters."""
+    en_max_mean_word_length: float = 10.0
+    """Gopher: mean word length between 3 and 10 characters."""
+    en_min_alpha_word_ratio: float = 0.8
+    """Gopher: at least 80% of whitespace tokens contain a letter."""
+    en_min_stop_words: int = 2
+    """Gopher: at least two English stop words (the, be, to, of, and, that, have, with)."""
+    en_max_symbol_word_ratio: float = 0.1
+    """Gopher: at most one '#' or ellipsis per ten words."""
+    en_min_terminal_punct_lines: float = 0.5
+    """C4-style: share of lines that end in terminal punctuation (applied per document, not by dropping lines)."""
+    en_reject_curly_braces: bool = True
+    """C4: a '{' marks code or templates, not prose."""
+    max_top_ngram_fraction: float = 0.2
+    """Gopher: the most frequent word (character, for Chinese) bigram may cover at most this share of the text."""
+
+
 class IngestSettings(BaseModel):
     """How raw objects become token shards."""
 
@@ -30,10 +69,29 @@ class IngestSettings(BaseModel):
     """Size of the byte-level BPE vocabulary trained on the first slice (then frozen)."""
     heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     """Fraction of each slice's documents kept aside (by a hash of the text) to measure forgetting."""
-    max_record_bytes: int = 8 * 1024 * 1024
-    """Records larger than this are quarantined as `too_large` instead of being read into memory."""
     shard_tokens: int = 8 * 1024 * 1024
     """Tokens per shard file before a new shard is started."""
+    shard_images: int = 4096
+    """Images per image shard (tar) before a new shard is started."""
+    max_document_bytes: int = 8 * 1024 * 1024
+    """A single document larger than this is quarantined as `too_large` instead of being read into memory."""
+    image_size: int = 64
+    """Side of the square RGB images stored in image shards (center crop, then resize)."""
+    image_max_pixels: int = 50_000_000
+    """Images declaring more pixels are refused as `image_too_large` before decoding (decompression bombs)."""
+    batch_objects: int = 64
+    """Objects per batch task (the unit of retries and of parallelism in the ingest flow)."""
+    tokenizer_sample_bytes: int = 64 * 1024 * 1024
+    """Text the first slice's tokenizer is trained on (the first documents up to this size)."""
+    minhash_ngram_en: int = 5
+    """Word n-grams for English MinHash (datatrove: 5)."""
+    minhash_ngram_zh: int = 5
+    """Character n-grams for Chinese MinHash."""
+    minhash_bands: int = 14
+    """LSH bands (datatrove: 14 x 8 = 112 permutations, Jaccard threshold about 0.72)."""
+    minhash_rows: int = 8
+    """Rows per LSH band."""
+    clean: CleanSettings = CleanSettings()
 
 
 class ModelSettings(BaseModel):

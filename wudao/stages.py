@@ -36,14 +36,15 @@ def _cache_dir(settings: Settings):
     return settings.home / "cache"
 
 
-def run_ingest(settings: Settings, source: str) -> dict[str, Any]:
+def run_ingest(settings: Settings, source: str, slice_name: str | None = None, progress=None) -> dict[str, Any]:
     """New objects of `source` -> a committed slice (or no slice when nothing new arrived)."""
     source = canonical_source(source)  # a missing folder is an error, never created
     store = platform_store(settings)
     source_store = store_from_settings(settings, source) if source.startswith("s3://") else open_store(source)
     cat = catalog(settings)
     try:
-        return ingest(source, source_store=source_store, store=store, catalog=cat, settings=settings.ingest).to_dict()
+        return ingest(source, source_store=source_store, store=store, catalog=cat, settings=settings.ingest,
+                      slice_name=slice_name, progress=progress).to_dict()  # fmt: skip
     finally:
         cat.close()
 

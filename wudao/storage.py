@@ -217,6 +217,10 @@ class LocalStore(ObjectStore):
     def open_read(self, key: str) -> IO[bytes]:
         return open(self._path(key), "rb")
 
+    def local_path(self, key: str) -> Path:
+        """The file behind `key` (reads that need random access use it in place)."""
+        return self._path(key)
+
     def _info(self, key: str, path: Path) -> ObjectInfo:
         st = path.stat()
         return ObjectInfo(key=key, size=st.st_size, etag=f"{st.st_mtime_ns}-{st.st_size}")

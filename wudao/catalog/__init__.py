@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from wudao.catalog.models import (  # noqa: F401  (re-exported)
     Base,
+    Document,
+    MinhashBand,
     QuarantineRecord,
     SeenObject,
     Shard,

@@ -63,7 +63,28 @@ class Slice(Base):
     n_documents: Mapped[int] = mapped_column(Integer)
     n_heldout_documents: Mapped[int] = mapped_column(Integer)
     n_tokens: Mapped[int] = mapped_column(BigInteger)
+    n_images: Mapped[int] = mapped_column(Integer, default=0)
+    languages: Mapped[str] = mapped_column(Text, default="{}")
+    """JSON object: language -> accepted documents."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Document(Base):
+    """Exact-dedup key of every kept document (and image), across all slices."""
+
+    __tablename__ = "documents"
+    hash: Mapped[str] = mapped_column(String(32), primary_key=True)
+    slice_id: Mapped[str] = mapped_column(String(64), index=True)
+    lang: Mapped[str] = mapped_column(String(8))
+
+
+class MinhashBand(Base):
+    """One LSH band key of a kept document's MinHash signature; near-duplicates share a key."""
+
+    __tablename__ = "minhash_bands"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    band_key: Mapped[int] = mapped_column(BigInteger, index=True)
+    slice_id: Mapped[str] = mapped_column(String(64), index=True)
 
 
 class Shard(Base):
@@ -71,7 +92,7 @@ class Shard(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     slice_id: Mapped[str] = mapped_column(ForeignKey("slices.id"), index=True)
     split: Mapped[str] = mapped_column(String(16))
-    """`train` or `heldout`."""
+    """`train`, `heldout` or `images`."""
     key: Mapped[str] = mapped_column(String(1024))
     n_tokens: Mapped[int] = mapped_column(BigInteger)
     n_documents: Mapped[int] = mapped_column(Integer)

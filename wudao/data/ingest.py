@@ -1,22 +1,25 @@
-"""Ingest: new raw objects -> normalised documents -> token shards of one committed slice.
+"""Ingest: the new objects of a source -> cleaned, deduplicated, tokenized shards of one committed slice.
 
-Incremental: every object version (key + etag) that a committed ingest read is recorded in the catalog, and a
-rerun reads only new or changed objects. Crash-safe: shards are uploaded under `slices/<id>/` first, then the
-manifest is written (the object-store commit), then one catalog transaction records the slice, its shards, the
-objects and the quarantine. A crash before that transaction leaves no committed slice and the objects unseen,
-so a rerun does the same work again under the same slice id.
+The work splits in two so it can scale out (see flows/ingest.py):
+  * `read_batch(items)` (map, embarrassingly parallel): read, clean, language-tag, PII-scrub, hash and MinHash
+    a batch of work items; returns documents, images and rejects. Memory is bounded by the batch.
+  * `SliceBuilder` (reduce, in listing order): dedup against all history, hold out by hash, tokenize, stream
+    into shards, and finally commit.
+Crash-safe: shards are uploaded under `slices/<id>/` first, then `manifest.json` (the store's commit), then one
+catalog transaction records the slice, shards, objects and quarantine. A crash before that leaves no visible
+slice and the objects unseen; the rerun rebuilds the same slice id with the same content.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
+import re
+import tarfile
 import tempfile
-import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,11 +27,15 @@ from sqlalchemy import func, select
 
 from wudao.catalog import Catalog, QuarantineRecord, SeenObject, Shard, Slice, Source, Tokenizer
 from wudao.config import IngestSettings
+from wudao.data.clean import Cleaner
+from wudao.data.dedup import Candidate, DedupIndex, MinHasher, exact_hash
+from wudao.data.formats import ImageRecord, Rejected, WorkItem, plan, read_image_item, read_text_item
+from wudao.data.images import ImageRejected, normalize_image
 from wudao.data.shards import token_dtype, write_shard
 from wudao.data.tokenizer import EOS, load_tokenizer, tokenizer_key, tokenizer_version, train_tokenizer
 from wudao.storage import ObjectInfo, ObjectStore, StorageError, join_key
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
+SLICE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
 
 
 class IngestError(RuntimeError):
@@ -43,69 +50,47 @@ class IngestReport:
     tokenizer_version: str | None = None
     objects_seen: int = 0
     objects_new: int = 0
-    objects_skipped_unsupported: int = 0
     documents_accepted: int = 0
     documents_heldout: int = 0
     duplicates_exact: int = 0
+    duplicates_near: int = 0
     quarantined: int = 0
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    low_quality_rules: dict[str, int] = field(default_factory=dict)
+    languages: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
     shards: int = 0
+    images_accepted: int = 0
+    captions: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass
-class _Quarantined:
+class Doc:
     key: str
     record: int | None
-    reason: str
-    detail: str = ""
+    text: str
+    lang: str
+    hash: str
+    band_keys: list[int]
 
 
-def normalize(text: str) -> str:
-    """NFKC, no control characters except newlines/tabs, trimmed."""
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
-    return text.strip()
+@dataclass
+class Img:
+    key: str
+    png: bytes
+    captions: list[str]
+    hash: str
 
 
-def _is_heldout(text: str, fraction: float) -> bool:
-    """Stable split by content hash: the same document is held out in every run and on every machine."""
-    h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
-    return (h % 1_000_000) < fraction * 1_000_000
-
-
-def _records(store: ObjectStore, obj: ObjectInfo, quarantine: list[_Quarantined]) -> Iterator[str]:
-    """Texts of one object; bad records go to `quarantine` with a named reason and do not stop the rest."""
-    key = obj.key
-    with store.open_read(key) as raw:
-        if key.endswith(".txt"):
-            try:
-                yield raw.read().decode("utf-8")
-            except UnicodeDecodeError as e:
-                quarantine.append(_Quarantined(key, None, "not_utf8", str(e)[:200]))
-            return
-        stream = gzip.open(raw) if key.endswith(".gz") else raw
-        try:
-            for lineno, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8", errors="strict"), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    quarantine.append(_Quarantined(key, lineno, "malformed_json", str(e)[:200]))
-                    continue
-                text = row.get("text") if isinstance(row, dict) else None
-                if not isinstance(text, str):
-                    quarantine.append(_Quarantined(key, lineno, "missing_text", "no string field 'text'"))
-                    continue
-                yield text
-        except UnicodeDecodeError as e:
-            quarantine.append(_Quarantined(key, None, "not_utf8", str(e)[:200]))
-        except (OSError, EOFError) as e:  # truncated or corrupt gzip
-            quarantine.append(_Quarantined(key, None, "corrupt_gzip", str(e)[:200]))
+@dataclass
+class BatchResult:
+    docs: list[Doc] = field(default_factory=list)
+    images: list[Img] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    low_quality_rules: Counter = field(default_factory=Counter)
 
 
 def canonical_source(source: str) -> str:
@@ -118,17 +103,294 @@ def canonical_source(source: str) -> str:
     return str(path.resolve())
 
 
-def ingest(
-    source: str,
-    *,
-    source_store: ObjectStore,
-    store: ObjectStore,
-    catalog: Catalog,
-    settings: IngestSettings,
-) -> IngestReport:
-    """Ingest the new objects of `source` (read through `source_store`) into a new slice in `store`."""
+# ---------------------------------------------------------------- map: read and clean one batch of work items
+
+
+def read_batch(items: list[WorkItem], source_store: ObjectStore, settings: IngestSettings, cleaner: Cleaner | None = None) -> BatchResult:
+    cleaner = cleaner or Cleaner(settings.clean)
+    hasher = MinHasher(settings.minhash_bands, settings.minhash_rows, settings.minhash_ngram_en, settings.minhash_ngram_zh)
+    out = BatchResult()
+    for item in items:
+        if item.kind == "text":
+            for rec in read_text_item(source_store, item, settings.max_document_bytes):
+                if isinstance(rec, Rejected):
+                    out.rejected.append(rec)
+                    continue
+                cleaned = cleaner(rec.text)
+                if cleaned.rejected:
+                    reason = "empty" if cleaned.rejected == "empty" else "low_quality"
+                    out.rejected.append(Rejected(rec.key, rec.record, reason, cleaned.rejected))
+                    out.low_quality_rules[cleaned.rejected] += reason == "low_quality"
+                    continue
+                out.docs.append(Doc(rec.key, rec.record, cleaned.text, cleaned.lang, exact_hash(cleaned.text),
+                                    hasher.band_keys(cleaned.text, cleaned.lang)))  # fmt: skip
+        elif item.kind in ("pair", "coco"):
+            rec = read_image_item(source_store, item, settings.max_document_bytes)
+            if isinstance(rec, Rejected):
+                out.rejected.append(rec)
+                continue
+            out_img = _clean_image(rec, settings, cleaner, out)
+            if out_img is not None:
+                out.images.append(out_img)
+    return out
+
+
+def _clean_image(rec: ImageRecord, settings: IngestSettings, cleaner: Cleaner, out: BatchResult) -> Img | None:
+    try:
+        png = normalize_image(rec.data, settings.image_size, settings.image_max_pixels)
+    except ImageRejected as e:
+        out.rejected.append(Rejected(rec.key, None, e.reason, str(e)))
+        return None
+    captions = []
+    for caption in rec.captions:
+        cleaned = cleaner.normalize_caption(caption)
+        if cleaned:
+            captions.append(cleaned)
+    if not captions:
+        out.rejected.append(Rejected(rec.key, None, "missing_caption", "every caption was empty after cleaning"))
+        return None
+    return Img(rec.key, png, captions, hashlib.blake2b(rec.data, digest_size=16).hexdigest())
+
+
+# ---------------------------------------------------------------- reduce: dedup, tokenize, shard, commit
+
+
+class _TokenShards:
+    """Streams token ids of one split into shard files, uploading each shard as soon as it is full."""
+
+    def __init__(self, store: ObjectStore, prefix: str, split: str, dtype, max_tokens: int, tmp: Path):
+        self.store, self.prefix, self.split, self.dtype, self.max_tokens, self.tmp = store, prefix, split, dtype, max_tokens, tmp
+        self.pending: list[list[int]] = []
+        self.pending_tokens = 0
+        self.written: list[dict] = []
+
+    def add(self, ids: list[int]) -> None:
+        if self.pending and self.pending_tokens + len(ids) > self.max_tokens:
+            self.flush()
+        self.pending.append(ids)
+        self.pending_tokens += len(ids)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"{self.split}-{len(self.written):05d}"
+        files = write_shard(self.pending, self.tmp / name, self.dtype)
+        for path in (files.bin_path, files.idx_path):
+            self.store.put_file(join_key(self.prefix, path.name), path)
+        sha = hashlib.sha256(files.bin_path.read_bytes()).hexdigest()
+        self.written.append({"split": self.split, "name": name, "tokens": files.n_tokens, "documents": files.n_documents, "sha256": sha})
+        files.bin_path.unlink()
+        files.idx_path.unlink()
+        self.pending, self.pending_tokens = [], 0
+
+
+class _ImageShards:
+    """WebDataset-style tars: `<n>.png` + `<n>.json` (captions, their token ids, source key) per image."""
+
+    def __init__(self, store: ObjectStore, prefix: str, max_images: int, tmp: Path):
+        self.store, self.prefix, self.max_images, self.tmp = store, prefix, max_images, tmp
+        self.tar: tarfile.TarFile | None = None
+        self.count = 0
+        self.written: list[dict] = []
+
+    def add(self, img: Img, caption_ids: list[list[int]]) -> None:
+        if self.tar is None:
+            self.path = self.tmp / f"images-{len(self.written):05d}.tar"
+            self.tar = tarfile.open(self.path, "w")
+        n = f"{self.count:08d}"
+        meta = json.dumps({"captions": img.captions, "caption_ids": caption_ids, "source": img.key}, ensure_ascii=False)
+        for name, data in ((f"{n}.png", img.png), (f"{n}.json", meta.encode())):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0  # mtime 0: the same input gives byte-identical shards
+            self.tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+        if self.count >= self.max_images:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.tar is None:
+            return
+        self.tar.close()
+        self.store.put_file(join_key(self.prefix, self.path.name), self.path)
+        sha = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        self.written.append({"split": "images", "name": self.path.stem, "images": self.count, "sha256": sha})
+        self.path.unlink()
+        self.tar, self.count = None, 0
+
+
+class SliceBuilder:
+    """The reduce side of one ingest; feed batches in listing order with `add`, then `commit`."""
+
+    def __init__(self, *, store: ObjectStore, catalog: Catalog, settings: IngestSettings, source_id: int,
+                 slice_id: str, seq: int, tokenizer_row: Tokenizer | None, report: IngestReport):  # fmt: skip
+        self.store, self.catalog, self.settings = store, catalog, settings
+        self.source_id, self.slice_id, self.seq = source_id, slice_id, seq
+        self.prefix = f"slices/{slice_id}"
+        self.report = report
+        self.dedup = DedupIndex(catalog, slice_id)
+        self._tmp = tempfile.TemporaryDirectory(prefix="wudao-ingest-")
+        self.tmp = Path(self._tmp.name)
+        self.rejected: list[Rejected] = []
+        self.objects: list[ObjectInfo] = []
+        self.new_tokenizer: Tokenizer | None = None
+        self.tok = None
+        if tokenizer_row is not None:
+            self._use_tokenizer(load_tokenizer(store.get_bytes(tokenizer_key(tokenizer_row.version))), tokenizer_row.version)
+        # Until the first slice's tokenizer is trained, kept documents wait here (bounded by the sample size).
+        self._sample: list[tuple[str, bool]] = []
+        self._sample_bytes = 0
+        self._images_waiting: list[Img] = []
+
+    def _use_tokenizer(self, tok, version: str) -> None:
+        self.tok, self.report.tokenizer_version = tok, version
+        self.eos = tok.token_to_id(EOS)
+        dtype = token_dtype(tok.get_vocab_size())
+        self.dtype = dtype
+        self.train = _TokenShards(self.store, self.prefix, "train", dtype, self.settings.shard_tokens, self.tmp)
+        self.heldout = _TokenShards(self.store, self.prefix, "heldout", dtype, self.settings.shard_tokens, self.tmp)
+        self.images = _ImageShards(self.store, self.prefix, self.settings.shard_images, self.tmp)
+
+    def add(self, objects: list[ObjectInfo], batch: BatchResult) -> None:
+        self.objects.extend(objects)
+        self.rejected.extend(batch.rejected)
+        self.report.low_quality_rules = dict(Counter(self.report.low_quality_rules) + batch.low_quality_rules)
+        verdicts = self.dedup.check_and_add([Candidate(d.hash, d.band_keys, d.lang) for d in batch.docs]
+                                            + [Candidate(i.hash, [], "image") for i in batch.images])  # fmt: skip
+        for doc, verdict in zip(batch.docs, verdicts[: len(batch.docs)]):
+            if verdict == "exact":
+                self.report.duplicates_exact += 1
+            elif verdict == "near":
+                self.report.duplicates_near += 1
+            else:
+                self._keep_text(doc.text, _is_heldout(doc.hash, self.settings.heldout_fraction), doc.lang)
+        for img, verdict in zip(batch.images, verdicts[len(batch.docs) :]):
+            if verdict:
+                self.report.duplicates_exact += 1
+            else:
+                self._keep_image(img)
+
+    def _keep_text(self, text: str, heldout: bool, lang: str) -> None:
+        self.report.documents_accepted += 1
+        self.report.documents_heldout += heldout
+        self.report.languages[lang] = self.report.languages.get(lang, 0) + 1
+        if self.tok is None:
+            self._sample.append((text, heldout))
+            self._sample_bytes += len(text.encode())
+            if self._sample_bytes >= self.settings.tokenizer_sample_bytes:
+                self._train_tokenizer()
+            return
+        ids = self.tok.encode(text).ids + [self.eos]
+        (self.heldout if heldout else self.train).add(ids)
+        self.report.tokens += len(ids)
+
+    def _keep_image(self, img: Img) -> None:
+        if self.tok is None:
+            self._images_waiting.append(img)
+            return
+        self.images.add(img, [e.ids for e in self.tok.encode_batch(img.captions)])
+        self.report.images_accepted += 1
+        self.report.captions += len(img.captions)
+
+    def _train_tokenizer(self) -> None:
+        texts = [t for t, _ in self._sample] + [c for img in self._images_waiting for c in img.captions]
+        tok = train_tokenizer(texts, self.settings.vocab_size)
+        version = tokenizer_version(tok)
+        self.store.put_bytes(tokenizer_key(version), tok.to_str().encode())
+        self.new_tokenizer = Tokenizer(version=version, uri=self.store.url(tokenizer_key(version)), vocab_size=tok.get_vocab_size())
+        self._use_tokenizer(tok, version)
+        waiting, self._sample = self._sample, []
+        for text, heldout in waiting:
+            ids = tok.encode(text).ids + [self.eos]
+            (self.heldout if heldout else self.train).add(ids)
+            self.report.tokens += len(ids)
+        images, self._images_waiting = self._images_waiting, []
+        for img in images:
+            self._keep_image(img)
+
+    def commit(self) -> IngestReport:
+        """Flush shards, write the manifest (the store commit), then record everything in one transaction."""
+        r = self.report
+        r.quarantined = len(self.rejected)
+        r.quarantine_reasons = dict(sorted(Counter(q.reason for q in self.rejected).items()))
+        kept_anything = r.documents_accepted or self._images_waiting or r.images_accepted
+        if self.tok is None and kept_anything:
+            self._train_tokenizer()
+        if self.tok is not None and kept_anything:
+            for writer in (self.train, self.heldout, self.images):
+                writer.flush()
+            shards = self.train.written + self.heldout.written + self.images.written
+            r.shards = len(shards)
+            manifest = {
+                "slice_id": self.slice_id,
+                "source": r.source,
+                "tokenizer_version": r.tokenizer_version,
+                "dtype": self.dtype.name,
+                "shards": shards,
+                "documents": r.documents_accepted,
+                "heldout_documents": r.documents_heldout,
+                "tokens": r.tokens,
+                "images": r.images_accepted,
+                "languages": dict(sorted(r.languages.items())),
+            }
+            self.store.put_json(join_key(self.prefix, "quarantine.json"), [asdict(q) for q in self.rejected])
+            r.manifest_uri = self.store.commit(self.prefix, manifest)
+            r.slice_id = self.slice_id
+        self._record(shards if r.slice_id else [])
+        self._tmp.cleanup()
+        return r
+
+    def _record(self, shards: list[dict]) -> None:
+        r = self.report
+        slice_id = r.slice_id
+        whole_object = {q.key for q in self.rejected if q.record is None}
+        with self.catalog.session() as s:
+            if self.new_tokenizer is not None:
+                s.add(self.new_tokenizer)
+                s.flush()  # the slice row references it
+            if slice_id:
+                s.add(Slice(id=slice_id, seq=self.seq, source_id=self.source_id, tokenizer_version=r.tokenizer_version,
+                            manifest_uri=r.manifest_uri, n_documents=r.documents_accepted,
+                            n_heldout_documents=r.documents_heldout, n_tokens=r.tokens, n_images=r.images_accepted,
+                            languages=json.dumps(r.languages, sort_keys=True)))  # fmt: skip
+                s.flush()
+                for sh in shards:
+                    ext = ".tar" if sh["split"] == "images" else ".bin"
+                    s.add(Shard(slice_id=slice_id, split=sh["split"], key=join_key(self.prefix, sh["name"] + ext),
+                                n_tokens=sh.get("tokens", 0), n_documents=sh.get("documents", sh.get("images", 0)), sha256=sh["sha256"]))  # fmt: skip
+            for obj in self.objects:
+                status = "quarantined" if obj.key in whole_object else "ingested"
+                s.add(SeenObject(source_id=self.source_id, key=obj.key, size=obj.size, etag=obj.etag, slice_id=slice_id, status=status))
+            for q in self.rejected:
+                s.add(QuarantineRecord(source_id=self.source_id, slice_id=slice_id, object_key=q.key, record=q.record,
+                                       reason=q.reason, detail=q.detail))  # fmt: skip
+
+
+def _is_heldout(doc_hash: str, fraction: float) -> bool:
+    """Stable split by content hash: the same document is held out in every run and on every machine."""
+    return int(doc_hash[:12], 16) % 1_000_000 < fraction * 1_000_000
+
+
+# ---------------------------------------------------------------- the whole ingest, in one process
+
+
+@dataclass
+class IngestPlan:
+    source_uri: str
+    source_id: int
+    slice_id: str
+    seq: int
+    tokenizer_row: Tokenizer | None
+    items: list[WorkItem]
+    planning_rejects: list[Rejected]
+    """Rejections found while planning (missing captions, unsupported types, broken COCO indexes)."""
+    report: IngestReport
+
+
+def prepare(source: str, *, source_store: ObjectStore, catalog: Catalog, slice_name: str | None = None) -> IngestPlan:
+    """Register the source, list it, and plan the work items of new or changed objects."""
     source_uri = canonical_source(source)
-    report = IngestReport(source=source_uri)
+    if slice_name is not None and not SLICE_NAME.match(slice_name):
+        raise IngestError(f"invalid slice name {slice_name!r}: use 1-48 of a-z 0-9 . _ - (starting with a letter or digit)")
     with catalog.session() as s:
         src = s.scalar(select(Source).where(Source.uri == source_uri))
         if src is None:
@@ -138,150 +400,53 @@ def ingest(
         source_id = src.id
         seen = {(k, e) for k, e in s.execute(select(SeenObject.key, SeenObject.etag).where(SeenObject.source_id == source_id))}
         tokenizer_row = s.scalars(select(Tokenizer).order_by(Tokenizer.created_at)).first()
-        next_seq = (s.scalar(select(func.max(Slice.seq))) or 0) + 1
-
+        seq = (s.scalar(select(func.max(Slice.seq))) or 0) + 1
+        if slice_name and s.get(Slice, slice_name) is not None:
+            raise IngestError(f"slice {slice_name} already exists: choose another --slice name")
     try:
-        listing = list(source_store.list())
+        listing = sorted(source_store.list(), key=lambda o: o.key)
     except StorageError as e:
         raise IngestError(f"cannot list source {source_uri}: {e}") from None
-    report.objects_seen = len(listing)
-    new_objects = [o for o in listing if (o.key, o.etag) not in seen]
-    supported = [o for o in new_objects if o.key.endswith(TEXT_SUFFIXES)]
-    report.objects_skipped_unsupported = len(new_objects) - len(supported)
-    report.objects_new = len(supported)
-    if not supported:
-        return report
-
-    quarantine: list[_Quarantined] = []
-    train_docs: list[str] = []
-    heldout_docs: list[str] = []
-    hashes: set[str] = set()
-    read_objects: list[ObjectInfo] = []
-    for obj in supported:
-        if obj.size > settings.max_record_bytes and not obj.key.endswith((".jsonl", ".jsonl.gz")):
-            quarantine.append(_Quarantined(obj.key, None, "too_large", f"{obj.size} bytes"))
-            read_objects.append(obj)
-            continue
-        try:
-            texts = list(_records(source_store, obj, quarantine))
-        except StorageError as e:
-            quarantine.append(_Quarantined(obj.key, None, "unreadable", str(e)[:200]))
-            read_objects.append(obj)
-            continue
-        read_objects.append(obj)
-        for text in texts:
-            text = normalize(text)
-            if not text:
-                quarantine.append(_Quarantined(obj.key, None, "empty_text"))
-                continue
-            digest = hashlib.sha256(text.encode()).hexdigest()
-            if digest in hashes:
-                report.duplicates_exact += 1
-                continue
-            hashes.add(digest)
-            (heldout_docs if _is_heldout(text, settings.heldout_fraction) else train_docs).append(text)
-
-    report.quarantined = len(quarantine)
-    report.quarantine_reasons = dict(Counter(q.reason for q in quarantine))
-    report.documents_accepted = len(train_docs) + len(heldout_docs)
-    report.documents_heldout = len(heldout_docs)
-
-    # The tokenizer is trained on the first slice and then frozen: every later slice uses the same version.
-    if tokenizer_row is None:
-        if not train_docs:
-            return _record_without_slice(catalog, source_id, read_objects, quarantine, report)
-        tok = train_tokenizer(train_docs + heldout_docs, settings.vocab_size)
-        version = tokenizer_version(tok)
-        store.put_bytes(tokenizer_key(version), tok.to_str().encode())
-        new_tokenizer = Tokenizer(version=version, uri=store.url(tokenizer_key(version)), vocab_size=tok.get_vocab_size())
-    else:
-        tok = load_tokenizer(store.get_bytes(tokenizer_key(tokenizer_row.version)))
-        version, new_tokenizer = tokenizer_row.version, None
-    report.tokenizer_version = version
-    if not train_docs:
-        return _record_without_slice(catalog, source_id, read_objects, quarantine, report, new_tokenizer)
-
-    slice_id = f"slice-{next_seq:05d}"
-    prefix = f"slices/{slice_id}"
-    eos = tok.token_to_id(EOS)
-    dtype = token_dtype(tok.get_vocab_size())
-    shard_rows: list[Shard] = []
-    manifest_shards = []
-    with tempfile.TemporaryDirectory(prefix="wudao-ingest-") as tmp:
-        for split, docs in (("train", train_docs), ("heldout", heldout_docs)):
-            if not docs:
-                continue
-            encoded = [e.ids + [eos] for e in tok.encode_batch(docs)]
-            for n, chunk in enumerate(_chunks(encoded, settings.shard_tokens)):
-                name = f"{split}-{n:05d}"
-                files = write_shard(chunk, Path(tmp) / name, dtype)
-                for path in (files.bin_path, files.idx_path):
-                    store.put_file(join_key(prefix, path.name), path)
-                sha = hashlib.sha256(files.bin_path.read_bytes()).hexdigest()
-                shard_rows.append(
-                    Shard(split=split, key=join_key(prefix, f"{name}.bin"), n_tokens=files.n_tokens, n_documents=files.n_documents, sha256=sha)
-                )
-                manifest_shards.append({"split": split, "name": name, "tokens": files.n_tokens, "documents": files.n_documents, "sha256": sha})
-                report.tokens += files.n_tokens
-    report.shards = len(shard_rows)
-    manifest = {
-        "slice_id": slice_id,
-        "source": source_uri,
-        "tokenizer_version": version,
-        "dtype": dtype.name,
-        "shards": manifest_shards,
-        "documents": report.documents_accepted,
-        "heldout_documents": report.documents_heldout,
-        "tokens": report.tokens,
-    }
-    report.manifest_uri = store.commit(prefix, manifest)
-    report.slice_id = slice_id
-
-    with catalog.session() as s:
-        if new_tokenizer is not None:
-            s.add(new_tokenizer)
-            s.flush()  # the slice row references it
-        s.add(
-            Slice(id=slice_id, seq=next_seq, source_id=source_id, tokenizer_version=version, manifest_uri=report.manifest_uri,
-                  n_documents=report.documents_accepted, n_heldout_documents=report.documents_heldout, n_tokens=report.tokens)
-        )  # fmt: skip
-        s.flush()
-        for row in shard_rows:
-            row.slice_id = slice_id
-            s.add(row)
-        _record_objects(s, source_id, slice_id, read_objects, quarantine)
-    return report
+    report = IngestReport(source=source_uri, objects_seen=len(listing))
+    rejected: list[Rejected] = []
+    items = plan(listing, lambda o: (o.key, o.etag) not in seen, source_store, rejected)
+    report.objects_new = len({o.key for item in items for o in item.objects if (o.key, o.etag) not in seen})
+    return IngestPlan(source_uri, source_id, slice_name or f"slice-{seq:05d}", seq, tokenizer_row, items, rejected, report)
 
 
-def _chunks(docs: list[list[int]], max_tokens: int) -> Iterator[list[list[int]]]:
-    chunk: list[list[int]] = []
-    size = 0
-    for d in docs:
-        if chunk and size + len(d) > max_tokens:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(d)
-        size += len(d)
-    if chunk:
-        yield chunk
+def batches(items: list[WorkItem], size: int) -> list[list[WorkItem]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _record_objects(s, source_id: int, slice_id: str | None, objects: list[ObjectInfo], quarantine: list[_Quarantined]) -> None:
-    whole_object_failures = {q.key for q in quarantine if q.record is None and q.reason != "empty_text"}
-    for obj in objects:
-        status = "quarantined" if obj.key in whole_object_failures else "ingested"
-        s.add(SeenObject(source_id=source_id, key=obj.key, size=obj.size, etag=obj.etag, slice_id=slice_id, status=status))
-    for q in quarantine:
-        s.add(QuarantineRecord(source_id=source_id, slice_id=slice_id, object_key=q.key, record=q.record, reason=q.reason, detail=q.detail))
+def builder_for(p: IngestPlan, *, store: ObjectStore, catalog: Catalog, settings: IngestSettings) -> SliceBuilder:
+    builder = SliceBuilder(store=store, catalog=catalog, settings=settings, source_id=p.source_id, slice_id=p.slice_id,
+                           seq=p.seq, tokenizer_row=p.tokenizer_row, report=p.report)  # fmt: skip
+    builder.rejected.extend(p.planning_rejects)
+    return builder
 
 
-def _record_without_slice(catalog, source_id, objects, quarantine, report, new_tokenizer=None) -> IngestReport:
-    """Nothing trainable arrived: remember what was read (and why it was rejected) so it is not re-read."""
-    with catalog.session() as s:
-        if new_tokenizer is not None:
-            s.add(new_tokenizer)
-        _record_objects(s, source_id, None, objects, quarantine)
-    return report
+def ingest(
+    source: str,
+    *,
+    source_store: ObjectStore,
+    store: ObjectStore,
+    catalog: Catalog,
+    settings: IngestSettings,
+    slice_name: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> IngestReport:
+    """Ingest the new objects of `source` (read through `source_store`) into a new slice in `store`."""
+    p = prepare(source, source_store=source_store, catalog=catalog, slice_name=slice_name)
+    if not p.items:
+        return p.report
+    builder = builder_for(p, store=store, catalog=catalog, settings=settings)
+    cleaner = Cleaner(settings.clean)
+    work = batches(p.items, settings.batch_objects)
+    for n, batch in enumerate(work, start=1):
+        builder.add([o for item in batch for o in item.objects], read_batch(batch, source_store, settings, cleaner))
+        if progress:
+            progress(n, len(work))
+    return builder.commit()
 
 
 def slice_manifest(store: ObjectStore, slice_id: str) -> dict:

@@ -1,0 +1,185 @@
+"""Text cleaning for a bilingual corpus: normalisation, traditional -> simplified Chinese, language id, quality
+rules per language, PII scrubbing.
+
+English rules follow Gopher (word counts, mean word length, alphabetic words, stop words, symbol ratio,
+repetition) and C4 (terminal punctuation, lorem ipsum, code braces); Chinese rules follow WuDaoCorpora's
+cleaning (share of Chinese characters, minimum Chinese length, garbled text, boilerplate lines). Thresholds
+live in `CleanSettings` (wudao/config.py) with their defaults documented there.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+
+from wudao.config import CleanSettings
+
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_WORD = re.compile(r"\w+(?:'\w+)?", re.UNICODE)
+_SPACES = re.compile(r"[ \t\u00a0\u3000]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+# Mojibake and decoding debris: U+FFFD, GBK/UTF-8 confusions ("锟斤拷", "烫烫烫"), UTF-8 read as Latin-1.
+_GARBLED = re.compile(r"\ufffd|锟斤拷|烫烫烫|屯屯屯|Ã[\u0080-\u00bf]|â€[\u0080-\u00bf™œ\"”“]")
+
+# WuDaoCorpora-style navigation/boilerplate lines (removed line by line before the quality check).
+_ZH_BOILERPLATE = re.compile(
+    r"版权所有|copyright|all rights reserved|联系我们|关于我们|免责声明|返回顶部|上一篇|下一篇|点击(这里|此处|进入|查看)"
+    r"|扫一扫|关注我们|ICP备|公网安备|网站地图|设为首页|加入收藏|责任编辑",
+    re.IGNORECASE,
+)
+_EN_STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with", "is", "in", "a", "it", "for", "on", "are", "as"))
+
+_EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
+_CN_ID = re.compile(r"(?<!\d)\d{6}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx](?![\dXx])")
+_CN_MOBILE = re.compile(r"(?<!\d)(?:\+?86[- ]?)?1[3-9]\d{9}(?!\d)")
+_PHONE = re.compile(r"(?<![\w+])\+?\(?\d{2,4}\)?[- .]\d{3,4}[- .]\d{3,4}(?![\w])")
+
+EMAIL_TOKEN, PHONE_TOKEN, ID_TOKEN = "<EMAIL>", "<PHONE>", "<ID>"
+
+
+def normalize(text: str) -> str:
+    """NFKC, control characters dropped (newlines and tabs kept), runs of spaces and blank lines collapsed."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def scrub_pii(text: str) -> str:
+    """E-mail addresses, Chinese ID numbers and phone numbers become placeholders (IDs first: they are digits too)."""
+    text = _EMAIL.sub(EMAIL_TOKEN, text)
+    text = _CN_ID.sub(ID_TOKEN, text)
+    text = _CN_MOBILE.sub(PHONE_TOKEN, text)
+    return _PHONE.sub(PHONE_TOKEN, text)
+
+
+def han_ratio(text: str) -> float:
+    chars = [c for c in text if not c.isspace()]
+    return len(_HAN.findall(text)) / len(chars) if chars else 0.0
+
+
+@dataclass
+class Cleaned:
+    text: str
+    lang: str
+    """`zh`, `en` or `other`."""
+    rejected: str | None = None
+    """Which rule rejected the document (None: accepted)."""
+
+
+class Cleaner:
+    """Stateless per document; builds the language detector once (its models ship inside the lingua wheel)."""
+
+    def __init__(self, cfg: CleanSettings):
+        self.cfg = cfg
+
+    @cached_property
+    def _detector(self):
+        from lingua import Language, LanguageDetectorBuilder
+
+        # A small set of likely languages keeps detection fast and accurate; anything else is tagged "other".
+        languages = [Language.ENGLISH, Language.CHINESE, Language.JAPANESE, Language.KOREAN, Language.FRENCH,
+                     Language.GERMAN, Language.SPANISH, Language.RUSSIAN, Language.PORTUGUESE, Language.ITALIAN]  # fmt: skip
+        return LanguageDetectorBuilder.from_languages(*languages).with_preloaded_language_models().build()
+
+    @cached_property
+    def _t2s(self):
+        import opencc
+
+        return opencc.OpenCC("t2s")
+
+    def language(self, text: str) -> str:
+        # Chinese script is unambiguous enough to skip the model (and much faster) when it dominates.
+        if han_ratio(text[:2000]) >= 0.3:
+            return "zh"
+        from lingua import Language
+
+        # Short English text full of proper names ("Liechtenstein uses the Swiss Franc") can score slightly higher
+        # for another language; a fair English confidence is enough for a corpus that only keeps zh and en.
+        confidences = self._detector.compute_language_confidence_values(text[:2000])
+        if not confidences:
+            return "other"
+        best = confidences[0]
+        english = next((c.value for c in confidences if c.language == Language.ENGLISH), 0.0)
+        if best.language == Language.ENGLISH or english >= 0.25:
+            return "en"
+        return "zh" if best.language == Language.CHINESE else "other"
+
+    def __call__(self, raw: str) -> Cleaned:
+        text = normalize(raw)
+        if not text:
+            return Cleaned("", "other", "empty")
+        lang = self.language(text)
+        if lang == "zh":
+            if self.cfg.traditional_to_simplified:
+                text = self._t2s.convert(text)
+            text = "\n".join(line for line in text.split("\n") if not _ZH_BOILERPLATE.search(line)).strip()
+            reason = self._zh_quality(text)
+        elif lang == "en":
+            reason = self._en_quality(text)
+        else:
+            reason = None if self.cfg.keep_other_languages else "other_language"
+        if self.cfg.scrub_pii:
+            text = scrub_pii(text)
+        return Cleaned(text, lang, reason)
+
+    def normalize_caption(self, caption: str) -> str:
+        """Captions get the same normalisation, script conversion and PII scrubbing, but no quality rules."""
+        text = normalize(caption)
+        if self.cfg.traditional_to_simplified and han_ratio(text) > 0:
+            text = self._t2s.convert(text)
+        return scrub_pii(text) if self.cfg.scrub_pii else text
+
+    def _garbled(self, text: str) -> bool:
+        return len(_GARBLED.findall(text)) / max(1, len(text)) > self.cfg.max_garbled_ratio
+
+    def _zh_quality(self, text: str) -> str | None:
+        c = self.cfg
+        if self._garbled(text):
+            return "garbled"
+        if len(_HAN.findall(text)) < c.zh_min_chars:
+            return "zh_too_short"
+        if han_ratio(text) < c.zh_min_han_ratio:
+            return "zh_low_han_ratio"
+        return self._repetition(list(text.replace("\n", "")), c.max_top_ngram_fraction)
+
+    def _en_quality(self, text: str) -> str | None:
+        c = self.cfg
+        if self._garbled(text):
+            return "garbled"
+        if "lorem ipsum" in text.lower():
+            return "lorem_ipsum"
+        if c.en_reject_curly_braces and "{" in text:
+            return "code_braces"
+        words = _WORD.findall(text)
+        if not c.en_min_words <= len(words) <= c.en_max_words:
+            return "en_word_count"
+        mean_len = sum(len(w) for w in words) / len(words)
+        if not c.en_min_mean_word_length <= mean_len <= c.en_max_mean_word_length:
+            return "en_mean_word_length"
+        tokens = text.split()
+        if sum(1 for t in tokens if any(ch.isalpha() for ch in t)) / len(tokens) < c.en_min_alpha_word_ratio:
+            return "en_alpha_ratio"
+        if sum(1 for w in words if w.lower() in _EN_STOP_WORDS) < c.en_min_stop_words:
+            return "en_stop_words"
+        if (text.count("#") + text.count("...") + text.count("…")) / len(tokens) > c.en_max_symbol_word_ratio:
+            return "en_symbols"
+        lines = [line for line in text.split("\n") if line.strip()]
+        if sum(1 for line in lines if line.rstrip().endswith((".", "!", "?", '"', "'"))) / len(lines) < c.en_min_terminal_punct_lines:
+            return "en_terminal_punctuation"
+        return self._repetition([w.lower() for w in words], c.max_top_ngram_fraction)
+
+    @staticmethod
+    def _repetition(units: list[str], max_fraction: float) -> str | None:
+        """Gopher's top-2-gram check: reject when one bigram covers too much of the text (spam, menus)."""
+        if len(units) < 100:
+            return None  # Gopher applies it to pages of 50+ words; on a few sentences a repeated name trips it
+        bigrams = Counter(zip(units, units[1:]))
+        (top, count) = bigrams.most_common(1)[0]
+        covered = count * sum(len(u) for u in top)
+        total = sum(len(u) for u in units)
+        return "repetition" if covered / total > max_fraction else None

@@ -1,0 +1,121 @@
+"""Exact and near-duplicate detection against every earlier slice.
+
+Exact: a 128-bit hash of the cleaned text. Near: MinHash (datasketch) over word 5-grams for English and
+character 5-grams for Chinese, cut into LSH bands (datatrove's 14 x 8 by default); two documents that share any
+band key are near-duplicates. Both kinds of keys live in indexed catalog tables, so a document is checked against
+all history, not just its batch, and the lookup scales with PostgreSQL. Keys of the slice being built are written
+as it goes (bounded memory); they only count as history once the slice commits, and keys left behind by a crashed
+run are removed before the next one starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from sqlalchemy import delete, insert, select
+
+from wudao.catalog import Catalog, Document, MinhashBand, Slice
+
+_WORDS = re.compile(r"\w+", re.UNICODE)
+_ZH_CHARS = re.compile(r"[\w]", re.UNICODE)
+_LOOKUP_CHUNK = 500  # keys per IN (...) query: well under SQLite's and PostgreSQL's parameter limits
+
+
+def exact_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+class MinHasher:
+    """Band keys of a document's MinHash signature (one signed 64-bit key per band)."""
+
+    SCHEME = "affine32"
+
+    def __init__(self, bands: int, rows: int, ngram_en: int, ngram_zh: int, seed: int = 1):
+        from datasketch import MinHash
+
+        self.bands, self.rows = bands, rows
+        self.ngram = {"en": ngram_en, "zh": ngram_zh}
+        # Band keys persist in the catalog, so the permutation scheme is pinned: changing it would make every
+        # stored key incomparable with new ones. Permutations are drawn once and shared by every signature.
+        self._proto = MinHash(num_perm=bands * rows, seed=seed, scheme=self.SCHEME)
+
+    def shingles(self, text: str, lang: str) -> set[bytes]:
+        if lang == "zh":
+            units = _ZH_CHARS.findall(text.lower())
+            n, sep = self.ngram["zh"], ""
+        else:
+            units = _WORDS.findall(text.lower())
+            n, sep = self.ngram["en"], " "
+        if len(units) <= n:
+            return {sep.join(units).encode()}
+        return {sep.join(units[i : i + n]).encode() for i in range(len(units) - n + 1)}
+
+    def band_keys(self, text: str, lang: str) -> list[int]:
+        from datasketch import MinHash
+
+        mh = MinHash(num_perm=self.bands * self.rows, permutations=self._proto.permutations, scheme=self.SCHEME)
+        mh.update_batch(list(self.shingles(text, lang)))
+        values = mh.hashvalues.astype("<u8")
+        keys = []
+        for b in range(self.bands):
+            digest = hashlib.blake2b(bytes([b]) + values[b * self.rows : (b + 1) * self.rows].tobytes(), digest_size=8)
+            keys.append(int.from_bytes(digest.digest(), "little", signed=True))
+        return keys
+
+
+@dataclass
+class Candidate:
+    hash: str
+    band_keys: list[int]
+    lang: str
+
+
+class DedupIndex:
+    """Checks candidates against history + the slice being built, and records the ones that are kept."""
+
+    def __init__(self, catalog: Catalog, slice_id: str):
+        self.catalog, self.slice_id = catalog, slice_id
+        with catalog.session() as s:
+            committed = select(Slice.id)
+            # Keys of a slice that never committed (a crashed run) are not history.
+            s.execute(delete(Document).where(Document.slice_id.not_in(committed)))
+            s.execute(delete(MinhashBand).where(MinhashBand.slice_id.not_in(committed)))
+
+    def check_and_add(self, candidates: list[Candidate]) -> list[str | None]:
+        """For each candidate: `exact`, `near` or None (new: its keys are recorded for later candidates)."""
+        hashes = {c.hash for c in candidates}
+        keys = {k for c in candidates for k in c.band_keys}
+        with self.catalog.session() as s:
+            seen_hashes = _existing(s, Document.hash, hashes)
+            seen_keys = _existing(s, MinhashBand.band_key, keys)
+        verdicts: list[str | None] = []
+        new_docs, new_bands = [], []
+        for c in candidates:
+            if c.hash in seen_hashes:
+                verdicts.append("exact")
+            elif any(k in seen_keys for k in c.band_keys):
+                verdicts.append("near")
+            else:
+                verdicts.append(None)
+                new_docs.append({"hash": c.hash, "slice_id": self.slice_id, "lang": c.lang})
+                new_bands.extend({"band_key": k, "slice_id": self.slice_id} for k in set(c.band_keys))
+            # Later candidates of this batch are checked against the earlier ones too.
+            seen_hashes.add(c.hash)
+            seen_keys.update(c.band_keys)
+        with self.catalog.session() as s:
+            if new_docs:
+                s.execute(insert(Document), new_docs)
+            if new_bands:
+                s.execute(insert(MinhashBand), new_bands)
+        return verdicts
+
+
+def _existing(session, column, values: set) -> set:
+    found: set = set()
+    ordered = sorted(values)
+    for i in range(0, len(ordered), _LOOKUP_CHUNK):
+        chunk = ordered[i : i + _LOOKUP_CHUNK]
+        found.update(session.scalars(select(column).where(column.in_(chunk))))
+    return found

@@ -1,0 +1,40 @@
+"""Image validation and normalisation for image shards: decompression bombs are refused before decoding,
+corrupt files are named, and every kept image becomes a square RGB PNG at the configured size."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageRejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def normalize_image(data: bytes, size: int, max_pixels: int) -> bytes:
+    """Center-crop to a square, resize to `size`, and return PNG bytes (lossless: FID is sensitive to JPEG)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageRejected("image_too_large", f"{width}x{height} pixels exceeds {max_pixels}")
+            img.load()
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected("image_too_large", str(e)[:200]) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageRejected("corrupt_image", str(e)[:200]) from None
+    img = img.convert("RGB")
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
