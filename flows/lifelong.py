@@ -1,4 +1,4 @@
-"""The `lifelong-cycle` flow: ingest -> train -> evaluate -> register, each stage a Prefect task.
+"""The `lifelong-cycle` flow: ingest (a subflow) -> train -> evaluate -> register, each stage a Prefect task.
 
 Tasks exchange only small JSON-able dicts (URIs, ids, metrics). Settings are read inside each task from the
 environment plus explicit `overrides`, so a task runs the same on a worker as in-process.
@@ -12,36 +12,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.common import settings_from as _settings
+from flows.common import transient as _transient
+from flows.ingest import ingest_flow
 from wudao import stages
-from wudao.config import load_settings
-
-
-def _transient(task, task_run, state) -> bool:
-    """Retry only failures that a later attempt can fix (an unreachable or throttling service)."""
-    from wudao.registry import RegistryError
-    from wudao.storage import ChecksumError, StorageError
-
-    try:
-        state.result()
-    except ChecksumError:
-        return False
-    except (StorageError, RegistryError, ConnectionError, TimeoutError):
-        return True
-    except Exception:
-        return False
-    return False
-
-
-def _settings(overrides: dict[str, Any] | None):
-    return load_settings(**(overrides or {}))
-
 
 # Storage and MLflow calls are I/O: retry with backoff. Training is not retried blindly (it is expensive).
-@task(name="ingest", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient, cache_policy=NO_CACHE)
-def ingest_task(source: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    return stages.run_ingest(_settings(overrides), source)
-
-
 @task(name="resolve-champion", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient, cache_policy=NO_CACHE)
 def champion_task(overrides: dict[str, Any] | None = None) -> str | None:
     return stages.resolve_start(_settings(overrides), "champion")
@@ -72,7 +48,7 @@ def register_task(
 def lifelong_cycle(source: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """One lifelong cycle over the new objects of `source`; a no-op (no training) when nothing new arrived."""
     logger = get_run_logger()
-    report = ingest_task(source, overrides)
+    report = ingest_flow(source, overrides=overrides)  # a subflow: its batches show up as tasks
     result: dict[str, Any] = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "ingest": report}
     if not report["slice_id"]:
         logger.info("no new data in %s: nothing to train", source)

@@ -36,11 +36,16 @@ def _cache_dir(settings: Settings):
     return settings.home / "cache"
 
 
+def source_store_for(settings: Settings, source: str) -> ObjectStore:
+    """The store to read a source through: the source's own folder, or its s3:// prefix with our credentials."""
+    source = canonical_source(source)  # a missing folder is an error, never created
+    return store_from_settings(settings, source) if source.startswith("s3://") else open_store(source)
+
+
 def run_ingest(settings: Settings, source: str, slice_name: str | None = None, progress=None) -> dict[str, Any]:
     """New objects of `source` -> a committed slice (or no slice when nothing new arrived)."""
-    source = canonical_source(source)  # a missing folder is an error, never created
+    source_store = source_store_for(settings, source)
     store = platform_store(settings)
-    source_store = store_from_settings(settings, source) if source.startswith("s3://") else open_store(source)
     cat = catalog(settings)
     try:
         return ingest(source, source_store=source_store, store=store, catalog=cat, settings=settings.ingest,

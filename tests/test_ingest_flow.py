@@ -1,0 +1,35 @@
+"""The ingest flow: batches as Prefect tasks on the default runner and, unchanged, on a Dask cluster; both give
+the same slice as the in-process ingest."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_ingest import build_bad_corpus
+from wudao.stages import run_ingest
+
+
+def _overrides(settings, objects):
+    return {"home": str(settings.home / objects), "storage_uri": str(settings.home / objects / "store"),
+            "catalog_url": f"sqlite:///{settings.home / objects / 'catalog.db'}",
+            "ingest": {"batch_objects": 2, "image_max_pixels": 1_000_000, "vocab_size": 600}}  # fmt: skip
+
+
+@pytest.mark.parametrize("runner", ["default", "dask"])
+def test_flow_matches_in_process_ingest(prefect_harness, local_settings, tmp_path, runner):
+    from flows.ingest import ingest_flow
+
+    src = tmp_path / "raw"
+    build_bad_corpus(src, tmp_path / "outside.txt")
+    expected = run_ingest(local_settings.model_copy(update={"ingest": local_settings.ingest.model_copy(
+        update={"batch_objects": 2, "image_max_pixels": 1_000_000, "vocab_size": 600})}), str(src))  # fmt: skip
+    flow_fn = ingest_flow
+    if runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        flow_fn = ingest_flow.with_options(task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": 2, "processes": True,
+                                                                                      "threads_per_worker": 1}))  # fmt: skip
+    got = flow_fn(source=str(src), overrides=_overrides(local_settings, runner))
+    for report in (expected, got):
+        report.pop("manifest_uri")
+    assert got == expected
