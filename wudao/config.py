@@ -81,6 +81,9 @@ class IngestSettings(BaseModel):
     """Images declaring more pixels are refused as `image_too_large` before decoding (decompression bombs)."""
     batch_objects: int = 64
     """Objects per batch task (the unit of retries and of parallelism in the ingest flow)."""
+    workers: int = Field(1, ge=1)
+    """Processes that read and clean batches in parallel in `wudao ingest` (the ingest flow uses its task runner
+    instead). Each loads its own language models (about 0.5 GB)."""
     tokenizer_sample_bytes: int = 64 * 1024 * 1024
     """Text the first slice's tokenizer is trained on (the first documents up to this size)."""
     minhash_ngram_en: int = 5

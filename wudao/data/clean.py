@@ -13,7 +13,7 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from wudao.config import CleanSettings
 
@@ -41,25 +41,42 @@ _PHONE = re.compile(r"(?<![\w+])\+?\(?\d{2,4}\)?[- .]\d{3,4}[- .]\d{3,4}(?![\w])
 EMAIL_TOKEN, PHONE_TOKEN, ID_TOKEN = "<EMAIL>", "<PHONE>", "<ID>"
 
 
+# Control (Cc), format (Cf) and private-use (Co) characters, except tab and newline: one regex pass instead of a
+# per-character Python loop.
+_CONTROL = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u180e\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\ue000-\uf8ff\U000f0000-\U0010ffff]"
+)
+
+
 def normalize(text: str) -> str:
     """NFKC, control characters dropped (newlines and tabs kept), runs of spaces and blank lines collapsed."""
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    text = _CONTROL.sub("", unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n"))
     lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
+_MAYBE_NUMBER = re.compile(r"\d{3}")
+
+
 def scrub_pii(text: str) -> str:
     """E-mail addresses, Chinese ID numbers and phone numbers become placeholders (IDs first: they are digits too)."""
-    text = _EMAIL.sub(EMAIL_TOKEN, text)
-    text = _CN_ID.sub(ID_TOKEN, text)
-    text = _CN_MOBILE.sub(PHONE_TOKEN, text)
-    return _PHONE.sub(PHONE_TOKEN, text)
+    if "@" in text:
+        text = _EMAIL.sub(EMAIL_TOKEN, text)
+    if _MAYBE_NUMBER.search(text):  # most documents have no run of digits: skip three regex passes
+        text = _CN_ID.sub(ID_TOKEN, text)
+        text = _CN_MOBILE.sub(PHONE_TOKEN, text)
+        text = _PHONE.sub(PHONE_TOKEN, text)
+    return text
+
+
+_NON_SPACE = re.compile(r"\S")
+_ALPHA_TOKEN = re.compile(r"\S*[^\W\d_]\S*")
 
 
 def han_ratio(text: str) -> float:
-    chars = [c for c in text if not c.isspace()]
-    return len(_HAN.findall(text)) / len(chars) if chars else 0.0
+    non_space = len(_NON_SPACE.findall(text))
+    return len(_HAN.findall(text)) / non_space if non_space else 0.0
 
 
 @dataclass
@@ -77,6 +94,11 @@ class Cleaner:
     def __init__(self, cfg: CleanSettings):
         self.cfg = cfg
 
+    @staticmethod
+    def shared(cfg: CleanSettings) -> Cleaner:
+        """One cleaner per process and settings: building the language detector takes seconds and memory."""
+        return _shared_cleaner(cfg.model_dump_json())
+
     @cached_property
     def _detector(self):
         from lingua import Language, LanguageDetectorBuilder
@@ -92,28 +114,35 @@ class Cleaner:
 
         return opencc.OpenCC("t2s")
 
-    def language(self, text: str) -> str:
-        # Chinese script is unambiguous enough to skip the model (and much faster) when it dominates.
-        if han_ratio(text[:2000]) >= 0.3:
-            return "zh"
+    def languages(self, texts: list[str]) -> list[str]:
+        """`zh`, `en` or `other` per text; the model runs once over the batch (lingua parallelises in Rust)."""
         from lingua import Language
 
-        # Short English text full of proper names ("Liechtenstein uses the Swiss Franc") can score slightly higher
-        # for another language; a fair English confidence is enough for a corpus that only keeps zh and en.
-        confidences = self._detector.compute_language_confidence_values(text[:2000])
-        if not confidences:
-            return "other"
-        best = confidences[0]
-        english = next((c.value for c in confidences if c.language == Language.ENGLISH), 0.0)
-        if best.language == Language.ENGLISH or english >= 0.25:
-            return "en"
-        return "zh" if best.language == Language.CHINESE else "other"
+        out = ["zh" if han_ratio(t[:2000]) >= 0.3 else "" for t in texts]  # Chinese script settles it, cheaply
+        todo = [i for i, lang in enumerate(out) if not lang]
+        if todo:
+            # The first 500 characters settle the language of a document; more only costs time.
+            all_confidences = self._detector.compute_language_confidence_values_in_parallel([texts[i][:500] for i in todo])
+            for i, confidences in zip(todo, all_confidences):
+                # Short English full of proper names ("Liechtenstein uses the Swiss Franc") can score slightly
+                # higher for another language; a fair English confidence suffices when only zh and en are kept.
+                best = confidences[0] if confidences else None
+                english = next((c.value for c in confidences if c.language == Language.ENGLISH), 0.0)
+                if best is not None and (best.language == Language.ENGLISH or english >= 0.25):
+                    out[i] = "en"
+                else:
+                    out[i] = "zh" if best is not None and best.language == Language.CHINESE else "other"
+        return out
 
     def __call__(self, raw: str) -> Cleaned:
-        text = normalize(raw)
-        if not text:
-            return Cleaned("", "other", "empty")
-        lang = self.language(text)
+        return self.clean_many([raw])[0]
+
+    def clean_many(self, raws: list[str]) -> list[Cleaned]:
+        texts = [normalize(r) for r in raws]
+        langs = self.languages(texts)
+        return [self._clean(t, lang) if t else Cleaned("", "other", "empty") for t, lang in zip(texts, langs)]
+
+    def _clean(self, text: str, lang: str) -> Cleaned:
         if lang == "zh":
             if self.cfg.traditional_to_simplified:
                 text = self._t2s.convert(text)
@@ -162,7 +191,7 @@ class Cleaner:
         if not c.en_min_mean_word_length <= mean_len <= c.en_max_mean_word_length:
             return "en_mean_word_length"
         tokens = text.split()
-        if sum(1 for t in tokens if any(ch.isalpha() for ch in t)) / len(tokens) < c.en_min_alpha_word_ratio:
+        if len(_ALPHA_TOKEN.findall(text)) / len(tokens) < c.en_min_alpha_word_ratio:
             return "en_alpha_ratio"
         if sum(1 for w in words if w.lower() in _EN_STOP_WORDS) < c.en_min_stop_words:
             return "en_stop_words"
@@ -180,6 +209,11 @@ class Cleaner:
             return None  # Gopher applies it to pages of 50+ words; on a few sentences a repeated name trips it
         bigrams = Counter(zip(units, units[1:]))
         (top, count) = bigrams.most_common(1)[0]
-        covered = count * sum(len(u) for u in top)
-        total = sum(len(u) for u in units)
+        covered = count * sum(map(len, top))
+        total = sum(map(len, units))
         return "repetition" if covered / total > max_fraction else None
+
+
+@lru_cache(maxsize=4)
+def _shared_cleaner(cfg_json: str) -> Cleaner:
+    return Cleaner(CleanSettings.model_validate_json(cfg_json))

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 from dataclasses import dataclass
 
+import numpy as np
 from sqlalchemy import delete, insert, select
 
 from wudao.catalog import Catalog, Document, MinhashBand, Slice
@@ -28,41 +30,63 @@ def exact_hash(text: str) -> str:
 
 
 class MinHasher:
-    """Band keys of a document's MinHash signature (one signed 64-bit key per band)."""
+    """Band keys of a document's MinHash signature (one signed 64-bit key per band).
+
+    Shingle hashes are computed in bulk with numpy: each word (or Chinese character) gets a stable CRC32, and an
+    n-gram's 32-bit hash is a fixed linear combination of its units' hashes mod 2^32. datasketch then applies its
+    permutations to those values. Band keys persist in the catalog, so every constant here (CRC32, the
+    multipliers, datasketch's "affine32" scheme and seed) is pinned: changing one makes old keys incomparable.
+    """
 
     SCHEME = "affine32"
+    _MULTIPLIERS = np.array([0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646C, 0xFD7046C5, 0xB55A4F09],
+                            dtype=np.uint64)  # fmt: skip
 
     def __init__(self, bands: int, rows: int, ngram_en: int, ngram_zh: int, seed: int = 1):
         from datasketch import MinHash
 
+        if max(ngram_en, ngram_zh) > len(self._MULTIPLIERS):
+            raise ValueError(f"n-grams up to {len(self._MULTIPLIERS)} are supported")
         self.bands, self.rows = bands, rows
         self.ngram = {"en": ngram_en, "zh": ngram_zh}
-        # Band keys persist in the catalog, so the permutation scheme is pinned: changing it would make every
-        # stored key incomparable with new ones. Permutations are drawn once and shared by every signature.
-        self._proto = MinHash(num_perm=bands * rows, seed=seed, scheme=self.SCHEME)
+        self._proto = MinHash(num_perm=bands * rows, seed=seed, scheme=self.SCHEME)  # permutations drawn once, shared
+        self._unit_hash: dict[str, int] = {}
 
-    def shingles(self, text: str, lang: str) -> set[bytes]:
-        if lang == "zh":
-            units = _ZH_CHARS.findall(text.lower())
-            n, sep = self.ngram["zh"], ""
-        else:
-            units = _WORDS.findall(text.lower())
-            n, sep = self.ngram["en"], " "
-        if len(units) <= n:
-            return {sep.join(units).encode()}
-        return {sep.join(units[i : i + n]).encode() for i in range(len(units) - n + 1)}
+    def _units(self, text: str, lang: str) -> list[str]:
+        return _ZH_CHARS.findall(text.lower()) if lang == "zh" else _WORDS.findall(text.lower())
+
+    def shingle_hashes(self, text: str, lang: str) -> np.ndarray:
+        """Distinct 32-bit hashes of the document's n-grams (the whole text when shorter than n)."""
+        cache = self._unit_hash
+        if len(cache) > 1_000_000:  # bounded: the vocabulary of a long stream keeps growing
+            cache.clear()
+        units = self._units(text, lang)
+        ids = np.fromiter((cache.get(u) or cache.setdefault(u, zlib.crc32(u.encode())) for u in units),
+                          dtype=np.uint64, count=len(units))  # fmt: skip
+        n = min(self.ngram[lang if lang == "zh" else "en"], max(1, len(ids)))
+        if len(ids) == 0:
+            return np.zeros(1, dtype=np.uint64)
+        grams = np.zeros(len(ids) - n + 1, dtype=np.uint64)
+        for k in range(n):
+            grams = (grams + ids[k : len(ids) - n + 1 + k] * self._MULTIPLIERS[k]) & np.uint64(0xFFFFFFFF)
+        return np.unique(grams)
 
     def band_keys(self, text: str, lang: str) -> list[int]:
         from datasketch import MinHash
 
-        mh = MinHash(num_perm=self.bands * self.rows, permutations=self._proto.permutations, scheme=self.SCHEME)
-        mh.update_batch(list(self.shingles(text, lang)))
+        mh = MinHash(num_perm=self.bands * self.rows, permutations=self._proto.permutations, scheme=self.SCHEME,
+                     hashfunc=_identity)  # fmt: skip
+        mh.update_batch(self.shingle_hashes(text, lang))
         values = mh.hashvalues.astype("<u8")
         keys = []
         for b in range(self.bands):
             digest = hashlib.blake2b(bytes([b]) + values[b * self.rows : (b + 1) * self.rows].tobytes(), digest_size=8)
             keys.append(int.from_bytes(digest.digest(), "little", signed=True))
         return keys
+
+
+def _identity(value):
+    return value
 
 
 @dataclass
@@ -105,10 +129,11 @@ class DedupIndex:
             seen_hashes.add(c.hash)
             seen_keys.update(c.band_keys)
         with self.catalog.session() as s:
+            conn = s.connection()  # Core executemany: the ORM's bulk path costs more than the insert itself
             if new_docs:
-                s.execute(insert(Document), new_docs)
+                conn.execute(insert(Document.__table__), new_docs)
             if new_bands:
-                s.execute(insert(MinhashBand), new_bands)
+                conn.execute(insert(MinhashBand.__table__), new_bands)
         return verdicts
 
 

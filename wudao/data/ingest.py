@@ -23,13 +23,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy import func, select
 
 from wudao.catalog import Catalog, QuarantineRecord, SeenObject, Shard, Slice, Source, Tokenizer
 from wudao.config import IngestSettings
 from wudao.data.clean import Cleaner
 from wudao.data.dedup import Candidate, DedupIndex, MinHasher, exact_hash
-from wudao.data.formats import ImageRecord, Rejected, WorkItem, plan, read_image_item, read_text_item
+from wudao.data.formats import ImageRecord, Rejected, TextRecord, WorkItem, plan, read_image_item, read_text_item
 from wudao.data.images import ImageRejected, normalize_image
 from wudao.data.shards import token_dtype, write_shard
 from wudao.data.tokenizer import EOS, load_tokenizer, tokenizer_key, tokenizer_version, train_tokenizer
@@ -107,23 +108,32 @@ def canonical_source(source: str) -> str:
 
 
 def read_batch(items: list[WorkItem], source_store: ObjectStore, settings: IngestSettings, cleaner: Cleaner | None = None) -> BatchResult:
-    cleaner = cleaner or Cleaner(settings.clean)
+    cleaner = cleaner or Cleaner.shared(settings.clean)
     hasher = MinHasher(settings.minhash_bands, settings.minhash_rows, settings.minhash_ngram_en, settings.minhash_ngram_zh)
     out = BatchResult()
+    records: list[TextRecord] = []
+
+    def clean_records() -> None:
+        for rec, cleaned in zip(records, cleaner.clean_many([r.text for r in records])):
+            if cleaned.rejected:
+                reason = "empty" if cleaned.rejected == "empty" else "low_quality"
+                out.rejected.append(Rejected(rec.key, rec.record, reason, cleaned.rejected))
+                out.low_quality_rules[cleaned.rejected] += reason == "low_quality"
+                continue
+            out.docs.append(Doc(rec.key, rec.record, cleaned.text, cleaned.lang, exact_hash(cleaned.text),
+                                hasher.band_keys(cleaned.text, cleaned.lang)))  # fmt: skip
+        records.clear()
+
     for item in items:
         if item.kind == "text":
             for rec in read_text_item(source_store, item, settings.max_document_bytes):
                 if isinstance(rec, Rejected):
                     out.rejected.append(rec)
                     continue
-                cleaned = cleaner(rec.text)
-                if cleaned.rejected:
-                    reason = "empty" if cleaned.rejected == "empty" else "low_quality"
-                    out.rejected.append(Rejected(rec.key, rec.record, reason, cleaned.rejected))
-                    out.low_quality_rules[cleaned.rejected] += reason == "low_quality"
-                    continue
-                out.docs.append(Doc(rec.key, rec.record, cleaned.text, cleaned.lang, exact_hash(cleaned.text),
-                                    hasher.band_keys(cleaned.text, cleaned.lang)))  # fmt: skip
+                records.append(rec)
+                if len(records) >= 1024:  # clean in chunks: batched language id, bounded memory
+                    clean_records()
+            clean_records()
         elif item.kind in ("pair", "coco"):
             rec = read_image_item(source_store, item, settings.max_document_bytes)
             if isinstance(rec, Rejected):
@@ -160,14 +170,14 @@ class _TokenShards:
 
     def __init__(self, store: ObjectStore, prefix: str, split: str, dtype, max_tokens: int, tmp: Path):
         self.store, self.prefix, self.split, self.dtype, self.max_tokens, self.tmp = store, prefix, split, dtype, max_tokens, tmp
-        self.pending: list[list[int]] = []
+        self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
         self.written: list[dict] = []
 
     def add(self, ids: list[int]) -> None:
         if self.pending and self.pending_tokens + len(ids) > self.max_tokens:
             self.flush()
-        self.pending.append(ids)
+        self.pending.append(np.asarray(ids, dtype=self.dtype))  # 2-4 bytes a token, not a Python int
         self.pending_tokens += len(ids)
 
     def flush(self) -> None:
@@ -256,32 +266,41 @@ class SliceBuilder:
         self.report.low_quality_rules = dict(Counter(self.report.low_quality_rules) + batch.low_quality_rules)
         verdicts = self.dedup.check_and_add([Candidate(d.hash, d.band_keys, d.lang) for d in batch.docs]
                                             + [Candidate(i.hash, [], "image") for i in batch.images])  # fmt: skip
+        kept = []
         for doc, verdict in zip(batch.docs, verdicts[: len(batch.docs)]):
             if verdict == "exact":
                 self.report.duplicates_exact += 1
             elif verdict == "near":
                 self.report.duplicates_near += 1
             else:
-                self._keep_text(doc.text, _is_heldout(doc.hash, self.settings.heldout_fraction), doc.lang)
+                kept.append(doc)
+        self._keep_texts(kept)
         for img, verdict in zip(batch.images, verdicts[len(batch.docs) :]):
             if verdict:
                 self.report.duplicates_exact += 1
             else:
                 self._keep_image(img)
 
-    def _keep_text(self, text: str, heldout: bool, lang: str) -> None:
-        self.report.documents_accepted += 1
-        self.report.documents_heldout += heldout
-        self.report.languages[lang] = self.report.languages.get(lang, 0) + 1
+    def _keep_texts(self, docs: list[Doc]) -> None:
+        for doc in docs:
+            self.report.documents_accepted += 1
+            self.report.languages[doc.lang] = self.report.languages.get(doc.lang, 0) + 1
+        pairs = [(d.text, _is_heldout(d.hash, self.settings.heldout_fraction)) for d in docs]
+        self.report.documents_heldout += sum(h for _, h in pairs)
         if self.tok is None:
-            self._sample.append((text, heldout))
-            self._sample_bytes += len(text.encode())
+            self._sample.extend(pairs)
+            self._sample_bytes += sum(len(t.encode()) for t, _ in pairs)
             if self._sample_bytes >= self.settings.tokenizer_sample_bytes:
                 self._train_tokenizer()
             return
-        ids = self.tok.encode(text).ids + [self.eos]
-        (self.heldout if heldout else self.train).add(ids)
-        self.report.tokens += len(ids)
+        self._write_texts(pairs)
+
+    def _write_texts(self, pairs: list[tuple[str, bool]]) -> None:
+        # encode_batch runs on the tokenizer's Rust thread pool; the order of documents is kept.
+        for (_, heldout), enc in zip(pairs, self.tok.encode_batch([t for t, _ in pairs])):
+            ids = enc.ids + [self.eos]
+            (self.heldout if heldout else self.train).add(ids)
+            self.report.tokens += len(ids)
 
     def _keep_image(self, img: Img) -> None:
         if self.tok is None:
@@ -299,10 +318,8 @@ class SliceBuilder:
         self.new_tokenizer = Tokenizer(version=version, uri=self.store.url(tokenizer_key(version)), vocab_size=tok.get_vocab_size())
         self._use_tokenizer(tok, version)
         waiting, self._sample = self._sample, []
-        for text, heldout in waiting:
-            ids = tok.encode(text).ids + [self.eos]
-            (self.heldout if heldout else self.train).add(ids)
-            self.report.tokens += len(ids)
+        for i in range(0, len(waiting), 1024):
+            self._write_texts(waiting[i : i + 1024])
         images, self._images_waiting = self._images_waiting, []
         for img in images:
             self._keep_image(img)
@@ -440,13 +457,36 @@ def ingest(
     if not p.items:
         return p.report
     builder = builder_for(p, store=store, catalog=catalog, settings=settings)
-    cleaner = Cleaner(settings.clean)
     work = batches(p.items, settings.batch_objects)
-    for n, batch in enumerate(work, start=1):
-        builder.add([o for item in batch for o in item.objects], read_batch(batch, source_store, settings, cleaner))
+    for n, (batch, result) in enumerate(_read_batches(work, source_store, settings), start=1):
+        builder.add([o for item in batch for o in item.objects], result)
         if progress:
             progress(n, len(work))
     return builder.commit()
+
+
+def _read_batches(work: list[list[WorkItem]], source_store: ObjectStore, settings: IngestSettings):
+    """Yield (batch, result) in order; with several workers, a bounded window of batches is read in parallel."""
+    if settings.workers <= 1:
+        cleaner = Cleaner.shared(settings.clean)
+        for batch in work:
+            yield batch, read_batch(batch, source_store, settings, cleaner)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent may hold threads (tokenizers, lingua) that a forked child would inherit broken.
+    with ProcessPoolExecutor(settings.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: deque = deque()
+        for batch in work:
+            pending.append((batch, pool.submit(read_batch, batch, source_store, settings)))
+            if len(pending) > 2 * settings.workers:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
 
 
 def slice_manifest(store: ObjectStore, slice_id: str) -> dict:

@@ -21,11 +21,11 @@ class ShardFiles:
     n_documents: int
 
 
-def write_shard(docs: list[list[int]], stem: Path, dtype: np.dtype) -> ShardFiles:
+def write_shard(docs: list[np.ndarray] | list[list[int]], stem: Path, dtype: np.dtype) -> ShardFiles:
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    tokens = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(offsets[-1]))
+    tokens = np.concatenate([np.asarray(d, dtype=dtype) for d in docs]) if docs else np.zeros(0, dtype=dtype)
     bin_path, idx_path = stem.with_suffix(".bin"), stem.with_suffix(".idx")
     tokens.tofile(bin_path)
     offsets.tofile(idx_path)
