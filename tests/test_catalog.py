@@ -43,3 +43,20 @@ def test_server_db_is_checked_not_silently_upgraded(tmp_path):
 def test_unreachable_db_is_one_clear_error():
     with pytest.raises(CatalogError, match="cannot reach the catalog DB"):
         upgrade("postgresql+psycopg://nobody:secret@127.0.0.1:9/none")
+
+
+def test_models_and_migrations_agree(tmp_path):
+    """A model change without its migration (or the reverse) fails here, not on a user's database."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from wudao.catalog import Base
+
+    url = f"sqlite:///{tmp_path / 'sync.db'}"
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    finally:
+        engine.dispose()
