@@ -10,9 +10,10 @@ import pytest
 from tests.conftest import free_stack_settings
 from tests.test_cli import run
 
-pytestmark = pytest.mark.slow
 
 
+
+@pytest.mark.slow
 def test_up_twice_status_down(tmp_path):
     cfg = free_stack_settings()
     env = {
@@ -61,3 +62,20 @@ def _gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return any(line.startswith("State:") and "Z" in line.split()[1] for line in status.splitlines())
+
+
+def test_port_in_use_is_one_clear_error_and_starts_nothing(tmp_path):
+    import socket
+
+    cfg = free_stack_settings()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", cfg.mlflow_port))
+        busy.listen()
+        env = {"WUDAO_HOME": str(tmp_path / "home"), "WUDAO_STACK__S3_PORT": str(cfg.s3_port),
+               "WUDAO_STACK__MASTER_PORT": str(cfg.master_port), "WUDAO_STACK__MLFLOW_PORT": str(cfg.mlflow_port),
+               "WUDAO_STACK__PREFECT_PORT": str(cfg.prefect_port)}  # fmt: skip
+        p = run("stack", "up", env=env, cwd=tmp_path)
+    assert p.returncode == 1
+    assert f"port {cfg.mlflow_port}" in p.stderr and "WUDAO_STACK__MLFLOW_PORT" in p.stderr
+    status = json.loads(run("stack", "status", "--json", env=env, cwd=tmp_path).stdout)
+    assert not any(s["running"] for s in status["services"].values())

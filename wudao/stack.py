@@ -203,6 +203,32 @@ def _healthy(name: str, url: str, home: Path, cfg: StackSettings) -> bool:
         return False
 
 
+def _ports(name: str, cfg: StackSettings) -> dict[int, str]:
+    """Every port a service listens on, with the setting that moves it."""
+    if name == "mlflow":
+        return {cfg.mlflow_port: "WUDAO_STACK__MLFLOW_PORT"}
+    if name == "prefect":
+        return {cfg.prefect_port: "WUDAO_STACK__PREFECT_PORT"}
+    ports = {cfg.s3_port: "WUDAO_STACK__S3_PORT", cfg.s3_port + 10000: "WUDAO_STACK__S3_PORT"}
+    for offset in (0, *WEED_OFFSETS.values()):
+        ports[cfg.master_port + offset] = ports[cfg.master_port + offset + 10000] = "WUDAO_STACK__MASTER_PORT"
+    return ports
+
+
+def _check_ports_free(name: str, cfg: StackSettings, home: Path) -> None:
+    import socket
+
+    for port, setting in _ports(name, cfg).items():
+        with socket.socket() as sock:
+            # Servers bind with SO_REUSEADDR, so connections of a stopped stack in TIME_WAIT do not block them.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                raise StackError(f"cannot start {name}: port {port} on 127.0.0.1 is in use (another stack or program); "
+                                 f"stop it or set {setting}") from None  # fmt: skip
+
+
 def _start(name: str, home: Path, cfg: StackSettings) -> int:
     cmd, extra_env = _commands(home, cfg)[name]
     log_path = home / "logs" / f"{name}.log"
@@ -242,12 +268,15 @@ def up(home: Path, cfg: StackSettings) -> StackStatus:
             urls[name] = recorded[name]
     (_state_dir(home) / "stack.json").write_text(json.dumps({"urls": urls}, indent=2))
 
-    started: dict[str, int] = {}
-    # Prefect does not depend on the object store: start it first so the two slow start-ups overlap.
-    for name in ("prefect", "seaweedfs"):
+    for name in SERVICES:  # fail before starting anything when a port is taken
         if _running_pid(home, name) is None:
-            started[name] = _start(name, home, cfg)
+            _check_ports_free(name, cfg, home)
+    started: dict[str, int] = {}
     try:
+        # Prefect does not depend on the object store: start it first so the two slow start-ups overlap.
+        for name in ("prefect", "seaweedfs"):
+            if _running_pid(home, name) is None:
+                started[name] = _start(name, home, cfg)
         if "seaweedfs" in started:
             _wait_healthy("seaweedfs", urls["seaweedfs"], home, cfg, started["seaweedfs"])
         if _running_pid(home, "mlflow") is None:
