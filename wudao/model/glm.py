@@ -1,0 +1,257 @@
+"""The GLM transformer (blank infilling, 2D positions) with optional MoE FFNs, Sandwich-LN and PB-relax.
+
+Shape suffixes: B batch, T tokens, D model width, V vocabulary, E experts, L MoE layers, N loss tokens.
+
+Inputs follow GLM: Part A (text with blanks) then Part B (the blanks' contents, each after `[sop]`).
+`position_ids_BT` are absolute positions in Part A (a Part B token carries its blank's position) and
+`block_position_ids_BT` count 0 over Part A and 1.. inside each Part B span; two learned tables, summed.
+`sep_B` is the Part A length of each row: Part A attends bidirectionally, Part B causally plus all of Part A.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wudao.model.attention import GLMAttention, KVCache, LayerNorm, glm_attention_mask
+from wudao.model.moe import MoE, MoEStats
+
+
+@dataclass(frozen=True)
+class GLMConfig:
+    vocab_size: int
+    """Output classes: text vocabulary plus image codes (codes are offset past the text vocabulary)."""
+    d_model: int = 64
+    """Residual stream width."""
+    n_layers: int = 2
+    """Transformer blocks."""
+    n_heads: int = 4
+    """Attention heads; must divide d_model."""
+    max_seq_len: int = 128
+    """Rows of the absolute position table (longest Part A + Part B)."""
+    max_block_len: int | None = None
+    """Rows of the block position table minus one (longest span + [sop]); None = max_seq_len."""
+    ffn_hidden: int | None = None
+    """Hidden width of the dense FFN; None = 4 · d_model."""
+    layer_order: Literal["pre", "sandwich"] = "pre"
+    """"pre": x + f(LN(x)). "sandwich" (CogView): x + LN(f(LN(x))), which keeps residual growth bounded."""
+    pb_relax: bool = False
+    """CogView PB-relax: attention as softmax(((Q/(α√d))Kᵀ − max)·α) and LN inputs scaled by 8/max|x|."""
+    pb_alpha: float = 32.0
+    """α of PB-relax attention."""
+    tie_embeddings: bool = True
+    """Output projection = token embedding transposed (fewer parameters, better on small data)."""
+    norm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+    moe_every: int = 0
+    """Every N-th block's FFN is an MoE (blocks N-1, 2N-1, …); 0 = dense model."""
+    n_experts: int = 8
+    """Experts per MoE layer."""
+    top_k: int = 2
+    """Experts per token: 1 (Switch) or 2 (GShard)."""
+    moe_hidden: int | None = None
+    """Hidden width of each expert; None = ffn_hidden (so top-2 doubles the active FFN FLOPs)."""
+    capacity_factor: float | None = None
+    """Expert capacity ⌈factor·N·K/E⌉ in training, overflow dropped (GShard 1.2); None = dropless."""
+    eval_capacity_factor: float | None = None
+    """Capacity factor in eval mode (GShard 2.4); None = same as capacity_factor."""
+    aux_loss_weight: float = 0.01
+    """Weight of the load-balancing loss, averaged over MoE layers (Switch 0.01; MegaBlocks 0.1)."""
+    z_loss_weight: float = 1e-3
+    """Weight of the router z-loss, averaged over MoE layers (ST-MoE)."""
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.layer_order not in ("pre", "sandwich"):
+            raise ValueError(f"layer_order must be 'pre' or 'sandwich', got {self.layer_order!r}")
+
+    @property
+    def hidden(self) -> int:
+        return self.ffn_hidden or 4 * self.d_model
+
+    def is_moe(self, layer: int) -> bool:
+        return self.moe_every > 0 and (layer + 1) % self.moe_every == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GLMAux:
+    """What a forward pass reports besides logits."""
+
+    aux_loss: torch.Tensor
+    """Weighted MoE losses to add to the LM loss (0 for a dense model)."""
+    load_balance_loss: torch.Tensor
+    """Mean over MoE layers of E·Σ f_e·P_e (1 = balanced)."""
+    z_loss: torch.Tensor
+    """Mean over MoE layers of the router z-loss."""
+    tokens_per_expert_LE: torch.Tensor
+    """Assignments each expert processed, one row per MoE layer; (0, E) for a dense model."""
+    dropped: torch.Tensor
+    """Assignments dropped by capacity, summed over layers."""
+
+    @classmethod
+    def combine(cls, stats: list[MoEStats], cfg: GLMConfig, device: torch.device) -> GLMAux:
+        if not stats:
+            zero = torch.zeros((), device=device)
+            return cls(zero, zero, zero, torch.zeros(0, cfg.n_experts, dtype=torch.long, device=device), zero.long())
+        lb = torch.stack([s.load_balance_loss for s in stats]).mean()
+        z = torch.stack([s.z_loss for s in stats]).mean()
+        return cls(cfg.aux_loss_weight * lb + cfg.z_loss_weight * z, lb, z,
+                   torch.stack([s.tokens_per_expert_E for s in stats]), sum(s.dropped for s in stats))  # fmt: skip
+
+
+@dataclass
+class GLMOutput:
+    logits_BTV: torch.Tensor
+    aux: GLMAux
+
+
+@dataclass
+class GLMLoss:
+    loss: torch.Tensor
+    """What to backpropagate: lm_loss + aux.aux_loss."""
+    lm_loss: torch.Tensor
+    """Mean cross-entropy over the Part B targets of the batch."""
+    n_tokens: int
+    """Number of target tokens the mean ran over."""
+    aux: GLMAux = field(repr=False)
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.fc_in = nn.Linear(d_model, hidden)
+        self.fc_out = nn.Linear(hidden, d_model)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x_BTD)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GLMConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        sandwich = cfg.layer_order == "sandwich"
+
+        def norm() -> nn.Module:
+            return LayerNorm(cfg.d_model, cfg.norm_eps, cfg.pb_relax)
+
+        self.ln_attn_in, self.ln_ffn_in = norm(), norm()
+        self.ln_attn_out = norm() if sandwich else nn.Identity()
+        self.ln_ffn_out = norm() if sandwich else nn.Identity()
+        self.attn = GLMAttention(cfg.d_model, cfg.n_heads, cfg.pb_relax, cfg.pb_alpha)
+        if cfg.is_moe(layer):
+            self.ffn: nn.Module = MoE(cfg.d_model, cfg.moe_hidden or cfg.hidden, cfg.n_experts, cfg.top_k,
+                                      cfg.capacity_factor, cfg.eval_capacity_factor)  # fmt: skip
+        else:
+            self.ffn = DenseFFN(cfg.d_model, cfg.hidden)
+
+    def forward(
+        self, x_BTD: torch.Tensor, mask_B1TS: torch.Tensor, cache: KVCache | None
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        h_BTD = x_BTD + self.ln_attn_out(self.attn(self.ln_attn_in(x_BTD), mask_B1TS, cache, self.layer))
+        stats = None
+        if isinstance(self.ffn, MoE):
+            f_BTD, stats = self.ffn(self.ln_ffn_in(h_BTD))
+        else:
+            f_BTD = self.ffn(self.ln_ffn_in(h_BTD))
+        return h_BTD + self.ln_ffn_out(f_BTD), stats
+
+
+class GLMModel(nn.Module):
+    def __init__(self, cfg: GLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.block_pos_emb = nn.Embedding((cfg.max_block_len or cfg.max_seq_len) + 1, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_f = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.pb_relax)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        # GPT-2: scale the residual-branch output projections so the residual stream does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "fc_out.weight", "w_out_EHD")):
+                nn.init.normal_(p, std=0.02 / (2 * cfg.n_layers) ** 0.5)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg, p = self.cfg, self.tok_emb.weight
+        return KVCache.empty(cfg.n_layers, batch, cfg.n_heads, max_len, cfg.d_model // cfg.n_heads, p.dtype, p.device)
+
+    def hidden(
+        self,
+        input_ids_BT: torch.Tensor,
+        position_ids_BT: torch.Tensor | None = None,
+        block_position_ids_BT: torch.Tensor | None = None,
+        sep_B: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, GLMAux]:
+        """Final-LN hidden states (B, T, D). Defaults: positions continue the cache, block 0, sep 0 (causal LM)."""
+        B, T = input_ids_BT.shape
+        device = input_ids_BT.device
+        start = kv_cache.length if kv_cache is not None else 0
+        if position_ids_BT is None:
+            position_ids_BT = torch.arange(start, start + T, device=device).expand(B, T)
+        if block_position_ids_BT is None:
+            block_position_ids_BT = torch.zeros_like(input_ids_BT)
+        if sep_B is None:
+            sep_B = torch.zeros(B, dtype=torch.long, device=device)
+        if start + T > self.cfg.max_seq_len or int(position_ids_BT.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        x_BTD = self.tok_emb(input_ids_BT) + self.pos_emb(position_ids_BT) + self.block_pos_emb(block_position_ids_BT)
+        mask_B1TS = glm_attention_mask(sep_B, start, T, start + T)
+        stats = []
+        for block in self.blocks:
+            x_BTD, s = block(x_BTD, mask_B1TS, kv_cache)
+            if s is not None:
+                stats.append(s)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.ln_f(x_BTD), GLMAux.combine(stats, self.cfg, device)
+
+    def project(self, h_xD: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., D) -> logits (..., V)."""
+        return h_xD @ self.tok_emb.weight.T if self.head is None else self.head(h_xD)
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        position_ids_BT: torch.Tensor | None = None,
+        block_position_ids_BT: torch.Tensor | None = None,
+        sep_B: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> GLMOutput:
+        h_BTD, aux = self.hidden(input_ids_BT, position_ids_BT, block_position_ids_BT, sep_B, kv_cache)
+        return GLMOutput(self.project(h_BTD), aux)
+
+    def loss(
+        self,
+        input_ids_BT: torch.Tensor,
+        position_ids_BT: torch.Tensor,
+        block_position_ids_BT: torch.Tensor,
+        sep_B: torch.Tensor,
+        target_ids_BT: torch.Tensor,
+        loss_mask_BT: torch.Tensor,
+    ) -> GLMLoss:
+        """GLM loss on Part B only; takes exactly the tensors of `GLMBatch.tensors()` as keywords."""
+        h_BTD, aux = self.hidden(input_ids_BT, position_ids_BT, block_position_ids_BT, sep_B)
+        keep_BT = loss_mask_BT.bool()
+        # Project only the target positions: Part B is a small share of the row and V can be large.
+        logits_NV = self.project(h_BTD[keep_BT])
+        n = int(keep_BT.sum())
+        lm = F.cross_entropy(logits_NV.float(), target_ids_BT[keep_BT], reduction="sum") / max(n, 1)
+        return GLMLoss(lm + aux.aux_loss, lm, n, aux)
