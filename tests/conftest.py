@@ -83,7 +83,7 @@ def s3_settings(local_stack, tmp_path) -> Settings:
         mlflow_tracking_uri=f"http://127.0.0.1:{cfg.mlflow_port}",
         registry={"experiment": f"test-{tag}", "model_name": f"wudao-test-{tag}"},
         train={"steps": 6, "batch_size": 4, "seq_len": 32},
-        model={"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 64},
+        model={"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64},
     ).resolved()
 
 
@@ -101,7 +101,7 @@ def local_settings(tmp_path) -> Settings:
         home=tmp_path / "home",
         storage_uri=str(tmp_path / "objects"),
         train={"steps": 4, "batch_size": 4, "seq_len": 32},
-        model={"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 64},
+        model={"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64},
     ).resolved()
 
 

@@ -174,19 +174,79 @@ def ingest_cmd(
 
 @app.command("train")
 def train_cmd(
-    slice_id: Annotated[str | None, typer.Option("--slice", help="Slice to learn (default: the newest).")] = None,
+    slice_id: Annotated[str | None, typer.Option("--slice", help="Slice to learn: an id or `latest` (default).")] = None,
     start: Annotated[str, typer.Option("--from", help="champion (default; scratch when none), scratch, or a checkpoint URI.")] = "champion",
     steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: train.steps).")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Resume or name a run (default: derived from slices, start and settings, so a rerun after a crash resumes).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Continue pre-training on a slice, with replay of the earlier slices."""
+    """Continue pre-training on a slice with replay of the earlier slices; resumes an interrupted run.
+
+    Runs under `torchrun --nproc-per-node N` as well (DDP; rank 0 reports).
+    """
     from wudao import stages
+    from wudao.train import dist
 
     def work():
         overrides = {"train": {"steps": steps}} if steps else {}
-        result = stages.run_train(_settings(**overrides), slice_id, start)
+        result = stages.run_train(_settings(**overrides), slice_id, start, run_id)
         result.pop("history")
         return result
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        _run(json_out, work, _print_kv)
+    else:
+        _run(False, work, lambda r: None)  # other ranks train silently
+
+
+@app.command("train-vq")
+def train_vq_cmd(
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 300,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train the VQ-VAE image tokenizer on the images of every committed slice and make it current."""
+    from wudao import stages
+    from wudao.train.vq import train_vq
+
+    def work():
+        s = _settings()
+        return train_vq(stages.platform_store(s), stages.committed_slices(s), s.home / "cache", image_size=s.ingest.image_size,
+                        codebook_size=s.model.image_codebook_size, steps=steps, seed=s.train.seed)  # fmt: skip
+
+    _run(json_out, work, _print_kv)
+
+
+@app.command("generate")
+def generate_cmd(
+    model_uri: Annotated[str, typer.Option("--model", help="champion (default), a checkpoint URI, or models:/name/version.")] = "champion",
+    text: Annotated[str | None, typer.Option(help='A prompt with a blank ("The capital of France is [MASK].") or to continue.')] = None,
+    image_prompt: Annotated[str | None, typer.Option(help="A caption to draw (needs --out and a VQ model).")] = None,
+    out: Annotated[Path | None, typer.Option(help="PNG file for --image-prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(min=0)] = 0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    candidates: Annotated[int, typer.Option(min=1, help="Images to sample; CogView self-reranking keeps the best.")] = 1,
+    seed: int = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Fill a blank, continue a text, or draw an image from a caption with a trained model."""
+    if (text is None) == (image_prompt is None):
+        typer.echo("error: give exactly one of --text or --image-prompt", err=True)
+        raise typer.Exit(2)
+    if image_prompt is not None and out is None:
+        typer.echo("error: --image-prompt needs --out FILE.png", err=True)
+        raise typer.Exit(2)
+    from wudao import stages
+    from wudao.model import Sampling
+
+    def work():
+        s = _settings()
+        gen, uri = stages.generator_for(s, model_uri)
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+        if text is not None:
+            return {"model": uri, "prompt": text, "text": gen.text(text, max_new_tokens, sampling, seed)}
+        return {"model": uri, "prompt": image_prompt, **stages.draw(s, gen, image_prompt, out, candidates, seed)}
 
     _run(json_out, work, _print_kv)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import (
@@ -98,7 +98,7 @@ class IngestSettings(BaseModel):
 
 
 class ModelSettings(BaseModel):
-    """Shape of a model trained from scratch (a continued model keeps its parent's shape)."""
+    """Shape of a GLM trained from scratch (a continued model keeps its parent's shape). See wudao/model/glm.py."""
 
     d_model: int = 64
     """Width of the residual stream."""
@@ -107,28 +107,78 @@ class ModelSettings(BaseModel):
     n_heads: int = 4
     """Attention heads per block; must divide d_model."""
     max_seq_len: int = 128
-    """Longest sequence the position table covers."""
+    """Longest sequence (Part A + Part B) the position table covers."""
+    layer_order: Literal["pre", "sandwich"] = "sandwich"
+    """`pre` (x + f(LN(x))) or CogView's `sandwich` (x + LN(f(LN(x)))), which keeps deep or bf16 training stable."""
+    pb_relax: bool = False
+    """CogView PB-relax for attention and LayerNorm inputs (overflow-free bf16/fp16 at scale)."""
+    moe_every: int = 2
+    """Every N-th block's FFN is a Mixture-of-Experts layer; 0 = dense."""
+    n_experts: int = 4
+    """Experts per MoE layer."""
+    top_k: int = 2
+    """Experts per token (1 = Switch, 2 = GShard)."""
+    capacity_factor: float | None = None
+    """Expert capacity factor with token dropping (GShard 1.2); None = dropless."""
+    aux_loss_weight: float = 0.01
+    """Weight of the MoE load-balancing loss."""
+    z_loss_weight: float = 1e-3
+    """Weight of the router z-loss."""
+    image_codebook_size: int = 256
+    """Image code ids appended after the text vocabulary (the VQ-VAE's codebook size must match)."""
 
 
 class TrainSettings(BaseModel):
-    """One continual pre-training run."""
+    """One continual pre-training run (recipe: Ibrahim et al. 2024 -- re-warm, re-decay, replay)."""
 
     steps: int = Field(30, ge=1)
     """Optimizer steps per cycle."""
     batch_size: int = Field(8, ge=1)
-    """Sequences per step."""
-    seq_len: int = Field(64, ge=8)
-    """Tokens per training sequence (at most model.max_seq_len)."""
+    """Sequences per optimizer step across all processes (kept when the world size changes)."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per forward pass on one process; gradient accumulation makes up the rest of batch_size."""
+    seq_len: int = Field(64, ge=16)
+    """Tokens per GLM sample (Part A + Part B; at most model.max_seq_len)."""
     lr: float = 3e-3
     """Peak learning rate (AdamW), re-warmed at the start of every cycle."""
-    warmup_steps: int = 3
-    """Linear warm-up steps before cosine decay to 0.1x peak."""
+    warmup_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    """Share of the cycle's steps spent warming the LR up again (at least one step)."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Cosine decay ends at this share of the peak."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """`cosine` (re-warm + re-decay each cycle) or the "infinite" `constant` LR after warm-up."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (GLM-10B: 0.1)."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip."""
     replay_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    """Share of sequences drawn from earlier slices so the model does not forget them."""
+    """Share of text samples drawn from earlier slices (about 0.05 for a weak shift, 0.25 for a strong one)."""
+    slice_weights: dict[str, float] = {}
+    """Relative replay weight of earlier slices by id (others weigh 1)."""
+    image_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of steps that train on image-caption pairs (needs a VQ model from `wudao train-vq`)."""
+    token_prob: float = 0.5
+    """Probability of the token-span ([MASK]) objective per text step (GLM-10B 0.5)."""
+    sentence_prob: float = 0.3
+    """Probability of the sentence-span ([sMASK]) objective; the rest is document-level [gMASK]."""
     seed: int = 1234
-    """Seed for weights (when starting from scratch) and for data sampling."""
+    """Seed for new weights and for data sampling (samples are a pure function of seed and index)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 autocast on a GPU that supports it, fp32 on CPU."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Complete checkpoints kept per run; older ones are pruned."""
+    spike_sigma: float = 6.0
+    """Skip a step whose loss exceeds the recent mean by this many standard deviations."""
+    spike_window: int = 20
+    """Recent steps that define the mean and deviation for the spike guard."""
+    max_skipped_in_row: int = 5
+    """Abort with an error after this many skipped steps in a row."""
     threads: int = Field(0, ge=0)
     """torch intra-op threads; 0 leaves torch's default."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for the MFU estimate (None: looked up for known GPUs, else no MFU)."""
 
 
 class StackSettings(BaseModel):

@@ -84,6 +84,22 @@ def champion(settings: Settings) -> Champion | None:
     return Champion(mv.version, mv.tags["wudao.checkpoint_uri"], mv.tags["wudao.tokenizer_version"])
 
 
+def checkpoint_of(settings: Settings, model_uri: str) -> str:
+    """The checkpoint behind `models:/name/version` or `models:/name@alias`."""
+    c = client(settings)
+    ref = model_uri.removeprefix("models:/")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = c.get_model_version_by_alias(name, alias)
+        else:
+            name, version = ref.rsplit("/", 1)
+            mv = c.get_model_version(name, version)
+    except (MlflowException, ValueError) as e:
+        raise RegistryError(f"no model version {model_uri}: {e}") from None
+    return mv.tags["wudao.checkpoint_uri"]
+
+
 def ui_base(tracking_uri: str) -> str:
     return tracking_uri.rstrip("/") if tracking_uri.startswith("http") else tracking_uri
 
@@ -102,30 +118,25 @@ def gate(candidate: dict[str, float], parent: dict[str, float] | None) -> tuple[
 
 
 class WudaoLM(mlflow.pyfunc.PythonModel):
-    """pyfunc flavour: `predict(["prompt", …], params={"max_new_tokens": n})` -> greedy continuations."""
+    """pyfunc flavour: `predict(["The capital of France is [MASK].", "Paris is"], params={"max_new_tokens": n})`
+    fills each prompt's blank, or continues a prompt without one (greedy)."""
 
     def load_context(self, context) -> None:
         from safetensors.torch import load_file
 
-        from wudao.data.tokenizer import EOS, load_tokenizer
-        from wudao.model import TransformerConfig, TransformerLM
+        from wudao.data.tokenizer import load_tokenizer
+        from wudao.model import GLMConfig, GLMModel
+        from wudao.serving import Generator
 
         ckpt = Path(context.artifacts["checkpoint"])
         manifest = json.loads((ckpt / "manifest.json").read_text())
-        self.model = TransformerLM(TransformerConfig(**manifest["model_config"]))
-        self.model.load_state_dict(load_file(ckpt / "model.safetensors"))
-        self.model.eval()
-        self.tokenizer = load_tokenizer(Path(context.artifacts["tokenizer"]).read_bytes())
-        self.eos = self.tokenizer.token_to_id(EOS)
+        model = GLMModel(GLMConfig(**manifest["model_config"]))
+        model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        self.generator = Generator.create(model, load_tokenizer(Path(context.artifacts["tokenizer"]).read_bytes()))
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        prompts = [str(p) for p in model_input]
         max_new = int((params or {}).get("max_new_tokens", 32))
-        out = []
-        for prompt in prompts:
-            ids = self.tokenizer.encode(str(prompt)).ids
-            out.append(self.tokenizer.decode(self.model.generate(ids, max_new, stop_id=self.eos)))
-        return out
+        return [self.generator.text(str(prompt), max_new) for prompt in model_input]
 
 
 def register_cycle(

@@ -73,49 +73,77 @@ def resolve_start(settings: Settings, start: str) -> str | None:
     return start
 
 
-def run_train(settings: Settings, slice_id: str | None = None, start: str = "champion") -> dict[str, Any]:
-    """Train on `slice_id` (default: the newest slice) with replay from every earlier slice."""
+def run_train(settings: Settings, slice_id: str | None = None, start: str = "champion", run_id: str | None = None) -> dict[str, Any]:
+    """Train on `slice_id` (default: the newest slice) with replay from every earlier slice.
+
+    The run id defaults to a digest of (slices, start checkpoint, train settings), so rerunning the same
+    training after a crash resumes it from its newest complete checkpoint instead of starting over.
+    """
     from wudao.train.loop import train
 
     slices = committed_slices(settings)
     if not slices:
         raise StageError("no committed slices: ingest data first (`wudao ingest SOURCE`)")
-    slice_id = slice_id or slices[-1]
+    slice_id = slices[-1] if slice_id in (None, "latest") else slice_id
     if slice_id not in slices:
         raise StageError(f"unknown slice {slice_id}; committed slices: {', '.join(slices)}")
     history = slices[: slices.index(slice_id) + 1]
+    init_uri = resolve_start(settings, start)
+    store = platform_store(settings)
+    run_id = run_id or _run_id(history, init_uri, settings)
     cat = catalog(settings)
     try:
         return train(
-            store=platform_store(settings),
+            store=store,
             catalog=cat,
             cache_dir=_cache_dir(settings),
             slice_ids=history,
-            init_checkpoint_uri=resolve_start(settings, start),
+            init_checkpoint_uri=init_uri,
             model_settings=settings.model,
             train_settings=settings.train,
+            run_id=run_id,
+            images=_image_pairs(settings, store, history) if settings.train.image_ratio > 0 else None,
         ).to_dict()
     finally:
         cat.close()
 
 
+def _run_id(slices: list[str], init_uri: str | None, settings: Settings) -> str:
+    import hashlib
+    import json
+
+    key = json.dumps([slices, init_uri, settings.model.model_dump(), settings.train.model_dump()], sort_keys=True)
+    return f"{slices[-1]}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _image_pairs(settings: Settings, store: ObjectStore, slices: list[str]):
+    """Caption ids and VQ codes of the slices' images, or None when no VQ model has been trained yet."""
+    from wudao.train import vq
+
+    model = vq.load_current(store)
+    if model is None:
+        return None
+    return vq.encode_slices(model, store, slices, _cache_dir(settings), settings.ingest.image_size, settings.model)
+
+
 def run_evaluate(settings: Settings, checkpoint_uri: str, parent_checkpoint_uri: str | None) -> dict[str, Any]:
     """Held-out loss of the candidate, and of its parent, on every slice the candidate has seen."""
+    from wudao.data.glm import SpecialIds
+    from wudao.data.tokenizer import load_tokenizer, tokenizer_key
     from wudao.eval.heldout import heldout_losses
     from wudao.train.checkpoint import load_checkpoint
 
     store = platform_store(settings)
     candidate = load_checkpoint(store, checkpoint_uri)
     slices = candidate.manifest["slice_ids"]
-    result: dict[str, Any] = {
-        "checkpoint_uri": checkpoint_uri,
-        "slices": slices,
-        "candidate": heldout_losses(candidate.model, store, slices, _cache_dir(settings), seq_len=settings.train.seq_len),
-        "parent": None,
-    }
+    ids = SpecialIds.from_tokenizer(load_tokenizer(store.get_bytes(tokenizer_key(candidate.manifest["tokenizer_version"]))))
+
+    def losses(model):
+        return heldout_losses(model, store, slices, _cache_dir(settings), ids, seq_len=settings.train.seq_len)
+
+    result: dict[str, Any] = {"checkpoint_uri": checkpoint_uri, "slices": slices, "candidate": losses(candidate.model), "parent": None}
     if parent_checkpoint_uri:
-        parent = load_checkpoint(store, parent_checkpoint_uri)
-        result["parent"] = heldout_losses(parent.model, store, slices, _cache_dir(settings), seq_len=settings.train.seq_len)
+        result["parent"] = losses(load_checkpoint(store, parent_checkpoint_uri).model)
     return result
 
 
@@ -138,3 +166,41 @@ def run_register(
         parent=parent,
         prefect_flow_run_id=prefect_flow_run_id,
     ).to_dict()
+
+
+def generator_for(settings: Settings, model: str):
+    """A text/image generator for `champion`, a checkpoint URI, or an MLflow `models:/…` URI (via its tag)."""
+    from wudao.data.tokenizer import load_tokenizer, tokenizer_key
+    from wudao.serving import Generator
+    from wudao.train.checkpoint import load_checkpoint
+
+    uri = model
+    if model == "champion":
+        champ = registry.champion(settings)
+        if champ is None:
+            raise StageError("no champion yet: run a cycle first (`wudao cycle SOURCE`)")
+        uri = champ.checkpoint_uri
+    elif model.startswith("models:/"):
+        uri = registry.checkpoint_of(settings, model)
+    store = platform_store(settings)
+    ckpt = load_checkpoint(store, uri)
+    tok = load_tokenizer(store.get_bytes(tokenizer_key(ckpt.manifest["tokenizer_version"])))
+    return Generator.create(ckpt.model, tok), uri
+
+
+def draw(settings: Settings, gen, caption: str, out, candidates: int, seed: int) -> dict[str, Any]:
+    """Sample image codes for a caption, decode them with the current VQ model and write a PNG."""
+    from PIL import Image
+
+    from wudao.train import vq
+
+    model = vq.load_current(platform_store(settings))
+    if model is None:
+        raise StageError("no VQ model: run `wudao train-vq` after ingesting images")
+    grid = settings.ingest.image_size // 2**model.cfg.n_down
+    codes = gen.image_codes(caption, grid=grid, codebook_size=model.cfg.codebook_size, candidates=candidates, seed=seed)
+    import torch
+
+    image = model.decode(torch.from_numpy(codes)[None]).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    Image.fromarray((image * 255).round().astype("uint8")).save(out, format="PNG")
+    return {"out": str(out), "grid": grid, "candidates": candidates}

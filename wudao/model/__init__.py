@@ -12,11 +12,10 @@ from wudao.model.generation import (
 )
 from wudao.model.glm import GLMAux, GLMConfig, GLMLoss, GLMModel, GLMOutput
 from wudao.model.moe import MoE, MoEStats
-from wudao.model.transformer import TransformerConfig, TransformerLM
 from wudao.model.vq import VQVAE, VQConfig, VQOutput
 
 __all__ = [
     "ClozeScore", "GLMAux", "GLMConfig", "GLMLoss", "GLMModel", "GLMOutput", "KVCache", "MoE", "MoEStats",
-    "Sampling", "TransformerConfig", "TransformerLM", "VQConfig", "VQOutput", "VQVAE",
+    "Sampling", "VQConfig", "VQOutput", "VQVAE",
     "cloze_scores", "continue_text", "fill_blank", "rerank", "sample_image_codes",
 ]  # fmt: skip

@@ -1,9 +1,21 @@
-"""Checkpoints in the object store: `checkpoints/<run_id>/step-<n>/` with model.safetensors, optim.pt and
-manifest.json. The manifest is written last, so a checkpoint without one is incomplete and never loaded."""
+"""Checkpoints in the object store: `checkpoints/<run_id>/step-<n>/`.
+
+    model.safetensors   weights (safetensors: loading never unpickles)
+    config.json         the model config
+    optim.pt            optimizer state (torch.load(weights_only=True))
+    rng.pt              torch RNG state (weights_only as well)
+    train_state.json    step, LR schedule, loader state, spike-guard window, metrics so far
+    manifest.json       written last: a checkpoint without it is incomplete and never loaded
+
+Older complete checkpoints of a run are pruned down to `keep_last`, manifest first, so a half-pruned checkpoint
+is never mistaken for a complete one.
+"""
 
 from __future__ import annotations
 
 import io
+import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +24,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from wudao.model import TransformerConfig, TransformerLM
-from wudao.storage import ObjectStore, StorageError, join_key, key_in_store
+from wudao.model import GLMConfig, GLMModel
+from wudao.storage import MANIFEST, ObjectStore, StorageError, join_key, key_in_store
+
+_STEP_DIR = re.compile(r"^checkpoints/([^/]+)/step-(\d{8})/manifest\.json$")
 
 
 class CheckpointError(RuntimeError):
@@ -23,9 +37,11 @@ class CheckpointError(RuntimeError):
 @dataclass
 class LoadedCheckpoint:
     uri: str
-    model: TransformerLM
+    model: GLMModel
     manifest: dict[str, Any]
-    optimizer_state: dict[str, Any] | None
+    optimizer_state: dict[str, Any] | None = None
+    rng_state: torch.Tensor | None = None
+    train_state: dict[str, Any] | None = None
 
 
 def checkpoint_prefix(run_id: str, step: int) -> str:
@@ -35,24 +51,37 @@ def checkpoint_prefix(run_id: str, step: int) -> str:
 def save_checkpoint(
     store: ObjectStore,
     prefix: str,
-    model: TransformerLM,
-    optimizer: torch.optim.Optimizer | None,
+    model: GLMModel,
     manifest: dict[str, Any],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    train_state: dict[str, Any] | None = None,
 ) -> str:
     with tempfile.TemporaryDirectory(prefix="wudao-ckpt-") as tmp:
         weights = Path(tmp) / "model.safetensors"
-        # Tied weights share storage; safetensors refuses shared tensors, so save contiguous copies.
+        # Tied weights share storage and safetensors refuses shared tensors: save contiguous copies.
         save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, weights)
         store.put_file(join_key(prefix, "model.safetensors"), weights)
-        if optimizer is not None:
-            buf = io.BytesIO()
-            torch.save(optimizer.state_dict(), buf)
-            store.put_bytes(join_key(prefix, "optim.pt"), buf.getvalue())
-    full = {**manifest, "model_config": model.cfg.to_dict(), "files": ["model.safetensors"] + (["optim.pt"] if optimizer else [])}
-    return store.commit(prefix, full)
+    store.put_json(join_key(prefix, "config.json"), model.cfg.to_dict())
+    files = ["model.safetensors", "config.json"]
+    if optimizer is not None:
+        store.put_bytes(join_key(prefix, "optim.pt"), _torch_bytes(optimizer.state_dict()))
+        store.put_bytes(join_key(prefix, "rng.pt"), _torch_bytes({"cpu": torch.get_rng_state()}))
+        files += ["optim.pt", "rng.pt"]
+    if train_state is not None:
+        store.put_json(join_key(prefix, "train_state.json"), train_state)
+        files.append("train_state.json")
+    return store.commit(prefix, {**manifest, "model_config": model.cfg.to_dict(), "files": files})
 
 
-def load_checkpoint(store: ObjectStore, uri: str, *, with_optimizer: bool = False) -> LoadedCheckpoint:
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load_checkpoint(store: ObjectStore, uri: str, *, full: bool = False) -> LoadedCheckpoint:
+    """Load a complete checkpoint; `full` also restores optimizer, RNG and training state (for resuming)."""
     prefix = key_in_store(store, uri)
     if prefix is None:
         raise CheckpointError(f"checkpoint {uri} is not in the platform's store {store.uri}")
@@ -62,11 +91,34 @@ def load_checkpoint(store: ObjectStore, uri: str, *, with_optimizer: bool = Fals
         raise CheckpointError(f"cannot read checkpoint {uri}: {e}") from None
     if manifest is None:
         raise CheckpointError(f"checkpoint {uri} is incomplete (no manifest.json): it cannot be loaded")
-    model = TransformerLM(TransformerConfig(**manifest["model_config"]))
+    model = GLMModel(GLMConfig(**manifest["model_config"]))
     with tempfile.TemporaryDirectory(prefix="wudao-ckpt-") as tmp:
         weights = store.get_file(join_key(prefix, "model.safetensors"), Path(tmp) / "model.safetensors")
         model.load_state_dict(load_file(weights))
-    optimizer_state = None
-    if with_optimizer and "optim.pt" in manifest.get("files", []):
-        optimizer_state = torch.load(io.BytesIO(store.get_bytes(join_key(prefix, "optim.pt"))), weights_only=True)
-    return LoadedCheckpoint(uri=uri, model=model, manifest=manifest, optimizer_state=optimizer_state)
+    out = LoadedCheckpoint(uri=uri, model=model, manifest=manifest)
+    if full and "optim.pt" in manifest.get("files", []):
+        out.optimizer_state = torch.load(io.BytesIO(store.get_bytes(join_key(prefix, "optim.pt"))), weights_only=True)
+        out.rng_state = torch.load(io.BytesIO(store.get_bytes(join_key(prefix, "rng.pt"))), weights_only=True)["cpu"]
+        out.train_state = store.get_json(join_key(prefix, "train_state.json"))
+    return out
+
+
+def complete_steps(store: ObjectStore, run_id: str) -> list[int]:
+    """Steps of the run's complete checkpoints (those with a manifest), oldest first."""
+    steps = []
+    for obj in store.list(f"checkpoints/{run_id}/"):
+        m = _STEP_DIR.match(obj.key)
+        if m and m.group(1) == run_id:
+            steps.append(int(m.group(2)))
+    return sorted(steps)
+
+
+def prune(store: ObjectStore, run_id: str, keep_last: int) -> list[int]:
+    """Delete all but the newest `keep_last` complete checkpoints (and any incomplete older ones)."""
+    steps = complete_steps(store, run_id)
+    doomed = steps[:-keep_last] if keep_last else steps
+    for step in doomed:
+        prefix = checkpoint_prefix(run_id, step)
+        store.delete(join_key(prefix, MANIFEST))  # first: from here on it no longer counts as complete
+        store.delete_prefix(prefix + "/")
+    return doomed

@@ -1,19 +1,28 @@
-"""Training windows drawn from slice shards: the new slice mixed with replay of earlier slices.
+"""The training mixture: the new slice, replay of earlier slices, and image-caption pairs, as GLM samples.
 
-Sampling is a pure function of (seed, step), so the same run draws the same batches on every machine.
+Every sample is a pure function of (seed, global sample index) and every step's objective of (seed, step), so
+a resumed run continues at exactly the next sample, on any number of processes: rank r of W takes samples
+`step * batch_size + r * batch_size / W + j`. The loader's whole state is therefore the step counter.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from wudao.data.glm import GLMBatch, GLMObjective, SpecialIds, choose_spans, glm_sample, stack_rows
 from wudao.data.ingest import slice_manifest
+from wudao.data.multimodal import cogview_layout
 from wudao.data.shards import read_tokens
 from wudao.storage import ObjectStore, join_key
+
+IMAGE = "image"
 
 
 @dataclass
@@ -39,33 +48,100 @@ def load_slice_tokens(store: ObjectStore, slice_id: str, split: str, cache_dir: 
     return SliceTokens(slice_id, manifest["tokenizer_version"], tokens)
 
 
-class MixtureSampler:
-    """Batches of `seq_len + 1` token windows: from `new` with probability 1 - replay, else from `old`."""
+def load_slice_images(store: ObjectStore, slice_id: str, cache_dir: Path) -> list[tuple[bytes, list[list[int]]]]:
+    """(PNG bytes, caption token ids) of every image in a slice's image shards."""
+    out = []
+    for shard in slice_manifest(store, slice_id)["shards"]:
+        if shard["split"] != "images":
+            continue
+        key = join_key("slices", slice_id, f"{shard['name']}.tar")
+        local = cache_dir / key
+        if not local.exists():
+            store.get_file(key, local)
+        with tarfile.open(local) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name in sorted(n for n in members if n.endswith(".png")):
+                meta = json.loads(tar.extractfile(members[name[:-4] + ".json"]).read())
+                out.append((tar.extractfile(members[name]).read(), meta["caption_ids"]))
+    return out
 
-    def __init__(self, new: SliceTokens, old: list[SliceTokens], *, seq_len: int, replay_fraction: float, seed: int):
-        self.sources = [s for s in [new, *old] if len(s.tokens) > 0]
-        if not self.sources or len(new.tokens) == 0:
+
+def pngs_to_tensor(pngs: list[bytes], size: int) -> torch.Tensor:
+    """(N, 3, size, size) floats in [0, 1]."""
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB").resize((size, size)), dtype=np.float32) / 255.0 for p in pngs]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class ImagePairs:
+    """Caption token ids and VQ codes of image-caption pairs (codes are computed once per run)."""
+
+    captions: list[list[int]]
+    codes_NHW: np.ndarray
+    code_offset: int
+
+
+class MixtureLoader:
+    """GLM batches for given steps and ranks; see the module docstring for the determinism contract."""
+
+    def __init__(self, new: SliceTokens, old: list[SliceTokens], *, ids: SpecialIds, sentence_ends: frozenset[int],
+                 seq_len: int, seed: int, replay_fraction: float, slice_weights: dict[str, float],
+                 objective: GLMObjective, image_ratio: float = 0.0, images: ImagePairs | None = None):  # fmt: skip
+        if len(new.tokens) == 0:
             raise ValueError(f"slice {new.slice_id} has no training tokens")
         self.new, self.old = new, [s for s in old if len(s.tokens) > 0]
-        self.seq_len, self.replay, self.seed = seq_len, replay_fraction if self.old else 0.0, seed
+        self.ids, self.sentence_ends, self.seq_len, self.seed = ids, sentence_ends, seq_len, seed
+        self.replay = replay_fraction if self.old else 0.0
+        weights = np.array([slice_weights.get(s.slice_id, 1.0) for s in self.old], dtype=np.float64)
+        self.old_p = weights / weights.sum() if len(weights) else weights
+        self.objective = objective
+        self.images = images if images is not None and len(images.captions) else None
+        self.image_ratio = image_ratio if self.images is not None else 0.0
+        # Source rows leave room for the mask and [sop] tokens that GLM adds (2 per span).
+        self.row_len = max(8, int(seq_len * 0.85))
 
-    def batch(self, step: int, batch_size: int) -> torch.Tensor:
-        rng = np.random.default_rng([self.seed, step])
-        rows = []
-        for _ in range(batch_size):
-            src = self.old[rng.integers(len(self.old))] if rng.random() < self.replay else self.new
-            rows.append(_window(src.tokens, int(rng.integers(len(src.tokens))), self.seq_len + 1))
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
+    def step_kind(self, step: int) -> str:
+        rng = np.random.default_rng([self.seed, 1, step])
+        if rng.random() < self.image_ratio:
+            return IMAGE
+        return self.objective.draw(rng)
+
+    def source_of(self, index: int) -> str:
+        """Which slice sample `index` of a text step reads (exposed so tests can check the replay share)."""
+        rng = np.random.default_rng([self.seed, 2, index])
+        if rng.random() < self.replay:
+            return self.old[int(rng.choice(len(self.old), p=self.old_p))].slice_id
+        return self.new.slice_id
+
+    def _text_row(self, index: int, kind: str) -> dict[str, np.ndarray]:
+        source_id = self.source_of(index)
+        src = self.new if source_id == self.new.slice_id else next(s for s in self.old if s.slice_id == source_id)
+        rng = np.random.default_rng([self.seed, 3, index])
+        start = int(rng.integers(len(src.tokens)))
+        tokens = src.tokens[(start + np.arange(self.row_len)) % len(src.tokens)].astype(np.int64)
+        spans = choose_spans(tokens, kind, self.ids, rng, self.objective, self.sentence_ends)
+        return glm_sample(tokens, spans, self.ids.mask_for(kind), self.ids, self.seq_len, rng)
+
+    def _image_row(self, index: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 4, index])
+        i = int(rng.integers(len(self.images.captions)))
+        budget = self.seq_len - self.images.codes_NHW[i].size - 8
+        caption = self.images.captions[i][: max(1, budget)]
+        # Both directions, as CogView: caption -> image, and image -> caption (used for self-reranking).
+        tokens, span = cogview_layout(caption, self.images.codes_NHW[i], self.ids, self.images.code_offset,
+                                      image_first=bool(rng.random() < 0.5))  # fmt: skip
+        return glm_sample(tokens, [span], self.ids.gmask, self.ids, self.seq_len, rng)
+
+    def batch(self, step: int, indices: range) -> GLMBatch:
+        kind = self.step_kind(step)
+        rows = [self._image_row(i) if kind == IMAGE else self._text_row(i, kind) for i in indices]
+        return stack_rows(rows, kind)
 
 
-def _window(tokens: np.ndarray, start: int, length: int) -> np.ndarray:
-    """`length` tokens from `start`, wrapping around the end (short slices still give full windows)."""
-    idx = (start + np.arange(length)) % len(tokens)
-    return tokens[idx]
-
-
-def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> torch.Tensor:
-    """Non-overlapping windows covering the start of `tokens` (deterministic; at least one window)."""
-    n = max(1, min(max_windows, (len(tokens) - 1) // seq_len))
-    rows = [_window(tokens, i * seq_len, seq_len + 1) for i in range(n)]
-    return torch.from_numpy(np.stack(rows).astype(np.int64))
+def sample_indices(step: int, batch_size: int, rank: int, world: int, micro: int) -> list[range]:
+    """The micro-batches (ranges of global sample indices) that `rank` processes at `step`."""
+    per_rank = batch_size // world
+    first = step * batch_size + rank * per_rank
+    return [range(first + m, first + min(m + micro, per_rank)) for m in range(0, per_rank, micro)]

@@ -1,25 +1,34 @@
-"""Continual pre-training, minimal but real: continue from a checkpoint (or start from scratch) on the newest
-slice mixed with replay of the earlier ones, with the LR re-warmed and re-decayed, and checkpoint at the end."""
+"""Continual pre-training of the GLM: setup -> fit -> save, resumable at any checkpoint.
+
+One run learns the newest slice with replay of the earlier ones, starting from a checkpoint (the champion) or
+from scratch. The LR is re-warmed and re-decayed every cycle and the optimizer state starts fresh; a *resumed*
+run (same run id, after a crash) restores everything -- weights, optimizer, RNG, step, spike-guard window -- so
+its final weights are bit-identical to an uninterrupted run on CPU. Under `torchrun` the same code runs DDP
+(gloo on CPU, NCCL on GPU); rank 0 alone writes checkpoints and the catalog.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from wudao.catalog import Catalog, TrainingRun
 from wudao.config import ModelSettings, TrainSettings
+from wudao.data.glm import GLMObjective, SpecialIds, sentence_end_ids
 from wudao.data.tokenizer import load_tokenizer, tokenizer_key
-from wudao.model import TransformerConfig, TransformerLM
+from wudao.model import GLMConfig, GLMModel
 from wudao.storage import ObjectStore
-from wudao.train.checkpoint import checkpoint_prefix, load_checkpoint, save_checkpoint
-from wudao.train.data import MixtureSampler, load_slice_tokens
+from wudao.train import dist
+from wudao.train.checkpoint import checkpoint_prefix, complete_steps, load_checkpoint, prune, save_checkpoint
+from wudao.train.data import IMAGE, ImagePairs, MixtureLoader, load_slice_tokens, sample_indices
 
 
 class TrainError(RuntimeError):
@@ -31,41 +40,127 @@ class TrainResult:
     run_id: str
     checkpoint_uri: str
     resumed_from: str | None
+    """The checkpoint the run started from: the parent model (null = scratch)."""
+    restarted_at_step: int
+    """Step an interrupted run resumed at (0 = ran from the beginning)."""
     slice_ids: list[str]
     tokenizer_version: str
     steps: int
     tokens: int
     final_loss: float
     tokens_per_s: float
+    skipped_steps: int
+    mfu: float | None
     history: list[dict] = field(default_factory=list)
-    """Per step: `step`, `loss`, `lr` (logged to MLflow by the register stage)."""
+    """Per step: loss, lm loss per objective, aux losses, expert load, grad norm, LR, tokens/s."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
-    """Linear warm-up to `peak`, then cosine decay to `floor * peak` at the last step (re-run every cycle)."""
+def lr_at(step: int, total: int, cfg: TrainSettings) -> float:
+    """Linear re-warm-up to the peak, then cosine to `min_lr_ratio` x peak at the last step (or constant)."""
+    warmup = max(1, math.ceil(cfg.warmup_fraction * total))
     if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup - 1)
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return cfg.lr * (step + 1) / (warmup + 1)  # reaches the peak at step `warmup`, where the decay begins
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def model_config(model: ModelSettings, vocab_size: int, seq_len: int) -> GLMConfig:
+    fields = model.model_dump(exclude={"image_codebook_size"})
+    fields["max_seq_len"] = max(model.max_seq_len, seq_len)
+    return GLMConfig(vocab_size=vocab_size + model.image_codebook_size, **fields)
+
+
+def active_params(model: GLMModel) -> int:
+    """Parameters one token passes through: experts count top_k / n_experts of their size."""
+    cfg = model.cfg
+    total = 0
+    for name, p in model.named_parameters():
+        share = cfg.top_k / cfg.n_experts if name.endswith(("w_in_EDH", "w_out_EHD")) else 1.0
+        total += int(p.numel() * share)
+    return total
+
+
+def _peak_tflops(cfg: TrainSettings, device: torch.device) -> float | None:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40", 181.0)):
+            if key in name:
+                return tflops  # dense bf16
+    return None
+
+
+class _SpikeGuard:
+    """Skips non-finite losses and spikes above mean + sigma * std of the recent accepted losses."""
+
+    def __init__(self, cfg: TrainSettings, recent: list[float] | None = None):
+        self.cfg, self.recent, self.in_row = cfg, list(recent or []), 0
+
+    def accept(self, loss: float) -> bool:
+        ok = math.isfinite(loss)
+        if ok and len(self.recent) >= max(5, self.cfg.spike_window // 2):
+            mean, std = float(np.mean(self.recent)), float(np.std(self.recent))
+            ok = loss <= mean + self.cfg.spike_sigma * max(std, 1e-3 * abs(mean), 1e-6)
+        if ok:
+            self.recent = (self.recent + [loss])[-self.cfg.spike_window :]
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        if self.in_row >= self.cfg.max_skipped_in_row:
+            raise TrainError(f"{self.in_row} steps in a row had a non-finite or spiking loss (last {loss}): aborting; "
+                             "lower train.lr or check the newest slice")  # fmt: skip
+        return False
+
+
+@dataclass
+class _Run:
+    """Everything `setup` prepares for `fit`."""
+
+    run_id: str
+    model: GLMModel
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: MixtureLoader
+    start_step: int
+    guard: _SpikeGuard
+    history: list[dict]
+    tokenizer_version: str
+    init_uri: str | None
+    device: torch.device
 
 
 def train(
     *,
     store: ObjectStore,
-    catalog: Catalog,
+    catalog: Catalog | None,
     cache_dir: Path,
     slice_ids: list[str],
     init_checkpoint_uri: str | None,
     model_settings: ModelSettings,
     train_settings: TrainSettings,
+    run_id: str,
+    images: ImagePairs | None = None,
 ) -> TrainResult:
-    """Train on `slice_ids[-1]` with replay from the others; returns where the new checkpoint is."""
+    """Train on `slice_ids[-1]` with replay from the others, resuming `run_id` if it has a complete checkpoint."""
+    dist.init()
+    try:
+        run = _setup(store, catalog, cache_dir, slice_ids, init_checkpoint_uri, model_settings, train_settings, run_id, images)
+        return _fit(run, store, catalog, slice_ids, train_settings)
+    finally:
+        dist.shutdown()
+
+
+def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, run_id, images) -> _Run:
     if not slice_ids:
         raise TrainError("no slices to train on: ingest data first (`wudao ingest SOURCE`)")
-    cfg = train_settings
+    if cfg.batch_size % dist.world_size():
+        raise TrainError(f"train.batch_size={cfg.batch_size} must divide evenly over {dist.world_size()} processes")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     new = load_slice_tokens(store, slice_ids[-1], "train", cache_dir)
@@ -74,72 +169,149 @@ def train(
     if len(versions) != 1:
         raise TrainError(f"slices {slice_ids} were tokenized with different tokenizers {sorted(versions)}")
     tokenizer_version = versions.pop()
+    tok = load_tokenizer(store.get_bytes(tokenizer_key(tokenizer_version)))
+    ids = SpecialIds.from_tokenizer(tok)
+    if images is not None:
+        images.code_offset = tok.get_vocab_size()  # image code ids follow the text vocabulary
 
+    resume_steps = complete_steps(store, run_id)
     torch.manual_seed(cfg.seed)
-    if init_checkpoint_uri:
-        ckpt = load_checkpoint(store, init_checkpoint_uri)
-        if ckpt.manifest["tokenizer_version"] != tokenizer_version:
-            raise TrainError(
-                f"checkpoint {init_checkpoint_uri} uses tokenizer {ckpt.manifest['tokenizer_version']} but the data "
-                f"uses {tokenizer_version}: start from scratch or re-ingest with the model's tokenizer"
-            )
-        model = ckpt.model
+    if resume_steps:  # autoresume: the same run crashed or stopped; continue from its newest complete checkpoint
+        ckpt = load_checkpoint(store, store.url(checkpoint_prefix(run_id, resume_steps[-1])), full=True)
+        init_uri = ckpt.manifest["parent_checkpoint_uri"]
+    elif init_uri:
+        ckpt = load_checkpoint(store, init_uri)
     else:
-        vocab = load_tokenizer(store.get_bytes(tokenizer_key(tokenizer_version))).get_vocab_size()
-        model = TransformerLM(TransformerConfig(vocab_size=vocab, **model_settings.model_dump()))
-    seq_len = min(cfg.seq_len, model.cfg.max_seq_len - 1)
-    sampler = MixtureSampler(new, old, seq_len=seq_len, replay_fraction=cfg.replay_fraction, seed=cfg.seed)
-
-    run_id = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
-    with catalog.session() as s:
-        s.add(TrainingRun(id=run_id, status="running", parent_checkpoint_uri=init_checkpoint_uri,
-                          slice_ids=json.dumps(slice_ids), tokenizer_version=tokenizer_version))  # fmt: skip
-    try:
-        # The optimizer state is reset every cycle (new data, re-warmed LR); the weights carry the knowledge.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
-        model.train()
-        history = []
-        start = time.perf_counter()
-        for step in range(cfg.steps):
-            lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = model.loss(sampler.batch(step, cfg.batch_size))
-            if not torch.isfinite(loss):
-                raise TrainError(f"non-finite loss at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            history.append({"step": step, "loss": loss.item(), "lr": lr})
-        elapsed = time.perf_counter() - start
-        tokens = cfg.steps * cfg.batch_size * seq_len
-        manifest = {
-            "run_id": run_id,
-            "step": cfg.steps,
-            "tokenizer_version": tokenizer_version,
-            "slice_ids": slice_ids,
-            "parent_checkpoint_uri": init_checkpoint_uri,
-            "final_loss": history[-1]["loss"],
-        }
-        uri = save_checkpoint(store, checkpoint_prefix(run_id, cfg.steps), model, optimizer, manifest)
-    except BaseException:
+        ckpt = None
+    if ckpt is not None and ckpt.manifest["tokenizer_version"] != tokenizer_version:
+        raise TrainError(f"checkpoint {ckpt.uri} uses tokenizer {ckpt.manifest['tokenizer_version']} but the data uses "
+                         f"{tokenizer_version}: start from scratch or re-ingest with the model's tokenizer")  # fmt: skip
+    model = ckpt.model if ckpt is not None else GLMModel(model_config(model_settings, tok.get_vocab_size(), cfg.seq_len))
+    if model.cfg.max_seq_len < cfg.seq_len:
+        raise TrainError(f"train.seq_len={cfg.seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+    device = dist.device()
+    model.to(device)
+    ddp_model = dist.wrap(model)
+    # The optimizer state is reset every cycle (new data, re-warmed LR); a resumed run restores it exactly.
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, 0.95))  # fmt: skip
+    start_step, history, recent = 0, [], []
+    if resume_steps:
+        optimizer.load_state_dict(ckpt.optimizer_state)
+        torch.set_rng_state(ckpt.rng_state)
+        start_step, history, recent = ckpt.train_state["step"], ckpt.train_state["history"], ckpt.train_state["guard_recent"]
+    loader = MixtureLoader(
+        new, old, ids=ids, sentence_ends=sentence_end_ids(tok), seq_len=cfg.seq_len, seed=cfg.seed,
+        replay_fraction=cfg.replay_fraction, slice_weights=cfg.slice_weights,
+        objective=GLMObjective(token_prob=cfg.token_prob, sentence_prob=cfg.sentence_prob),
+        image_ratio=cfg.image_ratio, images=images,
+    )  # fmt: skip
+    if catalog is not None and dist.is_main():
         with catalog.session() as s:
-            s.get(TrainingRun, run_id).status = "failed"
-        raise
-    with catalog.session() as s:
-        run = s.get(TrainingRun, run_id)
-        run.status, run.checkpoint_uri, run.steps = "finished", uri, cfg.steps
-        run.final_loss, run.finished_at = history[-1]["loss"], datetime.now(UTC)
+            row = s.get(TrainingRun, run_id)
+            if row is None:
+                s.add(TrainingRun(id=run_id, status="running", parent_checkpoint_uri=init_uri,
+                                  slice_ids=json.dumps(slice_ids), tokenizer_version=tokenizer_version))  # fmt: skip
+            else:
+                row.status = "running"
+    return _Run(run_id, model, ddp_model, optimizer, loader, start_step, _SpikeGuard(cfg, recent), history,
+                tokenizer_version, init_uri, device)  # fmt: skip
+
+
+def _autocast(cfg: TrainSettings, device: torch.device):
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _fit(run: _Run, store: ObjectStore, catalog: Catalog | None, slice_ids: list[str], cfg: TrainSettings) -> TrainResult:
+    model, optimizer = run.model, run.optimizer
+    world, rank = dist.world_size(), dist.rank()
+    flops_per_token = 6 * active_params(model) + 12 * model.cfg.n_layers * model.cfg.d_model * cfg.seq_len
+    peak = _peak_tflops(cfg, run.device)
+    manifest_base = {"run_id": run.run_id, "tokenizer_version": run.tokenizer_version, "slice_ids": slice_ids,
+                     "parent_checkpoint_uri": run.init_uri}  # fmt: skip
+    run.ddp_model.train()
+    tokens_done, elapsed = 0, 0.0
+    for step in range(run.start_step, cfg.steps):
+        started = time.perf_counter()
+        lr = lr_at(step, cfg.steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = sample_indices(step, cfg.batch_size, rank, world, cfg.micro_batch_size)
+        totals = torch.zeros(4, dtype=torch.float64)  # loss, lm loss, load-balance loss, z-loss (summed)
+        expert_load = None
+        optimizer.zero_grad(set_to_none=True)
+        kind = run.loader.step_kind(step)
+        for m, indices in enumerate(micro):
+            batch = run.loader.batch(step, indices)
+            sync = m == len(micro) - 1
+            with (contextlib.nullcontext() if sync else dist.no_sync(run.ddp_model)), _autocast(cfg, run.device):
+                out = _loss(run, batch)
+                (out.loss / len(micro)).backward()
+            totals += torch.tensor([out.loss.item(), out.lm_loss.item(), out.aux.load_balance_loss.item(), out.aux.z_loss.item()],
+                                   dtype=torch.float64) / len(micro)  # fmt: skip
+            counts = out.aux.tokens_per_expert_LE
+            if counts is not None and counts.numel():
+                expert_load = counts.float().sum(0) if expert_load is None else expert_load + counts.float().sum(0)
+        totals = dist.mean(totals)
+        loss = float(totals[0])
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad))
+        accepted = run.guard.accept(loss) and math.isfinite(grad_norm)
+        if accepted:
+            optimizer.step()
+        step_seconds = time.perf_counter() - started
+        step_tokens = cfg.batch_size * cfg.seq_len
+        tokens_done += step_tokens
+        elapsed += step_seconds
+        entry = {"step": step, "loss": loss, f"loss/{kind}": float(totals[1]), "lm_loss": float(totals[1]),
+                 "load_balance_loss": float(totals[2]), "z_loss": float(totals[3]), "grad_norm": grad_norm, "lr": lr,
+                 "tokens_per_s": step_tokens / step_seconds, "skipped": 0 if accepted else 1}  # fmt: skip
+        if expert_load is not None:
+            share = (expert_load / expert_load.sum().clamp(min=1)).tolist()
+            entry.update({f"expert_load/{e}": v for e, v in enumerate(share)})
+        if peak:
+            entry["mfu"] = flops_per_token * step_tokens / step_seconds / (peak * 1e12 * world)
+        run.history.append(entry)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _save(run, store, step + 1, manifest_base, cfg)
+    uri = _save(run, store, cfg.steps, manifest_base, cfg)
+    accepted_losses = [h["loss"] for h in run.history if not h["skipped"]]
+    final_loss = accepted_losses[-1] if accepted_losses else float("nan")
+    tokens_per_s = tokens_done / elapsed if elapsed > 0 else 0.0
+    if catalog is not None and dist.is_main():
+        with catalog.session() as s:
+            row = s.get(TrainingRun, run.run_id)
+            row.status, row.checkpoint_uri, row.steps = "finished", uri, cfg.steps
+            row.final_loss, row.finished_at = final_loss, datetime.now(UTC)
     return TrainResult(
-        run_id=run_id,
-        checkpoint_uri=uri,
-        resumed_from=init_checkpoint_uri,
-        slice_ids=slice_ids,
-        tokenizer_version=tokenizer_version,
-        steps=cfg.steps,
-        tokens=tokens,
-        final_loss=history[-1]["loss"],
-        tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
-        history=history,
-    )
+        run_id=run.run_id, checkpoint_uri=uri, resumed_from=run.init_uri, restarted_at_step=run.start_step,
+        slice_ids=slice_ids, tokenizer_version=run.tokenizer_version, steps=cfg.steps,
+        tokens=cfg.steps * cfg.batch_size * cfg.seq_len, final_loss=final_loss, tokens_per_s=tokens_per_s,
+        skipped_steps=sum(h["skipped"] for h in run.history),
+        mfu=(flops_per_token * tokens_per_s / (peak * 1e12 * world)) if peak else None, history=run.history,
+    )  # fmt: skip
+
+
+def _loss(run: _Run, batch):
+    tensors = batch.tensors(run.device)
+    if run.ddp_model is run.model:
+        return run.model.loss(**tensors)
+    # DDP only synchronises gradients for calls through its forward(): route the loss through it.
+    return run.ddp_model(loss_inputs=tensors)
+
+
+def _save(run: _Run, store: ObjectStore, step: int, manifest_base: dict, cfg: TrainSettings) -> str:
+    uri = store.url(checkpoint_prefix(run.run_id, step))
+    if dist.is_main():
+        losses = [h["loss"] for h in run.history if not h["skipped"]]
+        manifest = {**manifest_base, "step": step, "final_loss": losses[-1] if losses else None}
+        train_state = {"step": step, "history": run.history, "guard_recent": run.guard.recent, "loader": {"next_step": step},
+                       "schedule": {"lr": cfg.lr, "warmup_fraction": cfg.warmup_fraction, "min_lr_ratio": cfg.min_lr_ratio,
+                                    "schedule": cfg.schedule, "steps": cfg.steps}}  # fmt: skip
+        uri = save_checkpoint(store, checkpoint_prefix(run.run_id, step), run.model, manifest, optimizer=run.optimizer,
+                              train_state=train_state)  # fmt: skip
+        prune(store, run.run_id, cfg.keep_last)
+    dist.barrier()
+    return uri

@@ -1,0 +1,82 @@
+"""Process-group plumbing for `torchrun`: DDP over gloo (CPU) or NCCL (GPU); a single process needs none of it.
+
+Only rank 0 writes checkpoints, the catalog and reports; every rank computes the same decisions (LR, skipping a
+spiking step) from all-reduced values, so the ranks never diverge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init() -> None:
+    """Join the process group that `torchrun` describes in the environment (no-op for one process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch_dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch_dist.init_process_group(backend)
+
+
+def shutdown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+class LossModule(nn.Module):
+    """DDP synchronises gradients only for calls through its forward(): make the GLM loss that forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, loss_inputs: dict[str, torch.Tensor]):
+        return self.model.loss(**loss_inputs)
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    if world_size() == 1:
+        return model
+    ids = [device().index] if device().type == "cuda" else None
+    # Dropless MoE may leave an expert without tokens in a micro-batch: its weights then get no gradient.
+    return nn.parallel.DistributedDataParallel(LossModule(model), device_ids=ids, find_unused_parameters=True)
+
+
+def no_sync(module: nn.Module):
+    return module.no_sync() if isinstance(module, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+
+
+def mean(values: torch.Tensor) -> torch.Tensor:
+    if world_size() == 1:
+        return values
+    out = values.clone()
+    torch_dist.all_reduce(out)
+    return out / world_size()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch_dist.barrier()
