@@ -39,7 +39,7 @@ def ingest_flow(source: str, slice_name: str | None = None, overrides: dict[str,
             logger.info("no new objects in %s", plan.source_uri)
             return plan.report.to_dict()
         builder = builder_for(plan, store=platform_store(settings), catalog=cat, settings=settings.ingest)
-        work = batches(plan.items, settings.ingest.batch_objects)
+        work = batches(plan.items, settings.ingest.batch_objects, settings.ingest.batch_bytes)
         logger.info("%d new object(s) in %d batch(es) -> %s", plan.report.objects_new, len(work), plan.slice_id)
         # A bounded window of batches in flight: parallel reading, but memory does not grow with the source.
         pending: deque = deque()

@@ -80,7 +80,9 @@ class IngestSettings(BaseModel):
     image_max_pixels: int = 50_000_000
     """Images declaring more pixels are refused as `image_too_large` before decoding (decompression bombs)."""
     batch_objects: int = 64
-    """Objects per batch task (the unit of retries and of parallelism in the ingest flow)."""
+    """Most objects per batch task (the unit of retries and of parallelism in the ingest flow)."""
+    batch_bytes: int = 32 * 1024 * 1024
+    """About this much input per batch task (a larger single object makes a batch of its own)."""
     workers: int = Field(1, ge=1)
     """Processes that read and clean batches in parallel in `wudao ingest` (the ingest flow uses its task runner
     instead). Each loads its own language models (about 0.5 GB)."""

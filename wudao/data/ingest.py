@@ -19,7 +19,7 @@ import re
 import tarfile
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -108,6 +108,20 @@ def canonical_source(source: str) -> str:
 
 
 def read_batch(items: list[WorkItem], source_store: ObjectStore, settings: IngestSettings, cleaner: Cleaner | None = None) -> BatchResult:
+    """The whole result of one batch (what a flow task returns); batches are bounded by `batch_bytes`."""
+    out = BatchResult()
+    for part in read_batch_chunks(items, source_store, settings, cleaner):
+        out.docs += part.docs
+        out.images += part.images
+        out.rejected += part.rejected
+        out.low_quality_rules += part.low_quality_rules
+    return out
+
+
+def read_batch_chunks(items: list[WorkItem], source_store: ObjectStore, settings: IngestSettings,
+                      cleaner: Cleaner | None = None, chunk_records: int = 1024) -> Iterator[BatchResult]:  # fmt: skip
+    """Results of a batch in chunks of about `chunk_records` records, so a consumer that reduces as it goes
+    holds one chunk at a time however large the objects are."""
     cleaner = cleaner or Cleaner.shared(settings.clean)
     hasher = MinHasher(settings.minhash_bands, settings.minhash_rows, settings.minhash_ngram_en, settings.minhash_ngram_zh)
     out = BatchResult()
@@ -131,8 +145,10 @@ def read_batch(items: list[WorkItem], source_store: ObjectStore, settings: Inges
                     out.rejected.append(rec)
                     continue
                 records.append(rec)
-                if len(records) >= 1024:  # clean in chunks: batched language id, bounded memory
+                if len(records) >= chunk_records:  # batched language id; then hand the chunk over
                     clean_records()
+                    yield out
+                    out = BatchResult()
             clean_records()
         elif item.kind in ("pair", "coco"):
             rec = read_image_item(source_store, item, settings.max_document_bytes)
@@ -142,7 +158,10 @@ def read_batch(items: list[WorkItem], source_store: ObjectStore, settings: Inges
             out_img = _clean_image(rec, settings, cleaner, out)
             if out_img is not None:
                 out.images.append(out_img)
-    return out
+        if len(out.docs) + len(out.images) >= chunk_records:
+            yield out
+            out = BatchResult()
+    yield out
 
 
 def _clean_image(rec: ImageRecord, settings: IngestSettings, cleaner: Cleaner, out: BatchResult) -> Img | None:
@@ -431,8 +450,21 @@ def prepare(source: str, *, source_store: ObjectStore, catalog: Catalog, slice_n
     return IngestPlan(source_uri, source_id, slice_name or f"slice-{seq:05d}", seq, tokenizer_row, items, rejected, report)
 
 
-def batches(items: list[WorkItem], size: int) -> list[list[WorkItem]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def batches(items: list[WorkItem], max_objects: int, max_bytes: int) -> list[list[WorkItem]]:
+    """Consecutive work items, at most `max_objects` and about `max_bytes` of input per batch."""
+    out: list[list[WorkItem]] = []
+    current: list[WorkItem] = []
+    size = 0
+    for item in items:
+        item_bytes = sum(o.size for o in item.objects)
+        if current and (len(current) >= max_objects or size + item_bytes > max_bytes):
+            out.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item_bytes
+    if current:
+        out.append(current)
+    return out
 
 
 def builder_for(p: IngestPlan, *, store: ObjectStore, catalog: Catalog, settings: IngestSettings) -> SliceBuilder:
@@ -457,20 +489,23 @@ def ingest(
     if not p.items:
         return p.report
     builder = builder_for(p, store=store, catalog=catalog, settings=settings)
-    work = batches(p.items, settings.batch_objects)
-    for n, (batch, result) in enumerate(_read_batches(work, source_store, settings), start=1):
-        builder.add([o for item in batch for o in item.objects], result)
+    work = batches(p.items, settings.batch_objects, settings.batch_bytes)
+    for n, (batch, parts) in enumerate(_read_batches(work, source_store, settings), start=1):
+        objects = [o for item in batch for o in item.objects]
+        for part in parts:
+            builder.add(objects, part)
+            objects = []  # each object is recorded once, with the first part of its batch
         if progress:
             progress(n, len(work))
     return builder.commit()
 
 
 def _read_batches(work: list[list[WorkItem]], source_store: ObjectStore, settings: IngestSettings):
-    """Yield (batch, result) in order; with several workers, a bounded window of batches is read in parallel."""
+    """Yield (batch, its results) in order. In one process a batch streams in chunks (memory bounded by a chunk);
+    with worker processes, a bounded window of whole batches is read ahead in parallel."""
     if settings.workers <= 1:
-        cleaner = Cleaner.shared(settings.clean)
         for batch in work:
-            yield batch, read_batch(batch, source_store, settings, cleaner)
+            yield batch, read_batch_chunks(batch, source_store, settings)
         return
     import multiprocessing
     from collections import deque
@@ -483,10 +518,10 @@ def _read_batches(work: list[list[WorkItem]], source_store: ObjectStore, setting
             pending.append((batch, pool.submit(read_batch, batch, source_store, settings)))
             if len(pending) > 2 * settings.workers:
                 done, future = pending.popleft()
-                yield done, future.result()
+                yield done, [future.result()]
         while pending:
             done, future = pending.popleft()
-            yield done, future.result()
+            yield done, [future.result()]
 
 
 def slice_manifest(store: ObjectStore, slice_id: str) -> dict:
