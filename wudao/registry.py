@@ -160,12 +160,18 @@ def register_cycle(
     try:
         params = [Param(k, str(v)[:500]) for k, v in settings.public_dict().items()]
         params.append(Param("train.resumed_from", str(train_result["resumed_from"])))
-        metrics = [Metric("train_loss", h["loss"], 0, h["step"]) for h in train_result["history"]]
-        metrics += [Metric("lr", h["lr"], 0, h["step"]) for h in train_result["history"]]
-        metrics.append(Metric("tokens_per_s", train_result["tokens_per_s"], 0, train_result["steps"]))
+        # Every per-step value of the run: loss (and per objective), aux losses, expert load, grad norm, LR, tokens/s.
+        metrics = [Metric("train_loss" if k == "loss" else k, float(v), 0, h["step"])
+                   for h in train_result["history"] for k, v in h.items() if k != "step" and v is not None]  # fmt: skip
+        if train_result.get("mfu") is not None:
+            metrics.append(Metric("mfu", train_result["mfu"], 0, train_result["steps"]))
         for slice_id, loss in evaluation["candidate"].items():
             metrics.append(Metric(f"heldout_loss/{slice_id}", loss, 0, 0))
-        c.log_batch(run_id, metrics=metrics, params=params)
+        # MLflow takes at most 1000 metrics and 100 params per request.
+        for i in range(0, len(params), 100):
+            c.log_batch(run_id, params=params[i : i + 100])
+        for i in range(0, len(metrics), 1000):
+            c.log_batch(run_id, metrics=metrics[i : i + 1000])
         c.log_dict(run_id, ingest_report, "ingest_report.json")
         c.log_dict(run_id, evaluation, "eval/heldout.json")
         passed, reason = gate(evaluation["candidate"], evaluation.get("parent"))

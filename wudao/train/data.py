@@ -89,15 +89,22 @@ class MixtureLoader:
     def __init__(self, new: SliceTokens, old: list[SliceTokens], *, ids: SpecialIds, sentence_ends: frozenset[int],
                  seq_len: int, seed: int, replay_fraction: float, slice_weights: dict[str, float],
                  objective: GLMObjective, image_ratio: float = 0.0, images: ImagePairs | None = None):  # fmt: skip
+        old = [s for s in old if len(s.tokens) > 0]
+        self.images = images if images is not None and len(images.captions) else None
         if len(new.tokens) == 0:
-            raise ValueError(f"slice {new.slice_id} has no training tokens")
-        self.new, self.old = new, [s for s in old if len(s.tokens) > 0]
+            # A slice of images only: its text steps replay the earlier slices; without any, every step is an image.
+            if old:
+                new, old = old[-1], old[:-1]
+            elif self.images is not None:
+                image_ratio = 1.0
+            else:
+                raise ValueError(f"slice {new.slice_id} has no training tokens and no images (is there a VQ model?)")
+        self.new, self.old = new, old
         self.ids, self.sentence_ends, self.seq_len, self.seed = ids, sentence_ends, seq_len, seed
         self.replay = replay_fraction if self.old else 0.0
         weights = np.array([slice_weights.get(s.slice_id, 1.0) for s in self.old], dtype=np.float64)
         self.old_p = weights / weights.sum() if len(weights) else weights
         self.objective = objective
-        self.images = images if images is not None and len(images.captions) else None
         self.image_ratio = image_ratio if self.images is not None else 0.0
         # Source rows leave room for the mask and [sop] tokens that GLM adds (2 per span).
         self.row_len = max(8, int(seq_len * 0.85))

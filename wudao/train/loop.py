@@ -202,12 +202,15 @@ def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, 
         optimizer.load_state_dict(ckpt.optimizer_state)
         torch.set_rng_state(ckpt.rng_state)
         start_step, history, recent = ckpt.train_state["step"], ckpt.train_state["history"], ckpt.train_state["guard_recent"]
-    loader = MixtureLoader(
-        new, old, ids=ids, sentence_ends=sentence_end_ids(tok), seq_len=cfg.seq_len, seed=cfg.seed,
-        replay_fraction=cfg.replay_fraction, slice_weights=cfg.slice_weights,
-        objective=GLMObjective(token_prob=cfg.token_prob, sentence_prob=cfg.sentence_prob),
-        image_ratio=cfg.image_ratio, images=images,
-    )  # fmt: skip
+    try:
+        loader = MixtureLoader(
+            new, old, ids=ids, sentence_ends=sentence_end_ids(tok), seq_len=cfg.seq_len, seed=cfg.seed,
+            replay_fraction=cfg.replay_fraction, slice_weights=cfg.slice_weights,
+            objective=GLMObjective(token_prob=cfg.token_prob, sentence_prob=cfg.sentence_prob),
+            image_ratio=cfg.image_ratio, images=images,
+        )  # fmt: skip
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     if catalog is not None and dist.is_main():
         with catalog.session() as s:
             row = s.get(TrainingRun, run_id)

@@ -46,7 +46,7 @@ def train_vq(store: ObjectStore, slice_ids: list[str], cache_dir: Path, *, image
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-        loss = float(out.loss)
+        loss = out.loss.item()
     model.eval()
     with torch.no_grad():
         recon = model.decode(model.encode(images))
