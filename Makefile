@@ -19,7 +19,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/wudao stack up
 	$(BIN)/wudao demo-data $(DEMO)
-	$(BIN)/wudao cycle $(DEMO)/corpus/slice-01
+	$(BIN)/wudao cycle $(DEMO)/corpus/slice-01 --kg $(DEMO)/kg
 
 # The whole suite, end-to-end tests included (real SeaweedFS, MLflow and Prefect servers on loopback).
 test: $(STAMP)

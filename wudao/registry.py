@@ -167,13 +167,22 @@ def register_cycle(
             metrics.append(Metric("mfu", train_result["mfu"], 0, train_result["steps"]))
         for slice_id, loss in evaluation["candidate"].items():
             metrics.append(Metric(f"heldout_loss/{slice_id}", loss, 0, 0))
+        kg = dict(evaluation.get("kg") or {})
+        if kg:
+            metrics += [Metric("kg/p_at_1", kg["p_at_1"], 0, 0), Metric("kg/mrr", kg["mrr"], 0, 0)]
+            metrics += [Metric(f"kg/p_at_1/{lang}", v["p_at_1"], 0, 0) for lang, v in kg["by_language"].items()]
+            metrics += [Metric(f"kg/p_at_1/{sl}", v["p_at_1"], 0, 0) for sl, v in kg["by_slice"].items()]
+            metrics += [Metric(f"kg/claims/{k}", kg["claims"][k], 0, 0) for k in ("supported_rate", "contradicted_rate", "unverifiable_rate")]
         # MLflow takes at most 1000 metrics and 100 params per request.
         for i in range(0, len(params), 100):
             c.log_batch(run_id, params=params[i : i + 100])
         for i in range(0, len(metrics), 1000):
             c.log_batch(run_id, metrics=metrics[i : i + 1000])
         c.log_dict(run_id, ingest_report, "ingest_report.json")
-        c.log_dict(run_id, evaluation, "eval/heldout.json")
+        if kg:
+            c.log_dict(run_id, kg.pop("per_fact", []), "eval/kg_per_fact.json")  # the per-fact table
+            c.log_dict(run_id, kg, "eval/kg.json")
+        c.log_dict(run_id, {k: v for k, v in evaluation.items() if k != "kg"}, "eval/heldout.json")
         passed, reason = gate(evaluation["candidate"], evaluation.get("parent"))
 
         prefix = key_in_store(store, train_result["checkpoint_uri"])

@@ -6,6 +6,7 @@ stages never hand each other in-memory objects.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -144,7 +145,32 @@ def run_evaluate(settings: Settings, checkpoint_uri: str, parent_checkpoint_uri:
     result: dict[str, Any] = {"checkpoint_uri": checkpoint_uri, "slices": slices, "candidate": losses(candidate.model), "parent": None}
     if parent_checkpoint_uri:
         result["parent"] = losses(load_checkpoint(store, parent_checkpoint_uri).model)
+    if settings.eval.kg_uri:
+        result["kg"] = run_eval_kg(settings, checkpoint_uri, settings.eval.kg_uri, settings.eval.kg_limit, with_facts=True)
     return result
+
+
+def load_kg(settings: Settings, kg_uri: str):
+    """A KG folder (local or s3://) in the documented format; a missing file is one clear error."""
+    from wudao.eval.kg import KG_FACTS, KG_TEMPLATES, parse_kg
+
+    if not kg_uri.startswith("s3://") and not Path(kg_uri).is_dir():
+        raise StageError(f"KG folder {kg_uri} does not exist (make one with `wudao kg build OUT`)")
+    store = store_from_settings(settings, kg_uri) if kg_uri.startswith("s3://") else open_store(kg_uri)
+    missing = [name for name in (KG_FACTS, KG_TEMPLATES) if not store.exists(name)]
+    if missing:
+        raise StageError(f"KG folder {kg_uri} lacks {', '.join(missing)}")
+    return parse_kg(store.get_bytes(KG_FACTS).decode("utf-8", "replace"), store.get_bytes(KG_TEMPLATES).decode("utf-8", "replace"))
+
+
+def run_eval_kg(settings: Settings, model: str, kg_uri: str, limit: int | None, with_facts: bool = False) -> dict[str, Any]:
+    """Cloze P@1 / MRR (macro over relations, by language and by slice, bootstrap CI) and claim rates."""
+    from wudao.eval.kg import evaluate_kg
+
+    gen, uri = generator_for(settings, model)
+    report = evaluate_kg(gen.model, gen.tokenizer, load_kg(settings, kg_uri), limit=limit,
+                         claim_subjects=settings.eval.kg_claim_subjects)  # fmt: skip
+    return {"model": uri, "kg": kg_uri, **report.to_dict(with_facts=with_facts)}
 
 
 def run_register(

@@ -41,8 +41,10 @@ class Fact:
     slice: int
 
     def to_json(self) -> dict:
-        return {"subject": self.subject, "relation": self.relation, "object": self.object, "lang": self.lang,
-                "first_slice": f"slice-{self.slice:02d}"}  # fmt: skip
+        row = {"subject": self.subject, "relation": self.relation, "object": self.object, "lang": self.lang}
+        if self.slice:
+            row["first_slice"] = f"slice-{self.slice:02d}"
+        return row
 
 
 def _zh_name(alternate_names: list[str]) -> str | None:
@@ -105,6 +107,28 @@ def country_facts() -> dict[str, dict[str, dict[str, str]]]:
     return out
 
 
+def write_kg(kg_dir: Path, facts: list[Fact]) -> int:
+    """The KG folder of DESIGN.md: facts.jsonl + templates.jsonl (every template of the demo relations)."""
+    kg_dir.mkdir(parents=True, exist_ok=True)
+    with open(kg_dir / "facts.jsonl", "w", encoding="utf-8") as f:
+        for fact in facts:
+            f.write(json.dumps(fact.to_json(), ensure_ascii=False) + "\n")
+    with open(kg_dir / "templates.jsonl", "w", encoding="utf-8") as f:
+        for (relation, lang), templates in TEMPLATES.items():
+            for t in templates:
+                f.write(json.dumps({"relation": relation, "lang": lang, "template": t}, ensure_ascii=False) + "\n")
+    return len(facts)
+
+
+def build_kg(out: Path) -> dict:
+    """`wudao kg build`: every country fact (capital, continent, currency) in English and Chinese."""
+    facts = [Fact(info["name"], r, info[r], lang, 0) for _, langs in sorted(country_facts().items())
+             for lang, info in langs.items() for r in ("capital", "continent", "currency") if r in info]  # fmt: skip
+    n = write_kg(out, facts)
+    return {"out": str(out), "facts": n, "relations": sorted({f.relation for f in facts}),
+            "languages": sorted({f.lang for f in facts})}  # fmt: skip
+
+
 def _render(sentences: list[str], lang: str) -> str:
     return (" " if lang == "en" else "").join(sentences)
 
@@ -147,14 +171,7 @@ def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: 
             n_docs += len(rows)
 
     kg_dir = out / "kg"
-    kg_dir.mkdir(parents=True, exist_ok=True)
-    with open(kg_dir / "facts.jsonl", "w", encoding="utf-8") as f:
-        for fact in facts:
-            f.write(json.dumps(fact.to_json(), ensure_ascii=False) + "\n")
-    with open(kg_dir / "templates.jsonl", "w", encoding="utf-8") as f:
-        for (relation, lang), templates in TEMPLATES.items():
-            for t in templates:
-                f.write(json.dumps({"relation": relation, "lang": lang, "template": t}, ensure_ascii=False) + "\n")
+    write_kg(kg_dir, facts)
 
     coco_dir = out / "coco"
     n_images = write_scenes(coco_dir, n=images, seed=seed)
