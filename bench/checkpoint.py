@@ -51,7 +51,8 @@ def main() -> None:
                 os.fsync(f.fileno())
             raw.append(time.perf_counter() - t)
             t = time.perf_counter()
-            save_checkpoint(store, f"checkpoints/bench/step-{i:08d}", model, {"step": i}, optimizer=optimizer, train_state={"step": i})
+            save_checkpoint(store, f"checkpoints/bench/step-{i:08d}", model, {"step": i}, optimizer_state=optimizer.state_dict(),
+                            train_state={"step": i})  # fmt: skip
             ours.append(time.perf_counter() - t)
         size = sum(p.stat().st_size for p in (Path(tmp) / "raw-0").iterdir())
     result = {"checkpoint_over_raw_write": statistics.median(ours) / statistics.median(raw), "checkpoint_mb": size / 1e6,

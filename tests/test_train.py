@@ -176,3 +176,22 @@ def test_two_gloo_processes_match_one_with_accumulation(tmp_path, demo_dir):
     a, b = _final_weights(one, r1), _final_weights(two, r2)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_two_fsdp2_processes_match_one_with_accumulation(tmp_path, demo_dir):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    one, two = tmp_path / "one", tmp_path / "two"
+    env1 = {**_ingest(one, demo_dir), **_env(one, steps=3, batch_size=8, micro_batch_size=4)}
+    r1 = json.loads(subprocess.run([WUDAO, "train", "--from", "scratch", "--json"], env=env1, check=True,
+                                   capture_output=True, text=True).stdout)  # fmt: skip
+    env2 = {**_ingest(two, demo_dir), **_env(two, steps=3, batch_size=8, micro_batch_size=4, parallel="fsdp"), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", WUDAO, "train", "--from", "scratch", "--json"],
+                       env=env2, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    r2 = json.loads(p.stdout.strip().splitlines()[-1])
+    a, b = _final_weights(one, r1), _final_weights(two, r2)
+    assert a.keys() == b.keys(), "an FSDP checkpoint loads like any other"
+    # Reduce-scatter sums gradients in another order than one process does; Adam's normalisation turns those
+    # last-bit differences into ~1e-5 on rarely routed experts after a few steps (DDP matches exactly).
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k

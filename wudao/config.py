@@ -179,6 +179,9 @@ class TrainSettings(BaseModel):
     """Abort with an error after this many skipped steps in a row."""
     threads: int = Field(0, ge=0)
     """torch intra-op threads; 0 leaves torch's default."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: `ddp` replicates the model; `fsdp` (FSDP2) shards weights, gradients and optimizer state
+    for models that do not fit one device."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device for the MFU estimate (None: looked up for known GPUs, else no MFU)."""
 

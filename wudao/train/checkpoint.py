@@ -54,18 +54,21 @@ def save_checkpoint(
     model: GLMModel,
     manifest: dict[str, Any],
     *,
-    optimizer: torch.optim.Optimizer | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
 ) -> str:
+    """Write a checkpoint; `model_state` / `optimizer_state` are full state dicts (see `dist.full_state`)."""
+    weights_state = model_state if model_state is not None else model.state_dict()
     with tempfile.TemporaryDirectory(prefix="wudao-ckpt-") as tmp:
         weights = Path(tmp) / "model.safetensors"
         # Tied weights share storage and safetensors refuses shared tensors: save contiguous copies.
-        save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, weights)
+        save_file({k: v.detach().contiguous().clone() for k, v in weights_state.items()}, weights)
         store.put_file(join_key(prefix, "model.safetensors"), weights)
     store.put_json(join_key(prefix, "config.json"), model.cfg.to_dict())
     files = ["model.safetensors", "config.json"]
-    if optimizer is not None:
-        store.put_bytes(join_key(prefix, "optim.pt"), _torch_bytes(optimizer.state_dict()))
+    if optimizer_state is not None:
+        store.put_bytes(join_key(prefix, "optim.pt"), _torch_bytes(optimizer_state))
         store.put_bytes(join_key(prefix, "rng.pt"), _torch_bytes({"cpu": torch.get_rng_state()}))
         files += ["optim.pt", "rng.pt"]
     if train_state is not None:

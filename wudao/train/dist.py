@@ -57,9 +57,19 @@ class LossModule(nn.Module):
         return self.model.loss(**loss_inputs)
 
 
-def wrap(model: nn.Module) -> nn.Module:
+def wrap(model: nn.Module, parallel: str = "ddp") -> nn.Module:
     if world_size() == 1:
         return model
+    if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device().type, (world_size(),))
+        root = LossModule(model)
+        for block in model.blocks:  # one all-gather per block: only one block's full weights live at a time
+            fully_shard(block, mesh=mesh)
+        fully_shard(root, mesh=mesh)
+        return root
     ids = [device().index] if device().type == "cuda" else None
     # Dropless MoE may leave an expert without tokens in a micro-batch: its weights then get no gradient.
     return nn.parallel.DistributedDataParallel(LossModule(model), device_ids=ids, find_unused_parameters=True)
@@ -67,6 +77,26 @@ def wrap(model: nn.Module) -> nn.Module:
 
 def no_sync(module: nn.Module):
     return module.no_sync() if isinstance(module, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) result as a plain tensor; plain tensors pass through."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full model and optimizer state dicts keyed by the model's own parameter names, whatever the wrapping
+    (none, DDP or FSDP2). A collective: every rank calls it; with several processes only rank 0 gets the values."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=world_size() > 1)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def mean(values: torch.Tensor) -> torch.Tensor:

@@ -191,7 +191,7 @@ def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, 
         raise TrainError(f"train.seq_len={cfg.seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
     device = dist.device()
     model.to(device)
-    ddp_model = dist.wrap(model)
+    ddp_model = dist.wrap(model, cfg.parallel)
     # The optimizer state is reset every cycle (new data, re-warmed LR); a resumed run restores it exactly.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -199,7 +199,7 @@ def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, 
                                   lr=cfg.lr, betas=(0.9, 0.95))  # fmt: skip
     start_step, history, recent = 0, [], []
     if resume_steps:
-        optimizer.load_state_dict(ckpt.optimizer_state)
+        dist.load_optimizer_state(model, optimizer, ckpt.optimizer_state)
         torch.set_rng_state(ckpt.rng_state)
         start_step, history, recent = ckpt.train_state["step"], ckpt.train_state["history"], ckpt.train_state["guard_recent"]
     try:
@@ -260,7 +260,12 @@ def _fit(run: _Run, store: ObjectStore, catalog: Catalog | None, slice_ids: list
                 expert_load = counts.float().sum(0) if expert_load is None else expert_load + counts.float().sum(0)
         totals = dist.mean(totals)
         loss = float(totals[0])
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad))
+        for p in model.parameters():
+            # An expert that got no token this step has no gradient. A zero gradient instead keeps AdamW's
+            # behaviour (decay, moments) the same whether the step ran on one process, DDP or FSDP2.
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grad_norm = float(dist.full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)))
         accepted = run.guard.accept(loss) and math.isfinite(grad_norm)
         if accepted:
             optimizer.step()
@@ -307,14 +312,15 @@ def _loss(run: _Run, batch):
 
 def _save(run: _Run, store: ObjectStore, step: int, manifest_base: dict, cfg: TrainSettings) -> str:
     uri = store.url(checkpoint_prefix(run.run_id, step))
+    model_state, optimizer_state = dist.full_state(run.model, run.optimizer)  # every rank takes part
     if dist.is_main():
         losses = [h["loss"] for h in run.history if not h["skipped"]]
         manifest = {**manifest_base, "step": step, "final_loss": losses[-1] if losses else None}
         train_state = {"step": step, "history": run.history, "guard_recent": run.guard.recent, "loader": {"next_step": step},
                        "schedule": {"lr": cfg.lr, "warmup_fraction": cfg.warmup_fraction, "min_lr_ratio": cfg.min_lr_ratio,
                                     "schedule": cfg.schedule, "steps": cfg.steps}}  # fmt: skip
-        uri = save_checkpoint(store, checkpoint_prefix(run.run_id, step), run.model, manifest, optimizer=run.optimizer,
-                              train_state=train_state)  # fmt: skip
+        uri = save_checkpoint(store, checkpoint_prefix(run.run_id, step), run.model, manifest, model_state=model_state,
+                              optimizer_state=optimizer_state, train_state=train_state)  # fmt: skip
         prune(store, run.run_id, cfg.keep_last)
     dist.barrier()
     return uri
