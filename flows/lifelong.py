@@ -15,12 +15,17 @@ from prefect.runtime import flow_run
 from flows.common import settings_from as _settings
 from flows.common import transient as _transient
 from flows.ingest import ingest_flow
-from wudao import stages
+from wudao import registry, stages
 
 # Storage and MLflow calls are I/O: retry with backoff. Training is not retried blindly (it is expensive).
 @task(name="resolve-champion", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient, cache_policy=NO_CACHE)
 def champion_task(overrides: dict[str, Any] | None = None) -> str | None:
     return stages.resolve_start(_settings(overrides), "champion")
+
+
+@task(name="begin-mlflow-run", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def begin_task(slice_id: str, overrides: dict[str, Any] | None = None) -> str:
+    return registry.begin_cycle(_settings(overrides), f"cycle-{slice_id}")
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -39,9 +44,10 @@ def register_task(
     train_result: dict[str, Any],
     evaluation: dict[str, Any],
     flow_run_id: str | None,
+    mlflow_run_id: str | None,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return stages.run_register(_settings(overrides), ingest_report, train_result, evaluation, flow_run_id)
+    return stages.run_register(_settings(overrides), ingest_report, train_result, evaluation, flow_run_id, mlflow_run_id)
 
 
 @flow(name="lifelong-cycle", log_prints=True)
@@ -55,9 +61,11 @@ def lifelong_cycle(source: str, overrides: dict[str, Any] | None = None) -> dict
         result["status"] = "no-new-data"
         return result
     start = champion_task(overrides)
-    trained = train_task(report["slice_id"], start, overrides)
+    mlflow_run_id = begin_task(report["slice_id"], overrides)
+    with registry.system_metrics(_settings(overrides), mlflow_run_id):  # CPU/GPU/memory while training runs
+        trained = train_task(report["slice_id"], start, overrides)
     evaluation = evaluate_task(trained["checkpoint_uri"], start, overrides)
-    registration = register_task(report, trained, evaluation, result["flow_run_id"], overrides)
+    registration = register_task(report, trained, evaluation, result["flow_run_id"], mlflow_run_id, overrides)
     logger.info("registered version %s (%s)", registration["model_version"], registration["gate"])
     trained.pop("history", None)
     result.update(status="registered", train=trained, evaluation=evaluation, registration=registration)

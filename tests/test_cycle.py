@@ -45,6 +45,7 @@ def test_two_cycles_register_versions_with_lineage(prefect_harness, s3_settings,
     run = client.get_run(reg2["mlflow_run_id"])
     assert "heldout_loss/slice-00001" in run.data.metrics
     assert {"kg/p_at_1", "kg/mrr", "kg/p_at_1/en", "kg/p_at_1/zh"} <= set(run.data.metrics), "KG checks every cycle"
+    assert any(k.startswith("system/") for k in run.data.metrics), "system metrics were logged during training"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/kg_per_fact.json", "eval/kg.json", "eval/heldout.json"} <= artifacts
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == s3_settings.train.steps

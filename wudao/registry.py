@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +141,34 @@ class WudaoLM(mlflow.pyfunc.PythonModel):
         return [self.generator.text(str(prompt), max_new) for prompt in model_input]
 
 
+def begin_cycle(settings: Settings, name: str) -> str:
+    """Create the cycle's MLflow run up front, so it shows in the UI (with system metrics) while training runs."""
+    c = client(settings)
+    return c.create_run(_experiment_id(c, settings), run_name=name, tags={"wudao.kind": "lifelong-cycle"}).info.run_id
+
+
+@contextmanager
+def system_metrics(settings: Settings, run_id: str | None, interval_s: float = 5.0):
+    """CPU, memory, disk, network (and GPU where present) of this machine, logged to `run_id` while inside."""
+    if run_id is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=settings.mlflow_tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        # The monitor drops the sample in progress when stopped; log one final sample so a short run has one too.
+        monitor.collect_metrics()
+        now = int(time.time() * 1000)
+        final = [Metric(f"system/{k}", float(v), now, 0) for k, v in monitor.aggregate_metrics().items()]
+        if final:
+            client(settings).log_batch(run_id, metrics=final)
+
+
 def register_cycle(
     settings: Settings,
     *,
@@ -148,15 +178,16 @@ def register_cycle(
     evaluation: dict[str, Any],
     parent: Champion | None,
     prefect_flow_run_id: str | None = None,
+    mlflow_run_id: str | None = None,
 ) -> Registration:
-    """Log one cycle as an MLflow run, register its checkpoint as a model version and apply the gate."""
+    """Log one cycle into its MLflow run (created here unless `begin_cycle` made it), register the checkpoint as a
+    model version and apply the gate."""
     from wudao.data.tokenizer import tokenizer_key
     from wudao.storage import join_key, key_in_store
 
     c = client(settings)
     exp_id = _experiment_id(c, settings)
-    run = c.create_run(exp_id, run_name=f"cycle-{train_result['run_id']}", tags={"wudao.kind": "lifelong-cycle"})
-    run_id = run.info.run_id
+    run_id = mlflow_run_id or begin_cycle(settings, f"cycle-{train_result['run_id']}")
     try:
         params = [Param(k, str(v)[:500]) for k, v in settings.public_dict().items()]
         params.append(Param("train.resumed_from", str(train_result["resumed_from"])))

@@ -179,6 +179,7 @@ def run_register(
     train_result: dict[str, Any],
     evaluation: dict[str, Any],
     prefect_flow_run_id: str | None = None,
+    mlflow_run_id: str | None = None,
 ) -> dict[str, Any]:
     # The parent is the version the candidate was trained from: the champion when it continued from it.
     champ = registry.champion(settings)
@@ -191,6 +192,7 @@ def run_register(
         evaluation=evaluation,
         parent=parent,
         prefect_flow_run_id=prefect_flow_run_id,
+        mlflow_run_id=mlflow_run_id,
     ).to_dict()
 
 
