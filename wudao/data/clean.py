@@ -71,6 +71,14 @@ def scrub_pii(text: str) -> str:
 
 
 _NON_SPACE = re.compile(r"\S")
+_ENGLISH_ONLY_WORDS = frozenset(("the", "and", "of", "to", "is", "was", "that", "with", "for", "are", "this", "which"))
+
+
+def _plainly_english(text: str) -> bool:
+    if not text.isascii():
+        return False
+    words = text.lower().split()
+    return len(words) >= 20 and sum(w in _ENGLISH_ONLY_WORDS for w in words) >= 0.12 * len(words)
 _ALPHA_TOKEN = re.compile(r"\S*[^\W\d_]\S*")
 
 
@@ -118,7 +126,9 @@ class Cleaner:
         """`zh`, `en` or `other` per text; the model runs once over the batch (lingua parallelises in Rust)."""
         from lingua import Language
 
-        out = ["zh" if han_ratio(t[:2000]) >= 0.3 else "" for t in texts]  # Chinese script settles it, cheaply
+        # Chinese script settles it cheaply, and so does plainly English prose: ASCII text in which function words
+        # found in no other language ("the", "and", "of", …) are frequent. Only the rest goes to the model.
+        out = ["zh" if han_ratio(t[:2000]) >= 0.3 else ("en" if _plainly_english(t[:2000]) else "") for t in texts]
         todo = [i for i, lang in enumerate(out) if not lang]
         if todo:
             # The first 500 characters settle the language of a document; more only costs time.
