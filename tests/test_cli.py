@@ -41,6 +41,14 @@ def test_json_mode_prints_exactly_one_object(tmp_path):
     assert report["slice_id"] == "slice-00001" and report["documents_accepted"] > 0
     p = run("db", "upgrade", "--json", env=env, cwd=tmp_path)
     assert json.loads(p.stdout)["revision"] == json.loads(p.stdout)["head"]
+    env.update({"WUDAO_TRAIN__STEPS": "2", "WUDAO_MODEL__D_MODEL": "32", "WUDAO_MODEL__N_HEADS": "2"})
+    trained = json.loads(run("train", "--json", env=env, cwd=tmp_path).stdout)
+    assert set(trained) >= {"run_id", "checkpoint_uri", "steps", "tokens", "final_loss", "tokens_per_s", "resumed_from"}
+    assert run("kg", "build", str(tmp_path / "kg"), "--json", env=env, cwd=tmp_path).returncode == 0
+    # Nothing registered yet: `champion` falls back to the newest trained checkpoint, and says so on stderr.
+    p = run("eval", "kg", "--model", "champion", "--kg", str(tmp_path / "kg"), "--limit", "5", "--json", env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["model"] == trained["checkpoint_uri"] and "newest trained checkpoint" in p.stderr
 
 
 @pytest.mark.parametrize(

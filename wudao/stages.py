@@ -205,15 +205,33 @@ def generator_for(settings: Settings, model: str):
     uri = model
     if model == "champion":
         champ = registry.champion(settings)
-        if champ is None:
-            raise StageError("no champion yet: run a cycle first (`wudao cycle SOURCE`)")
-        uri = champ.checkpoint_uri
+        uri = champ.checkpoint_uri if champ else _newest_trained(settings)
+        if uri is None:
+            raise StageError("no champion and no trained model yet: run `wudao cycle SOURCE` or `wudao train`")
     elif model.startswith("models:/"):
         uri = registry.checkpoint_of(settings, model)
     store = platform_store(settings)
     ckpt = load_checkpoint(store, uri)
     tok = load_tokenizer(store.get_bytes(tokenizer_key(ckpt.manifest["tokenizer_version"])))
     return Generator.create(ckpt.model, tok), uri
+
+
+def _newest_trained(settings: Settings) -> str | None:
+    """Before anything is registered, `champion` means the newest finished training run (said on stderr)."""
+    import sys
+
+    from wudao.catalog import TrainingRun
+
+    cat = catalog(settings)
+    try:
+        with cat.session() as s:
+            run = s.scalars(select(TrainingRun).where(TrainingRun.status == "finished").order_by(TrainingRun.finished_at.desc())).first()
+            uri = run.checkpoint_uri if run else None
+    finally:
+        cat.close()
+    if uri:
+        print(f"no registered champion yet: using the newest trained checkpoint {uri}", file=sys.stderr)
+    return uri
 
 
 def draw(settings: Settings, gen, caption: str, out, candidates: int, seed: int) -> dict[str, Any]:
