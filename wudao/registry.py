@@ -18,6 +18,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import wudao
@@ -228,6 +229,9 @@ def register_cycle(
                     python_model=WudaoLM(),
                     artifacts={"checkpoint": str(ckpt_dir), "tokenizer": str(tok_path)},
                     pip_requirements=[f"wudao=={wudao.__version__}"],
+                    # Declares `max_new_tokens`, so serving accepts it (params absent from the signature are dropped).
+                    signature=infer_signature(["The capital of France is [MASK]."], ["The capital of France is Paris."],
+                                              params={"max_new_tokens": 32}),  # fmt: skip
                     registered_model_name=settings.registry.model_name,
                 )
         version = str(info.registered_model_version)
