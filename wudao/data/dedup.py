@@ -71,22 +71,41 @@ class MinHasher:
             grams = (grams + ids[k : len(ids) - n + 1 + k] * self._MULTIPLIERS[k]) & np.uint64(0xFFFFFFFF)
         return np.unique(grams)
 
+    def signatures(self, docs: list[tuple[str, str]]) -> np.ndarray:
+        """MinHash signatures (D, bands * rows) of (text, lang) pairs, exactly what datasketch's
+        `MinHash.update_batch` gives for each document alone, computed for the whole batch in one numpy pass:
+        datasketch's own pre-mix and permutations, one min-reduction per document."""
+        from datasketch.minhash import _SCHEME_DTYPES, _SCHEME_WIDTHS, _fmix
+
+        hashes = [self.shingle_hashes(text, lang) for text, lang in docs]
+        offsets = np.cumsum([0] + [len(h) for h in hashes[:-1]])
+        hv = np.concatenate(hashes).astype(_SCHEME_DTYPES[self.SCHEME]).reshape(-1, 1)
+        a, b = self._proto.permutations
+        permuted = _fmix(hv, _SCHEME_WIDTHS[self.SCHEME]) * a + b  # (N shingles, P): wraps mod 2^width, as datasketch
+        return np.minimum.reduceat(permuted, offsets, axis=0).astype(np.uint64)
+
+    def band_keys_many(self, docs: list[tuple[str, str]], chunk: int = 256) -> list[list[int]]:
+        """One signed 64-bit key per band and document (the band's rows mixed into 64 bits, then the band index)."""
+        out: list[list[int]] = []
+        for i in range(0, len(docs), chunk):
+            sig = self.signatures(docs[i : i + chunk]).reshape(-1, self.bands, self.rows)
+            key = np.zeros(sig.shape[:2], dtype=np.uint64)
+            for r in range(self.rows):
+                key = _mix64(key ^ sig[:, :, r])
+            key = _mix64(key ^ np.arange(1, self.bands + 1, dtype=np.uint64))
+            out.extend(key.view(np.int64).tolist())
+        return out
+
     def band_keys(self, text: str, lang: str) -> list[int]:
-        from datasketch import MinHash
-
-        mh = MinHash(num_perm=self.bands * self.rows, permutations=self._proto.permutations, scheme=self.SCHEME,
-                     hashfunc=_identity)  # fmt: skip
-        mh.update_batch(self.shingle_hashes(text, lang))
-        values = mh.hashvalues.astype("<u8")
-        keys = []
-        for b in range(self.bands):
-            digest = hashlib.blake2b(bytes([b]) + values[b * self.rows : (b + 1) * self.rows].tobytes(), digest_size=8)
-            keys.append(int.from_bytes(digest.digest(), "little", signed=True))
-        return keys
+        return self.band_keys_many([(text, lang)])[0]
 
 
-def _identity(value):
-    return value
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a fixed bijection that spreads every input bit over the output."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 @dataclass

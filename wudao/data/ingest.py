@@ -128,14 +128,17 @@ def read_batch_chunks(items: list[WorkItem], source_store: ObjectStore, settings
     records: list[TextRecord] = []
 
     def clean_records() -> None:
+        kept = []
         for rec, cleaned in zip(records, cleaner.clean_many([r.text for r in records])):
             if cleaned.rejected:
                 reason = "empty" if cleaned.rejected == "empty" else "low_quality"
                 out.rejected.append(Rejected(rec.key, rec.record, reason, cleaned.rejected))
                 out.low_quality_rules[cleaned.rejected] += reason == "low_quality"
-                continue
-            out.docs.append(Doc(rec.key, rec.record, cleaned.text, cleaned.lang, exact_hash(cleaned.text),
-                                hasher.band_keys(cleaned.text, cleaned.lang)))  # fmt: skip
+            else:
+                kept.append((rec, cleaned))
+        if kept:  # MinHash for the whole chunk at once
+            keys = hasher.band_keys_many([(c.text, c.lang) for _, c in kept])
+            out.docs += [Doc(r.key, r.record, c.text, c.lang, exact_hash(c.text), k) for (r, c), k in zip(kept, keys)]
         records.clear()
 
     for item in items:
