@@ -58,6 +58,7 @@ def test_json_mode_prints_exactly_one_object(tmp_path):
         (["ingest", "{tmp}", "--json"], {"WUDAO_STORAGE_URI": "s3://wudao", "WUDAO_S3_ENDPOINT_URL": "http://127.0.0.1:9",
                                           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}, "cannot reach the S3 endpoint"),
         (["train", "--json"], {}, "no committed slices"),
+        (["rollback", "--json"], {}, "has no champion"),
     ],
 )  # fmt: skip
 def test_failures_are_one_line_with_exit_1(tmp_path, args, env, needle):

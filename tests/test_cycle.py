@@ -57,6 +57,17 @@ def test_two_cycles_register_versions_with_lineage(prefect_harness, s3_settings,
     out = model.predict(["The capital of France is"], params={"max_new_tokens": 5})
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
 
+    # Promotion by hand and rollback move @champion through the recorded history.
+    assert registry.promote(s3_settings, "2") == {"model": name, "champion": "2", "previous": expected_champion}
+    assert registry.promote(s3_settings, "1")["previous"] == "2"
+    assert registry.champion(s3_settings).version == "1"
+    assert registry.rollback(s3_settings) == {"model": name, "champion": "2", "previous": "1"}
+    assert registry.champion(s3_settings).version == "2"
+    history = json.loads(client.get_registered_model(name).tags["wudao.champion_history"])
+    assert [h["version"] for h in history][-3:] == ["2", "1", "2"]
+    with pytest.raises(registry.RegistryError, match="no version 99"):
+        registry.promote(s3_settings, "99")
+
     third = lifelong_cycle(source=str(demo_dir / "corpus" / "slice-02"), overrides=overrides)
     assert third["status"] == "no-new-data" and "train" not in third
 

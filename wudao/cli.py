@@ -326,6 +326,22 @@ def deploy_cmd(
     lifelong_cycle.serve(name="default", cron=cron, parameters={"source": source} if source else {}, limit=1)
 
 
+@app.command("promote")
+def promote_cmd(version: Annotated[str, typer.Argument(help="Model version to make @champion.")], json_out: JsonOpt = False) -> None:
+    """Make a registered version the champion (recorded in the model's champion history)."""
+    from wudao import registry
+
+    _run(json_out, lambda: registry.promote(_settings(), version), _print_kv)
+
+
+@app.command("rollback")
+def rollback_cmd(json_out: JsonOpt = False) -> None:
+    """Move @champion back to the version that held it before the current one."""
+    from wudao import registry
+
+    _run(json_out, lambda: registry.rollback(_settings()), _print_kv)
+
+
 @kg_app.command("build")
 def kg_build(
     out: Annotated[Path, typer.Argument(help="Folder for facts.jsonl + templates.jsonl.")],

@@ -103,6 +103,50 @@ def checkpoint_of(settings: Settings, model_uri: str) -> str:
     return mv.tags["wudao.checkpoint_uri"]
 
 
+HISTORY_TAG = "wudao.champion_history"
+
+
+def _history(c: MlflowClient, name: str) -> list[dict]:
+    return json.loads(c.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+
+
+def _set_champion(c: MlflowClient, name: str, version: str, why: str) -> None:
+    """Move `@champion` and append the move to the model's champion history (a registered-model tag)."""
+    history = _history(c, name)
+    history.append({"version": version, "why": why, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    c.set_registered_model_alias(name, CHAMPION, version)
+    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-100:]))
+
+
+def promote(settings: Settings, version: str) -> dict[str, Any]:
+    """Make `version` the champion by hand (recorded in the champion history and on the version)."""
+    c, name = client(settings), settings.registry.model_name
+    try:
+        c.get_model_version(name, version)
+    except MlflowException:
+        raise RegistryError(f"model {name} has no version {version}") from None
+    previous = champion(settings)
+    _set_champion(c, name, version, "promoted by hand")
+    c.set_model_version_tag(name, version, "wudao.promoted_by_hand", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return {"model": name, "champion": version, "previous": previous.version if previous else None}
+
+
+def rollback(settings: Settings) -> dict[str, Any]:
+    """Move `@champion` back to the version that held it before the current one."""
+    c, name = client(settings), settings.registry.model_name
+    history = _history(c, name)
+    current = champion(settings)
+    if current is None:
+        raise RegistryError(f"model {name} has no champion to roll back")
+    earlier = [h["version"] for h in history if h["version"] != current.version]
+    if not earlier:
+        raise RegistryError(f"version {current.version} is the only champion model {name} has had: nothing to roll back to")
+    target = earlier[-1]
+    _set_champion(c, name, target, f"rollback from {current.version}")
+    c.set_model_version_tag(name, current.version, "wudao.rolled_back", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return {"model": name, "champion": target, "previous": current.version}
+
+
 def ui_base(tracking_uri: str) -> str:
     return tracking_uri.rstrip("/") if tracking_uri.startswith("http") else tracking_uri
 
@@ -253,7 +297,7 @@ def register_cycle(
             c.set_tag(run_id, k, v)
         c.set_registered_model_alias(name, CANDIDATE, version)
         if passed:
-            c.set_registered_model_alias(name, CHAMPION, version)
+            _set_champion(c, name, version, f"gate: {reason}")
         c.set_terminated(run_id, "FINISHED")
     except BaseException:
         c.set_terminated(run_id, "FAILED")
