@@ -134,10 +134,10 @@ def promote(settings: Settings, version: str) -> dict[str, Any]:
 def rollback(settings: Settings) -> dict[str, Any]:
     """Move `@champion` back to the version that held it before the current one."""
     c, name = client(settings), settings.registry.model_name
-    history = _history(c, name)
     current = champion(settings)
     if current is None:
         raise RegistryError(f"model {name} has no champion to roll back")
+    history = _history(c, name)
     earlier = [h["version"] for h in history if h["version"] != current.version]
     if not earlier:
         raise RegistryError(f"version {current.version} is the only champion model {name} has had: nothing to roll back to")
