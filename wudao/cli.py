@@ -189,7 +189,6 @@ def train_cmd(
     Runs under `torchrun --nproc-per-node N` as well (DDP; rank 0 reports).
     """
     from wudao import stages
-    from wudao.train import dist
 
     def work():
         overrides = {"train": {"steps": steps}} if steps else {}

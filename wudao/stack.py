@@ -215,7 +215,7 @@ def _ports(name: str, cfg: StackSettings) -> dict[int, str]:
     return ports
 
 
-def _check_ports_free(name: str, cfg: StackSettings, home: Path) -> None:
+def _check_ports_free(name: str, cfg: StackSettings) -> None:
     import socket
 
     for port, setting in _ports(name, cfg).items():
@@ -270,7 +270,7 @@ def up(home: Path, cfg: StackSettings) -> StackStatus:
 
     for name in SERVICES:  # fail before starting anything when a port is taken
         if _running_pid(home, name) is None:
-            _check_ports_free(name, cfg, home)
+            _check_ports_free(name, cfg)
     started: dict[str, int] = {}
     try:
         # Prefect does not depend on the object store: start it first so the two slow start-ups overlap.

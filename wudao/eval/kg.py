@@ -97,7 +97,6 @@ class KGReport:
     p_at_1: float
     mrr: float
     n_facts: int
-    n_probes: int
     by_relation: dict[str, dict]
     by_language: dict[str, dict]
     by_slice: dict[str, dict]
@@ -176,7 +175,7 @@ def evaluate_kg(model: GLMModel, tokenizer, kg: KG, *, limit: int | None = None,
             boot.append(summary(sample)["p_at_1"])
     ci95 = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if boot else [0.0, 0.0]
     claims = check_claims(model, tokenizer, kg, ids, rng, claim_subjects, max_new_tokens)
-    return KGReport(overall["p_at_1"], overall["mrr"], overall["n_facts"], len(per_fact), group("relation"),
+    return KGReport(overall["p_at_1"], overall["mrr"], overall["n_facts"], group("relation"),
                     group("lang"), group("first_slice"), ci95, claims, dict(problems), per_fact)  # fmt: skip
 
 

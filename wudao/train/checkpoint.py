@@ -14,7 +14,6 @@ is never mistaken for a complete one.
 from __future__ import annotations
 
 import io
-import json
 import re
 import tempfile
 from dataclasses import dataclass

@@ -80,7 +80,8 @@ class ImagePairs:
 
     captions: list[list[int]]
     codes_NHW: np.ndarray
-    code_offset: int
+    code_offset: int | None = None
+    """First image-code token id (the text vocabulary size); `train` fills it in from the run's tokenizer."""
 
 
 class MixtureLoader:

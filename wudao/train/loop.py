@@ -13,7 +13,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from wudao.model import GLMConfig, GLMModel
 from wudao.storage import ObjectStore
 from wudao.train import dist
 from wudao.train.checkpoint import checkpoint_prefix, complete_steps, load_checkpoint, prune, save_checkpoint
-from wudao.train.data import IMAGE, ImagePairs, MixtureLoader, load_slice_tokens, sample_indices
+from wudao.train.data import ImagePairs, MixtureLoader, load_slice_tokens, sample_indices
 
 
 class TrainError(RuntimeError):
@@ -172,7 +172,7 @@ def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, 
     tok = load_tokenizer(store.get_bytes(tokenizer_key(tokenizer_version)))
     ids = SpecialIds.from_tokenizer(tok)
     if images is not None:
-        images.code_offset = tok.get_vocab_size()  # image code ids follow the text vocabulary
+        images = replace(images, code_offset=tok.get_vocab_size())  # image code ids follow the text vocabulary
 
     resume_steps = complete_steps(store, run_id)
     torch.manual_seed(cfg.seed)

@@ -100,4 +100,4 @@ def encode_slices(model: VQVAE, store: ObjectStore, slice_ids: list[str], cache_
             codes.append(png)
     unique = {png: i for i, png in enumerate(dict.fromkeys(codes))}
     codes_img = model.encode(pngs_to_tensor(list(unique), image_size)).numpy()
-    return ImagePairs(captions=captions, codes_NHW=codes_img[[unique[png] for png in codes]], code_offset=-1)
+    return ImagePairs(captions=captions, codes_NHW=codes_img[[unique[png] for png in codes]])
