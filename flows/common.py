@@ -1,10 +1,22 @@
-"""What every flow shares: settings from the environment plus explicit overrides, and the retry rule."""
+"""What every flow shares: settings from the environment plus explicit overrides, the retry rule for I/O tasks,
+the one-training-at-a-time slot, and the server-side setup the flows expect."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from wudao.config import Settings, load_settings
+
+# Default I/O retry policy; flows apply the configured one with `io(task, settings)`.
+IO_RETRIES = 3
+IO_RETRY_DELAYS_S = [5.0, 20.0, 60.0]
+
+
+class TrainingBusy(RuntimeError):
+    """Another training holds the global training slot and this one was told not to wait."""
 
 
 def settings_from(overrides: dict[str, Any] | None) -> Settings:
@@ -13,15 +25,69 @@ def settings_from(overrides: dict[str, Any] | None) -> Settings:
 
 def transient(task, task_run, state) -> bool:
     """Retry only failures that a later attempt can fix (an unreachable or throttling service)."""
-    from wudao.registry import RegistryError
     from wudao.storage import ChecksumError, StorageError
+    from wudao.tracking import is_transient
 
     try:
         state.result()
     except ChecksumError:
-        return False
-    except (StorageError, RegistryError, ConnectionError, TimeoutError):
+        return False  # corrupted data does not heal by retrying
+    except StorageError:
         return True
-    except Exception:
-        return False
+    except Exception as e:
+        return is_transient(e)
     return False
+
+
+def io(task, settings: Settings):
+    """`task` with the configured retry count and backoff (decorators cannot see settings)."""
+    o = settings.orchestration
+    return task.with_options(retries=o.io_retries, retry_delay_seconds=list(o.io_retry_delays_s))
+
+
+def ensure_training_limit(settings: Settings) -> None:
+    """Create the global concurrency limit (1 slot) if the server lacks it; an existing one is left as set."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(settings.orchestration.training_limit)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=settings.orchestration.training_limit, limit=1))
+            except ObjectAlreadyExists:  # created by a concurrent flow in between
+                pass
+
+
+@contextmanager
+def training_slot(settings: Settings) -> Iterator[float]:
+    """Hold the global training slot while inside; yields the seconds spent waiting for it.
+
+    Every training (a cycle's or a standalone `train` flow's) goes through here, so two triggers never train at
+    once on one Prefect server, whichever worker or process runs them.
+    """
+    from prefect.concurrency.sync import concurrency
+
+    o = settings.orchestration
+    ensure_training_limit(settings)
+    timeout = 1.0 if o.when_busy == "refuse" else o.busy_timeout_s
+    started = time.monotonic()
+    held = ExitStack()
+    try:
+        held.enter_context(concurrency(o.training_limit, occupy=1, timeout_seconds=timeout, strict=True))
+    except TimeoutError:
+        waited = f"after waiting {o.busy_timeout_s:g} s" if o.when_busy == "wait" else "(orchestration.when_busy = refuse)"
+        raise TrainingBusy(f"another training holds the global slot {o.training_limit!r} {waited}") from None
+    with held:
+        yield time.monotonic() - started
+
+
+def ensure_server_setup(settings: Settings) -> dict[str, str]:
+    """What the flows need on the Prefect server: the training limit and the result-storage block."""
+    from flows.results import ensure_result_storage
+
+    ensure_training_limit(settings)
+    return {"training_limit": settings.orchestration.training_limit,
+            "result_storage": ensure_result_storage(settings)}  # fmt: skip

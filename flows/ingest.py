@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import settings_from, transient
+from flows.results import PERSIST
 from wudao.data.formats import WorkItem
 from wudao.data.ingest import BatchResult, batches, builder_for, prepare, read_batch
 from wudao.stages import catalog, platform_store, source_store_for
@@ -26,7 +27,7 @@ def read_batch_task(items: list[WorkItem], source: str, overrides: dict[str, Any
     return read_batch(items, source_store_for(settings, source), settings.ingest)
 
 
-@flow(name="ingest")
+@flow(name="ingest", **PERSIST)
 def ingest_flow(source: str, slice_name: str | None = None, overrides: dict[str, Any] | None = None,
                 max_in_flight: int = 4) -> dict[str, Any]:  # fmt: skip
     """Ingest the new objects of `source` into one slice; returns the ingest report."""

@@ -155,8 +155,13 @@ def postgres_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def prefect_harness():
+def prefect_harness(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.common import ensure_server_setup
+
     with prefect_test_harness(server_startup_timeout=180):
+        # Flow results go to a throwaway folder store (the block the flows name must exist on the server).
+        results = Settings(home=tmp_path_factory.mktemp("harness"), storage_uri=str(tmp_path_factory.mktemp("results")))
+        ensure_server_setup(results.resolved())
         yield

@@ -42,14 +42,29 @@ def test_two_cycles_register_versions_with_lineage(prefect_harness, s3_settings,
     expected_champion = "2" if reg2["champion"] else "1"
     assert registry.champion(s3_settings).version == expected_champion
 
+    # One parent run per cycle, params = the resolved config (no secrets), a nested run per stage.
     run = client.get_run(reg2["mlflow_run_id"])
-    assert "heldout_loss/slice-00001" in run.data.metrics
-    assert {"kg/p_at_1", "kg/mrr", "kg/p_at_1/en", "kg/p_at_1/zh"} <= set(run.data.metrics), "KG checks every cycle"
-    assert any(k.startswith("system/") for k in run.data.metrics), "system metrics were logged during training"
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
-    assert {"eval/kg_per_fact.json", "eval/kg.json", "eval/heldout.json"} <= artifacts
-    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == s3_settings.train.steps
+    assert run.data.params["train.steps"] == str(s3_settings.train.steps)
     assert not any("secret" in k.lower() for k in run.data.params), "no secrets among the params"
+    stage_runs = {r.info.run_name: r for r in client.search_runs([run.info.experiment_id],
+                  f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")}  # fmt: skip
+    assert set(stage_runs) == {"ingest", "train", "evaluate", "register"}
+    assert all(r.info.status == "FINISHED" for r in stage_runs.values()) and run.info.status == "FINISHED"
+    train_run = stage_runs["train"]
+    assert len(client.get_metric_history(train_run.info.run_id, "train_loss")) == s3_settings.train.steps
+    assert any(k.startswith("system/") for k in train_run.data.metrics), "system metrics were logged during training"
+    inputs = {(d.dataset.name, next(t.value for t in d.tags if t.key == "mlflow.data.context")) for d in train_run.inputs.dataset_inputs}
+    assert inputs == {("slice-00001", "training"), ("slice-00002", "training")}, "slices are the training run's dataset inputs"
+    assert "ingest/documents_accepted" in stage_runs["ingest"].data.metrics
+    for r in (run, stage_runs["evaluate"]):
+        assert "heldout_loss/slice-00001" in r.data.metrics
+        assert {"kg/p_at_1", "kg/mrr", "kg/p_at_1/en", "kg/p_at_1/zh"} <= set(r.data.metrics), "KG checks every cycle"
+    artifacts = {a.path for a in client.list_artifacts(stage_runs["evaluate"].info.run_id, "eval")}
+    assert {"eval/kg_per_fact.json", "eval/kg.json", "eval/forgetting.json"} <= artifacts
+    assert "gates.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {g["name"] for g in reg2["gates"]} == {"old_slices", "new_slice", "kg_p_at_1", "fid"}
+    assert v2.tags["wudao.gate.old_slices"].startswith(("passed", "failed"))
+    assert v2.tags["wudao.gate.fid"].startswith("skipped"), "no FID configured in this test"
 
     # The registered model answers through the pyfunc flavour, loaded by alias from the server.
     mlflow.set_tracking_uri(s3_settings.mlflow_tracking_uri)
@@ -68,8 +83,19 @@ def test_two_cycles_register_versions_with_lineage(prefect_harness, s3_settings,
     with pytest.raises(registry.RegistryError, match="no version 99"):
         registry.promote(s3_settings, "99")
 
-    third = lifelong_cycle(source=str(demo_dir / "corpus" / "slice-02"), overrides=overrides)
-    assert third["status"] == "no-new-data" and "train" not in third
+    again = lifelong_cycle(source=str(demo_dir / "corpus" / "slice-02"), overrides=overrides)
+    assert again["status"] == "no-new-data" and "train" not in again
+
+    # A candidate trained with an absurd learning rate is registered, but @champion stays where it was.
+    bad = lifelong_cycle(source=str(demo_dir / "corpus" / "slice-03"),
+                         overrides={**overrides, "train": {**overrides["train"], "lr": 30.0, "spike_sigma": 1e9, "max_skipped_in_row": 1000}})  # fmt: skip
+    reg3 = bad["registration"]
+    assert reg3["model_version"] == "3" and reg3["parent_version"] == "2" and not reg3["champion"]
+    assert registry.champion(s3_settings).version == "2"
+    assert client.get_model_version_by_alias(name, "candidate").version == "3"
+    v3 = client.get_model_version(name, "3")
+    assert v3.tags["wudao.gate"].startswith("failed:")
+    assert any(v3.tags[f"wudao.gate.{g}"].startswith("failed") for g in ("old_slices", "new_slice", "kg_p_at_1"))
 
 
 def _as_overrides(s) -> dict:

@@ -65,6 +65,9 @@ class StackStatus:
         return {"home": self.home, "healthy": self.healthy, "services": {s.name: asdict(s) for s in self.services}}
 
 
+FLOW_SERVER = "flows"  # `wudao deploy --detach`: the served deployments
+
+
 def _state_dir(home: Path) -> Path:
     return home / "stack"
 
@@ -86,7 +89,7 @@ def _read_pid(home: Path, name: str) -> int | None:
         return None
 
 
-_MARKERS = {"seaweedfs": "weed", "mlflow": "mlflow", "prefect": "prefect"}
+_MARKERS = {"seaweedfs": "weed", "mlflow": "mlflow", "prefect": "prefect", FLOW_SERVER: "deploy"}
 
 
 def _running_pid(home: Path, name: str) -> int | None:
@@ -338,7 +341,38 @@ def _stop(home: Path, name: str, timeout_s: float = 15.0) -> bool:
     return True
 
 
-def down(home: Path, cfg: StackSettings) -> list[str]:
-    """Stop the services that `up` started under `home` (found by pid file); returns the names stopped."""
+def start_flow_server(home: Path, cmd: list[str], prefect_api_url: str, timeout_s: float) -> dict:
+    """Run `wudao deploy` in the background (pid file + log like the services); returns once its deployments
+    are on the server. A second call finds it running and starts nothing."""
+    import httpx
+
     home = home.resolve()
-    return [name for name in ("mlflow", "prefect", "seaweedfs") if _stop(home, name)]
+    _state_dir(home).mkdir(parents=True, exist_ok=True)
+    log_path = home / "logs" / f"{FLOW_SERVER}.log"
+    pid = _running_pid(home, FLOW_SERVER)
+    started = pid is None
+    if started:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        pid = proc.pid
+        (_state_dir(home) / f"{FLOW_SERVER}.pid").write_text(str(pid))
+    url = f"{prefect_api_url.rstrip('/')}/deployments/name/lifelong-cycle/default"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid, _MARKERS[FLOW_SERVER]):
+            raise StackError(f"`wudao deploy` exited during start-up: see {log_path}")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return {"pid": pid, "started_now": started, "log": str(log_path), "prefect_api_url": prefect_api_url}
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise StackError(f"deployments did not appear on {prefect_api_url} after {timeout_s:.0f}s: see {log_path}")
+
+
+def down(home: Path, cfg: StackSettings) -> list[str]:
+    """Stop the flow server and the services that `up` started under `home` (found by pid file); returns the
+    names stopped."""
+    home = home.resolve()
+    return [name for name in (FLOW_SERVER, "mlflow", "prefect", "seaweedfs") if _stop(home, name)]

@@ -82,8 +82,8 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def load_checkpoint(store: ObjectStore, uri: str, *, full: bool = False) -> LoadedCheckpoint:
-    """Load a complete checkpoint; `full` also restores optimizer, RNG and training state (for resuming)."""
+def read_manifest(store: ObjectStore, uri: str) -> dict[str, Any]:
+    """The manifest of a complete checkpoint (run id, slices, tokenizer, step, parent, model config)."""
     prefix = key_in_store(store, uri)
     if prefix is None:
         raise CheckpointError(f"checkpoint {uri} is not in the platform's store {store.uri}")
@@ -93,6 +93,13 @@ def load_checkpoint(store: ObjectStore, uri: str, *, full: bool = False) -> Load
         raise CheckpointError(f"cannot read checkpoint {uri}: {e}") from None
     if manifest is None:
         raise CheckpointError(f"checkpoint {uri} is incomplete (no manifest.json): it cannot be loaded")
+    return manifest
+
+
+def load_checkpoint(store: ObjectStore, uri: str, *, full: bool = False) -> LoadedCheckpoint:
+    """Load a complete checkpoint; `full` also restores optimizer, RNG and training state (for resuming)."""
+    manifest = read_manifest(store, uri)
+    prefix = key_in_store(store, uri)
     model = GLMModel(GLMConfig(**manifest["model_config"]))
     with tempfile.TemporaryDirectory(prefix="wudao-ckpt-") as tmp:
         weights = store.get_file(join_key(prefix, "model.safetensors"), Path(tmp) / "model.safetensors")

@@ -1,0 +1,212 @@
+"""MLflow runs: one parent run per cycle, a nested run per stage, and what each stage logs into its run.
+
+Run ids are always passed explicitly: MLflow's "active run" is thread-local and Prefect runs tasks on worker
+threads, so nothing here relies on it. Logging is batched (MLflow takes at most 1000 metrics and 100 params per
+request). Secrets never reach MLflow: params come from `Settings.public_dict()`, which leaves them out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mlflow
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from wudao.config import Settings
+
+PARENT_TAG = "mlflow.parentRunId"  # what the UI uses to nest runs under their cycle
+
+
+class TrackingError(RuntimeError):
+    """MLflow could not be reached or refused a request that a later attempt may get through."""
+
+
+def client(settings: Settings) -> MlflowClient:
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    return MlflowClient(settings.mlflow_tracking_uri)
+
+
+def experiment_id(c: MlflowClient, settings: Settings) -> str:
+    try:
+        exp = c.get_experiment_by_name(settings.registry.experiment)
+    except MlflowException as e:
+        raise TrackingError(f"cannot reach MLflow at {settings.mlflow_tracking_uri}: {e.message.splitlines()[0]}") from None
+    except Exception as e:  # connection refused and friends surface as requests/urllib3 errors
+        raise TrackingError(f"cannot reach MLflow at {settings.mlflow_tracking_uri} ({type(e).__name__}): run `wudao stack up`") from None
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if not settings.mlflow_tracking_uri.startswith("http"):
+        # A server-less (SQLite) store would otherwise put artefacts under the current directory.
+        artifact_location = (settings.home / "mlflow" / "artifacts").as_uri()
+    return c.create_experiment(settings.registry.experiment, artifact_location=artifact_location)
+
+
+def run_url(settings: Settings, run_id: str) -> str:
+    c = client(settings)
+    base = settings.mlflow_tracking_uri.rstrip("/")
+    return f"{base}/#/experiments/{c.get_run(run_id).info.experiment_id}/runs/{run_id}"
+
+
+def begin_cycle(settings: Settings, name: str, kind: str = "lifelong-cycle") -> str:
+    """The cycle's parent run, created before training so it shows in the UI while the cycle runs. Its params
+    are the resolved config (no secrets)."""
+    c = client(settings)
+    run_id = c.create_run(experiment_id(c, settings), run_name=name, tags={"wudao.kind": kind}).info.run_id
+    params = [Param(k, str(v)[:500]) for k, v in settings.public_dict().items()]
+    for i in range(0, len(params), 100):
+        c.log_batch(run_id, params=params[i : i + 100])
+    return run_id
+
+
+def begin_stage(settings: Settings, parent_run_id: str | None, stage: str) -> str:
+    """A run for one stage, nested under its cycle's run (or a top-level run when the stage runs alone)."""
+    if parent_run_id is None:
+        return begin_cycle(settings, stage, kind=stage)
+    c = client(settings)
+    parent = c.get_run(parent_run_id)
+    tags = {PARENT_TAG: parent_run_id, "wudao.kind": stage}
+    return c.create_run(parent.info.experiment_id, run_name=stage, tags=tags).info.run_id
+
+
+@contextmanager
+def stage_run(settings: Settings, parent_run_id: str | None, stage: str) -> Iterator[str]:
+    """Open a nested stage run; it ends FINISHED, or FAILED when the stage raises."""
+    run_id = begin_stage(settings, parent_run_id, stage)
+    try:
+        yield run_id
+    except BaseException:
+        client(settings).set_terminated(run_id, "FAILED")
+        raise
+    client(settings).set_terminated(run_id, "FINISHED")
+
+
+def log_metrics(settings: Settings, run_id: str, metrics: list[Metric], tags: dict[str, str] | None = None) -> None:
+    c = client(settings)
+    for i in range(0, len(metrics), 1000):
+        c.log_batch(run_id, metrics=metrics[i : i + 1000])
+    if tags:
+        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def slice_inputs(settings: Settings, store, slices: list[str], context: str) -> list[DatasetInput]:
+    """The slices as MLflow dataset inputs: name = slice id, digest = hash of its committed manifest."""
+    from wudao.data.ingest import slice_manifest
+
+    inputs = []
+    for slice_id in slices:
+        manifest = slice_manifest(store, slice_id)
+        digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+        source = json.dumps({"uri": f"{settings.storage_uri.rstrip('/')}/slices/{slice_id}/"})
+        profile = json.dumps({k: manifest.get(k) for k in ("documents", "tokens", "images") if k in manifest})
+        dataset = Dataset(name=slice_id, digest=digest, source_type="s3" if source.startswith('{"uri": "s3') else "local",
+                          source=source, profile=profile)  # fmt: skip
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+    return inputs
+
+
+def log_ingest(settings: Settings, run_id: str, store, report: dict[str, Any]) -> None:
+    """Counts as metrics, the full report (quarantine list included) as an artefact, the new slice as an input."""
+    keys = ("objects_seen", "objects_new", "documents_accepted", "documents_heldout", "duplicates_exact",
+            "duplicates_near", "quarantined", "tokens", "images_accepted")  # fmt: skip
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"ingest/{k}", float(report[k]), now, 0) for k in keys if isinstance(report.get(k), int | float)]
+    metrics += [Metric(f"ingest/quarantine/{r}", float(n), now, 0) for r, n in (report.get("quarantine_reasons") or {}).items()]
+    metrics += [Metric(f"ingest/lang/{lang}", float(n), now, 0) for lang, n in (report.get("languages") or {}).items()]
+    log_metrics(settings, run_id, metrics)
+    c = client(settings)
+    c.log_dict(run_id, report, "ingest_report.json")
+    if report.get("slice_id"):
+        c.log_inputs(run_id, datasets=slice_inputs(settings, store, [report["slice_id"]], "ingest"))
+
+
+def log_train(settings: Settings, run_id: str, store, result: dict[str, Any]) -> None:
+    """Per-step metrics (loss, loss per objective, aux losses, expert load, grad norm, LR, tokens/s), the run's
+    lineage, and the slices it trained on as dataset inputs (context `training`)."""
+    metrics = [Metric("train_loss" if k == "loss" else k, float(v), 0, h["step"])
+               for h in result.get("history", []) for k, v in h.items() if k != "step" and v is not None]  # fmt: skip
+    if result.get("mfu") is not None:
+        metrics.append(Metric("mfu", result["mfu"], 0, result["steps"]))
+    tags = {"wudao.train_run_id": result["run_id"], "wudao.checkpoint_uri": result["checkpoint_uri"],
+            "wudao.resumed_from": str(result["resumed_from"]), "wudao.tokenizer_version": result["tokenizer_version"]}  # fmt: skip
+    log_metrics(settings, run_id, metrics, tags)
+    client(settings).log_inputs(run_id, datasets=slice_inputs(settings, store, result["slice_ids"], "training"))
+
+
+def evaluation_metrics(evaluation: dict[str, Any]) -> list[Metric]:
+    """Held-out loss per slice (forgetting), KG P@1/MRR by language and slice, claim rates, FID and KID."""
+    metrics = [Metric(f"heldout_loss/{s}", v, 0, 0) for s, v in evaluation["candidate"].items()]
+    for s, v in (evaluation.get("parent") or {}).items():
+        metrics.append(Metric(f"parent/heldout_loss/{s}", v, 0, 0))
+    if kg := evaluation.get("kg"):
+        metrics += [Metric("kg/p_at_1", kg["p_at_1"], 0, 0), Metric("kg/mrr", kg["mrr"], 0, 0)]
+        metrics += [Metric(f"kg/p_at_1/{lang}", v["p_at_1"], 0, 0) for lang, v in kg["by_language"].items()]
+        metrics += [Metric(f"kg/p_at_1/{sl}", v["p_at_1"], 0, 0) for sl, v in kg["by_slice"].items()]
+        metrics += [Metric(f"kg/claims/{k}", kg["claims"][k], 0, 0) for k in ("supported_rate", "contradicted_rate", "unverifiable_rate")]
+    if kg_parent := evaluation.get("kg_parent"):
+        metrics.append(Metric("parent/kg/p_at_1", kg_parent["p_at_1"], 0, 0))
+    if fid := evaluation.get("fid"):
+        metrics += [Metric(k, float(fid[k]), 0, 0) for k in ("fid", "kid_mean", "kid_std") if fid.get(k) is not None]
+        metrics += [Metric(f"fid_blur/{k}", float(v), 0, 0) for k, v in (fid.get("fid_blur") or {}).items()]
+    return metrics
+
+
+def log_evaluation(settings: Settings, run_id: str, evaluation: dict[str, Any]) -> None:
+    """Metrics, the KG per-fact table, the forgetting table (held-out loss per slice, candidate vs parent)."""
+    log_metrics(settings, run_id, evaluation_metrics(evaluation))
+    c = client(settings)
+    parent = evaluation.get("parent") or {}
+    c.log_table(run_id, {"slice": list(evaluation["candidate"]), "candidate": list(evaluation["candidate"].values()),
+                         "parent": [parent.get(s) for s in evaluation["candidate"]]}, "eval/forgetting.json")  # fmt: skip
+    if kg := dict(evaluation.get("kg") or {}):
+        c.log_dict(run_id, kg.pop("per_fact", []), "eval/kg_per_fact.json")
+        c.log_dict(run_id, kg, "eval/kg.json")
+    c.log_dict(run_id, {k: v for k, v in evaluation.items() if k not in ("kg", "kg_parent")}, "eval/summary.json")
+
+
+@contextmanager
+def system_metrics(settings: Settings, run_id: str | None, interval_s: float = 5.0):
+    """CPU, memory, disk, network (and GPU where present) of this machine, logged to `run_id` while inside."""
+    if run_id is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=settings.mlflow_tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        # The monitor drops the sample in progress when stopped; log one final sample so a short run has one too.
+        monitor.collect_metrics()
+        now = int(time.time() * 1000)
+        final = [Metric(f"system/{k}", float(v), now, 0) for k, v in monitor.aggregate_metrics().items()]
+        if final:
+            client(settings).log_batch(run_id, metrics=final)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An MLflow failure that a later attempt can fix: the server (or the object store behind its artefact
+    proxy) was unreachable or answered 5xx / 429."""
+    if isinstance(exc, TrackingError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, MlflowException):
+        code = str(getattr(exc, "error_code", ""))
+        text = str(exc)
+        return code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED") or any(
+            marker in text for marker in ("Max retries exceeded", "Connection refused", "500 error", "503")
+        )
+    try:
+        import requests
+
+        return isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout)
+    except ImportError:  # pragma: no cover - requests ships with mlflow
+        return False
