@@ -8,4 +8,4 @@ COPY wudao ./wudao
 COPY flows ./flows
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu . && mkdir -p /var/lib/wudao && chown wudao /var/lib/wudao
 USER wudao
-CMD ["prefect", "worker", "start", "--pool", "wudao-process", "--type", "process"]
+CMD ["prefect", "worker", "start", "--pool", "wudao-cpu", "--type", "process"]
