@@ -1,27 +1,28 @@
-"""Trigger the served `lifelong-cycle` deployment through Prefect's REST API, as the README's curl does."""
+"""The served deployments on the stack's real Prefect server, driven through its HTTP API as users do: the
+README's `curl`, `wudao trigger`, two simultaneous trainings, and a scan for leaked secrets afterwards."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from mlflow.tracking import MlflowClient
+from sqlalchemy import select
 
 pytestmark = pytest.mark.slow
 
 WUDAO = str(Path(sys.executable).parent / "wudao")
 
 
-def test_rest_trigger_runs_a_cycle(local_stack, s3_settings, demo_dir, tmp_path):
-    home, cfg = local_stack
-    api = f"http://127.0.0.1:{cfg.prefect_port}/api"
-    s = s3_settings
+def _env(s, api: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "MLFLOW_", "PREFECT_", "AWS_"))}
     env.update({
         "WUDAO_HOME": str(s.home), "WUDAO_STORAGE_URI": s.storage_uri, "WUDAO_S3_ENDPOINT_URL": s.s3_endpoint_url,
@@ -31,22 +32,95 @@ def test_rest_trigger_runs_a_cycle(local_stack, s3_settings, demo_dir, tmp_path)
         "WUDAO_REGISTRY__MODEL_NAME": s.registry.model_name, "WUDAO_REGISTRY__EXPERIMENT": s.registry.experiment,
         "WUDAO_TRAIN__STEPS": "4", "WUDAO_MODEL__D_MODEL": "32", "WUDAO_MODEL__N_LAYERS": "1",
     })  # fmt: skip
-    server = subprocess.Popen([WUDAO, "deploy"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+    return env
+
+
+def test_deployments_through_the_api(local_stack, s3_settings, demo_dir, tmp_path):
+    home, cfg = local_stack
+    api = f"http://127.0.0.1:{cfg.prefect_port}/api"
+    s = s3_settings
+    env = _env(s, api)
+    server = subprocess.Popen([WUDAO, "deploy", "--limit", "3"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=open(tmp_path / "deploy.log", "wb"), start_new_session=True)  # fmt: skip
     try:
         deployment = _wait_for(lambda: _get(f"{api}/deployments/name/lifelong-cycle/default"), 120, server, tmp_path)
-        run = httpx.post(
-            f"{api}/deployments/{deployment['id']}/create_flow_run",
-            json={"parameters": {"source": str(demo_dir / "corpus" / "slice-01")}},
-            timeout=30,
-        ).json()
+        for flow in ("ingest", "train", "evaluate", "register"):
+            _wait_for(lambda flow=flow: _get(f"{api}/deployments/name/{flow}/default"), 60, server, tmp_path)
+
+        # The README's curl: create a flow run of the deployment, then poll it.
+        run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run",
+                         json={"parameters": {"source": str(demo_dir / "corpus" / "slice-01")}}, timeout=30).json()  # fmt: skip
         final = _wait_for(lambda: _finished(f"{api}/flow_runs/{run['id']}"), 300, server, tmp_path)
         assert final["state"]["type"] == "COMPLETED", final["state"].get("message")
+        version = MlflowClient(s.mlflow_tracking_uri).get_model_version_by_alias(s.registry.model_name, "champion")
+        assert version.tags["wudao.prefect_flow_run_id"] == run["id"]
+        assert version.tags["wudao.parent_version"] == "" and json.loads(version.tags["wudao.slices"]) == ["slice-00001"]
+
+        # `wudao trigger --wait` reads the run's result back from the object store: the same source is a no-op.
+        again = _wudao(env, "trigger", "lifelong-cycle", "--param", f"source={demo_dir / 'corpus' / 'slice-01'}", "--wait", "--json")
+        assert again["state"] == "COMPLETED" and again["result"]["status"] == "no-new-data"
+
+        # Two trainings triggered at the same moment: both finish, never at the same time.
+        results: list[dict] = []
+        threads = [threading.Thread(target=lambda n=n: results.append(_wudao(env, "trigger", "train", "--param", f"steps={n}", "--wait", "--json")))
+                   for n in (5, 6)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert sorted(r["result"]["steps"] for r in results) == [5, 6] and all(r["state"] == "COMPLETED" for r in results)
+        windows = _training_windows(s, [r["result"]["run_id"] for r in results])
+        (a_start, a_end), (b_start, b_end) = sorted(windows)
+        assert a_end <= b_start, f"trainings overlapped: {windows}"
+        assert max(r["result"]["waited_for_slot_s"] for r in results) > 0, "the second one waited for the slot"
+
+        unknown = subprocess.run([WUDAO, "trigger", "no-such-flow"], env=env, capture_output=True, text=True)
+        assert unknown.returncode == 1 and "no deployment no-such-flow/default" in unknown.stderr
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    version = MlflowClient(s.mlflow_tracking_uri).get_model_version_by_alias(s.registry.model_name, "champion")
-    assert version.tags["wudao.prefect_flow_run_id"] == run["id"]
+
+    # No configured secret reaches MLflow (its store and artefacts), Prefect (its database) or any log.
+    _assert_no_secret(s.aws_secret_access_key.get_secret_value(), home, tmp_path, s)
+
+
+def _training_windows(s, run_ids: list[str]) -> list[tuple]:
+    from wudao.catalog import Catalog, TrainingRun
+
+    cat = Catalog(s.catalog_url)
+    try:
+        with cat.session() as session:
+            rows = session.scalars(select(TrainingRun).where(TrainingRun.id.in_(run_ids))).all()
+            return [(r.created_at, r.finished_at) for r in rows]
+    finally:
+        cat.close()
+
+
+def _assert_no_secret(secret: str, stack_home: Path, tmp_path: Path, s) -> None:
+    needle = secret.encode()
+    files = [stack_home / "mlflow" / "mlflow.db", *(stack_home / "prefect").rglob("*.db"), *(stack_home / "logs").glob("*.log"),
+             tmp_path / "deploy.log"]  # fmt: skip
+    assert (stack_home / "mlflow" / "mlflow.db").is_file()
+    for path in files:
+        assert needle not in path.read_bytes(), f"the S3 secret leaked into {path}"
+    # MLflow's artefacts (proxied into the bucket) and the persisted flow results.
+    from wudao.stages import platform_store
+
+    store = platform_store(s)
+    scanned = 0
+    for prefix in ("mlflow/", f"{store.prefix}/prefect-results/"):
+        for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                data = store.client.get_object(Bucket=store.bucket, Key=obj["Key"])["Body"].read()
+                assert needle not in data, f"the S3 secret leaked into s3 object {obj['Key']}"
+                scanned += 1
+    assert scanned > 5
+
+
+def _wudao(env: dict, *args: str) -> dict:
+    p = subprocess.run([WUDAO, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout)
 
 
 def _get(url: str):
