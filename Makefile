@@ -15,11 +15,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Start the local stack, make demo data, run one lifelong cycle through Prefect, print the MLflow/Prefect URLs.
+# Start the local stack, make demo data, serve the flows (lifelong-cycle nightly at 02:00 UTC), trigger one cycle
+# through the Prefect API and print the MLflow and Prefect URLs. `make stack-down` stops everything.
+DEMO_ABS = $(abspath $(DEMO))
+DEMO_ENV = WUDAO_EVAL__KG_URI=$(DEMO_ABS)/kg
 demo: $(STAMP)
 	$(BIN)/wudao stack up
 	$(BIN)/wudao demo-data $(DEMO)
-	$(BIN)/wudao cycle $(DEMO)/corpus/slice-01 --kg $(DEMO)/kg
+	$(DEMO_ENV) $(BIN)/wudao deploy --detach --cron "0 2 * * *" --source $(DEMO_ABS)/corpus/slice-01
+	$(BIN)/wudao trigger lifelong-cycle --param source=$(DEMO_ABS)/corpus/slice-01 --wait
 
 # The whole suite, end-to-end tests included (real SeaweedFS, MLflow and Prefect servers on loopback).
 test: $(STAMP)

@@ -84,7 +84,10 @@ def register_task(train_result: dict[str, Any], evaluation: dict[str, Any], cycl
 def train_model_task(slice_id: str, start_uri: str | None, run_id: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     settings = settings_from(overrides)
     with training_slot(settings) as waited_s, tracking.system_metrics(settings, run_id):
-        result = stages.run_train(settings, slice_id, start_uri or "scratch")
+        if settings.train.launcher == "torchrun":
+            result = stages.run_train_torchrun(settings, overrides, slice_id, start_uri)
+        else:
+            result = stages.run_train(settings, slice_id, start_uri or "scratch")
     result["waited_for_slot_s"] = round(waited_s, 3)
     return result
 

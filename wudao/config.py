@@ -10,6 +10,7 @@ so there is no global configuration object.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -184,6 +185,11 @@ class TrainSettings(BaseModel):
     for models that do not fit one device."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device for the MFU estimate (None: looked up for known GPUs, else no MFU)."""
+    launcher: Literal["inprocess", "torchrun"] = "inprocess"
+    """How the train flow runs a training: in its own process, or as `torchrun --standalone --nproc-per-node N
+    wudao train` in a subprocess (GPU pods; torch never runs in a forked orchestration process)."""
+    nproc_per_node: int = Field(1, ge=1)
+    """Ranks per node with the torchrun launcher (the GPUs of the pod)."""
 
 
 class EvalSettings(BaseModel):
@@ -195,6 +201,33 @@ class EvalSettings(BaseModel):
     """Facts probed per cycle (a seeded sample; None = all)."""
     kg_claim_subjects: int = 20
     """Subjects whose generated text is claim-checked per cycle."""
+    fid_coco_uri: str | None = None
+    """MS-COCO root (`annotations/captions_<split>.json` + `<split>/` images; local or s3://) whose captions the
+    candidate draws after every cycle for FID/KID; None = no FID in the cycle."""
+    fid_weights_uri: str | None = None
+    """Inception-v3 weights for FID/KID: a local path or s3:// URI (copied once under `$WUDAO_HOME/cache/fid`).
+    The standard file is `pt_inception-2015-12-05-6726825d.pth` (pytorch-fid's GitHub release; torch-fidelity
+    publishes the same weights as `weights-inception-2015-12-05-6726825d.pth`). Nothing is ever downloaded:
+    None makes FID fail with that explanation. Env: WUDAO_EVAL__FID_WEIGHTS_URI."""
+    fid_n: int = Field(30_000, ge=2)
+    """Captions sampled (one per image; capped at the images the split has). CogView and DALL-E report 30,000;
+    below 2048 the output warns that FID is biased (rank-deficient covariance)."""
+    fid_split: str | None = None
+    """COCO split, e.g. `val2014`; None = the only `captions_*.json` under annotations/ (the `val*` one if several)."""
+    fid_real: Literal["captions", "split"] = "captions"
+    """Real image set: `captions` = the images of the sampled captions; `split` = every image of the split."""
+    fid_resolution: int | None = None
+    """Side both image sets are brought to before Inception (real: center crop + bicubic resize; generated: resized
+    if needed); None = ingest.image_size, the size the model draws at. CogView evaluates at 256."""
+    fid_candidates: int = Field(1, ge=1)
+    """Images sampled per caption; with more than one, CogView self-reranking keeps the best (CogView used 60)."""
+    fid_blur_sigmas: list[float] = []
+    """Also report CogView's FID-k on images Gaussian-blurred with these radii (PIL sigma), e.g. [1, 2, 4, 8];
+    empty = plain FID only (each radius costs one more Inception pass per image)."""
+    fid_seed: int = 0
+    """Seed of the caption sample, of generation and of KID's subsets."""
+    fid_batch_size: int = Field(32, ge=1)
+    """Images per Inception forward pass and per VQ decode."""
 
 
 class StackSettings(BaseModel):
@@ -215,6 +248,19 @@ class StackSettings(BaseModel):
     """How long `stack up` waits for each service's health check."""
 
 
+class GateSettings(BaseModel):
+    """Promotion gates: a candidate becomes `@champion` only when none fails (a gate without data is skipped)."""
+
+    old_slice_tolerance: float = 0.02
+    """Each earlier slice's held-out loss may be at most this fraction worse than the parent's (0.02 = 2%)."""
+    require_new_slice_gain: bool = True
+    """The new slice's held-out loss must be lower than the parent's on it (the cycle must learn something)."""
+    kg_max_drop: float = 0.05
+    """KG P@1 on the probed facts may fall at most this much below the parent's (absolute, same facts)."""
+    fid_max_increase: float = 5.0
+    """FID may rise at most this much above the parent's (same captions, N and weights)."""
+
+
 class RegistrySettings(BaseModel):
     """Where runs and model versions are recorded."""
 
@@ -222,6 +268,25 @@ class RegistrySettings(BaseModel):
     """MLflow experiment that holds one parent run per cycle."""
     model_name: str = "wudao"
     """Registered model name; versions carry the aliases `candidate` and `champion`."""
+    gates: GateSettings = GateSettings()
+    """What a candidate must pass to become `@champion` (each result is a version tag and a row of the gates table)."""
+
+
+class OrchestrationSettings(BaseModel):
+    """How the Prefect flows share the machine and retry I/O."""
+
+    training_limit: str = "wudao-training"
+    """Prefect global concurrency limit (1 slot) that every training holds: one training at a time, per server."""
+    when_busy: Literal["wait", "refuse"] = "wait"
+    """A training that finds the slot taken waits for it, or fails at once with a one-line reason."""
+    busy_timeout_s: float | None = None
+    """With `wait`: give up after this many seconds (None = wait as long as it takes)."""
+    io_retries: int = 3
+    """Retries of I/O tasks (object store, MLflow) after a transient failure, with the delays below."""
+    io_retry_delays_s: list[float] = [5.0, 20.0, 60.0]
+    """Backoff between I/O retries, in seconds."""
+    result_prefix: str = "prefect-results"
+    """Prefix (in the platform store) where flow and task results are persisted, so any worker can read them."""
 
 
 class Settings(BaseSettings):
@@ -268,6 +333,7 @@ class Settings(BaseSettings):
     eval: EvalSettings = EvalSettings()
     stack: StackSettings = StackSettings()
     registry: RegistrySettings = RegistrySettings()
+    orchestration: OrchestrationSettings = OrchestrationSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -330,6 +396,19 @@ class Settings(BaseSettings):
         return flat
 
 
+OVERRIDES_ENV = "WUDAO_OVERRIDES"
+"""A JSON object of settings overrides handed to a subprocess (how a flow's overrides reach `torchrun` ranks)."""
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the settings tree and resolve service locations (the one entry point for CLI and flows)."""
+    if inherited := os.environ.get(OVERRIDES_ENV):
+        overrides = _deep_merge(json.loads(inherited), overrides)
     return Settings(**overrides).resolved()
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged

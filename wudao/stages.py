@@ -64,14 +64,22 @@ def committed_slices(settings: Settings) -> list[str]:
         cat.close()
 
 
-def resolve_start(settings: Settings, start: str) -> str | None:
-    """`champion` (scratch when none exists), `scratch`, or a checkpoint URI -> checkpoint URI or None."""
-    if start == "scratch":
+def resolve_checkpoint(settings: Settings, ref: str | None) -> str | None:
+    """A model reference -> checkpoint URI: `champion` / `candidate` (None when there is none yet), `scratch` or
+    None (None), `models:/name/version` or `models:/name@alias`, or a checkpoint URI as is."""
+    if ref in (None, "", "scratch"):
         return None
-    if start == "champion":
-        champ = registry.champion(settings)
-        return champ.checkpoint_uri if champ else None
-    return start
+    if ref in (registry.CHAMPION, registry.CANDIDATE):
+        found = registry.alias_version(settings, ref)
+        return found.checkpoint_uri if found else None
+    if ref.startswith("models:/"):
+        return registry.checkpoint_of(settings, ref)
+    return ref
+
+
+def baseline_checkpoint(settings: Settings, resumed_from: str | None) -> str | None:
+    """What a candidate is judged against: the checkpoint it continued from, else the current champion."""
+    return resumed_from or resolve_checkpoint(settings, registry.CHAMPION)
 
 
 def run_train(settings: Settings, slice_id: str | None = None, start: str = "champion", run_id: str | None = None) -> dict[str, Any]:
@@ -89,7 +97,7 @@ def run_train(settings: Settings, slice_id: str | None = None, start: str = "cha
     if slice_id not in slices:
         raise StageError(f"unknown slice {slice_id}; committed slices: {', '.join(slices)}")
     history = slices[: slices.index(slice_id) + 1]
-    init_uri = resolve_start(settings, start)
+    init_uri = resolve_checkpoint(settings, start)
     store = platform_store(settings)
     run_id = run_id or _run_id(history, init_uri, settings)
     cat = catalog(settings)
@@ -107,6 +115,27 @@ def run_train(settings: Settings, slice_id: str | None = None, start: str = "cha
         ).to_dict()
     finally:
         cat.close()
+
+
+def run_train_torchrun(settings: Settings, overrides: dict[str, Any] | None, slice_id: str | None, start: str | None) -> dict[str, Any]:
+    """The same training as `run_train`, as `torchrun --standalone --nproc-per-node N wudao train` in a subprocess
+    (rank 0 prints the result). The caller's overrides travel in the environment, secrets stay in it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from wudao.config import OVERRIDES_ENV
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(settings.train.nproc_per_node),
+           "-m", "wudao.cli", "train", "--slice", slice_id or "latest", "--from", start or "scratch", "--json", "--keep-history"]  # fmt: skip
+    env = {**os.environ, OVERRIDES_ENV: json.dumps(overrides or {})}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")] or proc.stderr.strip().splitlines()[-1:]
+        raise StageError(f"torchrun training failed ({proc.returncode}): {lines[-1] if lines else 'no output'}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _run_id(slices: list[str], init_uri: str | None, settings: Settings) -> str:
@@ -127,7 +156,7 @@ def _image_pairs(settings: Settings, store: ObjectStore, slices: list[str]):
     return vq.encode_slices(model, store, slices, _cache_dir(settings), settings.ingest.image_size, settings.model)
 
 
-def run_evaluate(settings: Settings, checkpoint_uri: str, parent_checkpoint_uri: str | None) -> dict[str, Any]:
+def run_evaluate(settings: Settings, checkpoint_uri: str, parent_checkpoint_uri: str | None, mlflow_run_id: str | None = None) -> dict[str, Any]:
     """Held-out loss of the candidate, and of its parent, on every slice the candidate has seen."""
     from wudao.data.glm import SpecialIds
     from wudao.data.tokenizer import load_tokenizer, tokenizer_key
@@ -147,6 +176,8 @@ def run_evaluate(settings: Settings, checkpoint_uri: str, parent_checkpoint_uri:
         result["parent"] = losses(load_checkpoint(store, parent_checkpoint_uri).model)
     if settings.eval.kg_uri:
         result["kg"] = run_eval_kg(settings, checkpoint_uri, settings.eval.kg_uri, settings.eval.kg_limit, with_facts=True)
+        if parent_checkpoint_uri:  # the same facts, so the KG gate compares like with like
+            result["kg_parent"] = run_eval_kg(settings, parent_checkpoint_uri, settings.eval.kg_uri, settings.eval.kg_limit)
     return result
 
 
@@ -175,25 +206,34 @@ def run_eval_kg(settings: Settings, model: str, kg_uri: str, limit: int | None, 
 
 def run_register(
     settings: Settings,
-    ingest_report: dict[str, Any],
     train_result: dict[str, Any],
     evaluation: dict[str, Any],
+    cycle_run_id: str,
+    stage_run_id: str | None = None,
     prefect_flow_run_id: str | None = None,
-    mlflow_run_id: str | None = None,
 ) -> dict[str, Any]:
-    # The parent is the version the candidate was trained from: the champion when it continued from it.
-    champ = registry.champion(settings)
-    parent = champ if champ and champ.checkpoint_uri == train_result["resumed_from"] else None
+    """Register the trained checkpoint as a model version, apply the promotion gates, move the aliases."""
+    # The parent is the version the candidate was trained from, else the champion it would replace.
+    parent = registry.version_of_checkpoint(settings, train_result["resumed_from"]) or registry.champion(settings)
     return registry.register_cycle(
         settings,
         store=platform_store(settings),
-        ingest_report=ingest_report,
         train_result=train_result,
         evaluation=evaluation,
         parent=parent,
+        cycle_run_id=cycle_run_id,
+        stage_run_id=stage_run_id,
         prefect_flow_run_id=prefect_flow_run_id,
-        mlflow_run_id=mlflow_run_id,
     ).to_dict()
+
+
+def train_result_of(settings: Settings, checkpoint_uri: str) -> dict[str, Any]:
+    """What registration needs about a finished training, read back from its checkpoint's manifest."""
+    from wudao.train.checkpoint import read_manifest
+
+    m = read_manifest(platform_store(settings), checkpoint_uri)
+    return {"run_id": m["run_id"], "checkpoint_uri": checkpoint_uri, "resumed_from": m.get("parent_checkpoint_uri"),
+            "slice_ids": m["slice_ids"], "tokenizer_version": m["tokenizer_version"], "steps": m["step"]}  # fmt: skip
 
 
 def generator_for(settings: Settings, model: str):
@@ -250,3 +290,61 @@ def draw(settings: Settings, gen, caption: str, out, candidates: int, seed: int)
     image = model.decode(torch.from_numpy(codes)[None]).clamp(0, 1)[0].permute(1, 2, 0).numpy()
     Image.fromarray((image * 255).round().astype("uint8")).save(out, format="PNG")
     return {"out": str(out), "grid": grid, "candidates": candidates}
+
+
+def run_eval_fid(settings: Settings, model: str, coco_uri: str, n: int | None = None, candidates: int | None = None,
+                 mlflow_run_id: str | None = None, step: int = 0) -> dict[str, Any]:  # fmt: skip
+    """MS-COCO FID / KID (and FID-k) of `model`'s text -> image generation (see wudao/eval/fid.py).
+
+    Generated PNGs, the sample grid and the report go to `eval/<mlflow_run_id or fid-<digest>>/fid/` in the platform
+    store. With `mlflow_run_id`, fid / kid_mean / kid_std (and fid_blur/<radius>) and the grid (`fid_samples`) are
+    logged to that run at `step`."""
+    import hashlib
+    import json
+    import time
+    import zlib
+
+    import numpy as np
+    import torch
+
+    from wudao.eval import fid
+    from wudao.storage import join_key
+    from wudao.train import vq
+
+    ev = settings.eval
+    if not coco_uri.startswith("s3://") and not Path(coco_uri).is_dir():
+        raise StageError(f"MS-COCO folder {coco_uri} does not exist (annotations/captions_<split>.json + <split>/ "
+                         "images; `wudao demo-data OUT` writes one under OUT/coco)")  # fmt: skip
+    weights = fid.resolve_weights(ev.fid_weights_uri, _cache_dir(settings), lambda uri: store_from_settings(settings, uri))
+    store = platform_store(settings)
+    coco = store_from_settings(settings, coco_uri) if coco_uri.startswith("s3://") else open_store(coco_uri)
+    vq_model = vq.load_current(store)
+    if vq_model is None:
+        raise StageError("no VQ model: run `wudao train-vq` after ingesting images")
+    gen, uri = generator_for(settings, model)
+    grid = settings.ingest.image_size // 2**vq_model.cfg.n_down
+    k = candidates or ev.fid_candidates
+
+    def generate(captions: list[str], image_ids: list[int]) -> np.ndarray:
+        # The model samples one caption at a time (its candidates as a batch); the VQ decodes the whole batch.
+        codes = [gen.image_codes(c, grid=grid, codebook_size=vq_model.cfg.codebook_size, candidates=k,
+                                 seed=zlib.crc32(f"{ev.fid_seed}:{i}".encode())) for c, i in zip(captions, image_ids)]  # fmt: skip
+        with torch.no_grad():
+            images = vq_model.decode(torch.from_numpy(np.stack(codes))).clamp(0, 1)
+        return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+    cfg = fid.FIDConfig(n=n or ev.fid_n, resolution=ev.fid_resolution or settings.ingest.image_size, real_set=ev.fid_real,
+                        split=ev.fid_split, blur_sigmas=tuple(ev.fid_blur_sigmas), seed=ev.fid_seed,
+                        batch_size=ev.fid_batch_size, max_pixels=settings.ingest.image_max_pixels)  # fmt: skip
+    eval_id = mlflow_run_id or "fid-" + hashlib.sha256(json.dumps([uri, coco_uri, repr(cfg), k]).encode()).hexdigest()[:12]
+    report, grid_image = fid.evaluate_fid(coco, store, join_key("eval", eval_id, "fid"), weights, generate, cfg)
+    if mlflow_run_id:
+        from mlflow.entities import Metric
+
+        c = registry.client(settings)
+        values = {"fid": report["fid"], "kid_mean": report["kid_mean"], "kid_std": report["kid_std"],
+                  **{f"fid_blur/{r}": v for r, v in report.get("fid_blur", {}).items()}}  # fmt: skip
+        now = int(time.time() * 1000)
+        c.log_batch(mlflow_run_id, metrics=[Metric(name, float(v), now, step) for name, v in values.items()])
+        c.log_image(mlflow_run_id, grid_image, key="fid_samples", step=step)
+    return {"model": uri, "coco": coco_uri, "eval_id": eval_id, "candidates": k, **report}
