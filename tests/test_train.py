@@ -195,3 +195,21 @@ def test_two_fsdp2_processes_match_one_with_accumulation(tmp_path, demo_dir):
     # last-bit differences into ~1e-5 on rarely routed experts after a few steps (DDP matches exactly).
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+
+
+def test_the_torchrun_launcher_trains_the_same_run_in_a_subprocess(local_settings, demo_dir, monkeypatch):
+    from wudao.stages import run_train_torchrun
+
+    run_ingest(local_settings, str(demo_dir / "corpus" / "slice-01"))
+    overrides = {"home": str(local_settings.home), "storage_uri": local_settings.storage_uri,
+                 "catalog_url": local_settings.catalog_url, "model": local_settings.model.model_dump(),
+                 "train": {**local_settings.train.model_dump(), "steps": 2, "batch_size": 4, "micro_batch_size": 2,
+                           "launcher": "torchrun", "nproc_per_node": 2}}  # fmt: skip
+    settings = local_settings.model_copy(update={"train": local_settings.train.model_copy(update=overrides["train"])})
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    result = run_train_torchrun(settings, overrides, None, None)
+    assert result["steps"] == 2 and len(result["history"]) == 2, "rank 0 reports the whole run, history included"
+    assert load_checkpoint(platform_store(local_settings), result["checkpoint_uri"]).manifest["run_id"] == result["run_id"]
+    # The launcher is not part of the run's identity: the same training in-process resumes (here: finds) that run.
+    inprocess = run_train(settings.model_copy(update={"train": settings.train.model_copy(update={"launcher": "inprocess", "nproc_per_node": 1})}))
+    assert inprocess["run_id"] == result["run_id"]

@@ -142,7 +142,10 @@ def _run_id(slices: list[str], init_uri: str | None, settings: Settings) -> str:
     import hashlib
     import json
 
-    key = json.dumps([slices, init_uri, settings.model.model_dump(), settings.train.model_dump()], sort_keys=True)
+    # How the run is launched does not change what it computes: two ranks with half the micro-batches each
+    # train the same model, so a rerun under another launcher resumes the same run.
+    train = settings.train.model_dump(exclude={"launcher", "nproc_per_node", "threads"})
+    key = json.dumps([slices, init_uri, settings.model.model_dump(), train], sort_keys=True)
     return f"{slices[-1]}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
