@@ -39,6 +39,7 @@ def _settings(**overrides: Any):
 def _known_errors() -> tuple[type[BaseException], ...]:
     from wudao.catalog import CatalogError
     from wudao.data.ingest import IngestError
+    from wudao.eval.fid import FIDError
     from wudao.registry import RegistryError
     from wudao.stack import StackError
     from wudao.stages import StageError
@@ -46,7 +47,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from wudao.train.checkpoint import CheckpointError
     from wudao.train.loop import TrainError
 
-    return (CatalogError, IngestError, RegistryError, StackError, StageError, StorageError, CheckpointError, TrainError)
+    return (CatalogError, IngestError, RegistryError, StackError, StageError, StorageError, CheckpointError, TrainError,
+            FIDError)
 
 
 def _run(json_mode: bool, work: Callable[[], dict[str, Any]], render: Callable[[dict[str, Any]], None]) -> None:
@@ -149,10 +151,11 @@ def demo_data(
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same files.")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
-    """Write a bilingual demo corpus of real country facts, the same facts as a KG, and captioned images."""
+    """Write a bilingual demo corpus of real country facts, the same facts as a KG, captioned images, and random
+    TEST-ONLY Inception weights for a demo FID."""
     from wudao.data.demo import write_demo
 
-    _run(json_out, lambda: write_demo(out, slices=slices, seed=seed), _print_kv)
+    _run(json_out, lambda: write_demo(out, slices=slices, seed=seed, fid_weights=True), _print_kv)
 
 
 @app.command("ingest")
@@ -363,6 +366,41 @@ def eval_kg(
     from wudao import stages
 
     _run(json_out, lambda: stages.run_eval_kg(_settings(), model_uri, kg, limit), _print_kv)
+
+
+@eval_app.command("fid")
+def eval_fid(
+    coco: Annotated[str, typer.Option(help="MS-COCO root: annotations/captions_<split>.json + <split>/ images, local or s3://.")],
+    model_uri: Annotated[str, typer.Option("--model", help="champion (default), a checkpoint URI, or models:/name/version.")] = "champion",
+    n: Annotated[int | None, typer.Option(min=2, help="Captions to draw, one per image (default: eval.fid_n, 30000 as in CogView).")] = None,
+    candidates: Annotated[int | None, typer.Option(min=1, help="Images per caption; CogView self-reranking keeps the best (default: eval.fid_candidates).")] = None,
+    weights: Annotated[str | None, typer.Option(help="Inception weights file, local or s3:// (default: eval.fid_weights_uri).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """MS-COCO FID and KID of text -> image generation against the captions' real images (reference statistics cached)."""
+    from wudao import stages
+
+    def work():
+        settings = _settings(**({"eval": {"fid_weights_uri": weights}} if weights else {}))
+        return stages.run_eval_fid(settings, model_uri, coco, n, candidates)
+
+    _run(json_out, work, _render_fid)
+
+
+def _render_fid(r: dict[str, Any]) -> None:
+    biased = f"   (N={r['n_images']} < 2048: biased upward, see warning)" if r.get("warning") else ""
+    typer.echo(f"FID {r['fid']:.3f}{biased}")
+    typer.echo(f"KID {r['kid_mean']:.5f} ± {r['kid_std']:.5f}  ({r['kid_subsets']} subsets of {r['kid_subset_size']})")
+    for radius, value in r.get("fid_blur", {}).items():
+        typer.echo(f"FID-{radius} {value:.3f}  (images blurred with radius {radius})")
+    cached = "reused from the cache" if r["reference_cached"] else "computed and cached"
+    skipped = f" {json.dumps(r['skipped'])}" if r["skipped"] else ""
+    typer.echo(f"images: {r['n_images']} generated from {r['model']}; {r['n_real']} real, {r['n_skipped']} skipped{skipped}")
+    typer.echo(f"reference statistics: {cached} ({r['reference_key']})")
+    for key in ("warning", "weights_note"):
+        if r.get(key):
+            typer.echo(f"{'warning' if key == 'warning' else 'weights'}: {r[key]}")
+    typer.echo(f"samples: {r['samples_uri']}")
 
 
 @app.command("config")

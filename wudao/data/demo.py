@@ -7,6 +7,7 @@ brings new facts, as a real lifelong stream would:
     OUT/corpus/slice-01/{en,zh}.jsonl     documents (field `text`), one folder per slice
     OUT/kg/facts.jsonl, templates.jsonl   the same facts in the KG format of DESIGN.md
     OUT/coco/annotations/captions_val2017.json + val2017/*.png   rendered scenes with en + zh captions
+    OUT/fid/inception-random-TEST-ONLY.pth   random Inception weights for a demo FID (`wudao demo-data` only)
 
 Everything is deterministic for a given seed.
 """
@@ -137,8 +138,10 @@ def _fill(template: str, subject: str, obj: str) -> str:
     return template.replace("[X]", subject).replace("[Y]", obj)
 
 
-def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: int = 2, images: int = 48) -> dict:
-    """Write the demo corpus, KG and captioned images under `out`; returns a summary."""
+def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: int = 2, images: int = 48,
+               fid_weights: bool = False) -> dict:  # fmt: skip
+    """Write the demo corpus, KG and captioned images (and, with `fid_weights`, TEST-ONLY random Inception weights
+    so the demo can run FID offline) under `out`; returns a summary."""
     if slices < 1:
         raise ValueError("--slices must be at least 1")
     rng = random.Random(seed)
@@ -175,6 +178,13 @@ def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: 
 
     coco_dir = out / "coco"
     n_images = write_scenes(coco_dir, n=images, seed=seed)
+    extra = {}
+    if fid_weights:
+        from wudao.eval.fid import write_random_inception_weights
+
+        path = write_random_inception_weights(out / "fid" / "inception-random-TEST-ONLY.pth", seed)
+        extra = {"fid_weights": str(path), "fid_weights_note": "random TEST-ONLY Inception weights: FID with them is not "
+                 "comparable with published FIDs (see README, FID on real MS-COCO)"}  # fmt: skip
     return {
         "out": str(out),
         "seed": seed,
@@ -185,6 +195,7 @@ def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: 
         "kg_dir": str(kg_dir),
         "coco_dir": str(coco_dir),
         "images": n_images,
+        **extra,
     }
 
 
