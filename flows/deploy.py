@@ -67,8 +67,6 @@ def trigger(settings: Settings, flow: str, params: dict[str, Any], *, wait: bool
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    import flows.results  # noqa: F401  (the result-storage block class must be known to read results back)
-
     name = flow if "/" in flow else f"{flow}/{DEPLOYMENT}"
     try:
         run = run_deployment(name, parameters=params, timeout=(timeout_s if wait else 0))
