@@ -4,8 +4,8 @@ Exact: a 128-bit hash of the cleaned text. Near: MinHash (datasketch) over word 
 character 5-grams for Chinese, cut into LSH bands (datatrove's 14 x 8 by default); two documents that share any
 band key are near-duplicates. Both kinds of keys live in indexed catalog tables, so a document is checked against
 all history, not just its batch, and the lookup scales with PostgreSQL. Keys of the slice being built are written
-as it goes (bounded memory); they only count as history once the slice commits, and keys left behind by a crashed
-run are removed before the next one starts.
+in sorted bulk transactions as it goes (memory bounded by `DedupIndex.pending_keys`); they only count as history once
+the slice commits, and keys left behind by a crashed run are removed before the next one starts.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import hashlib
 import re
 import zlib
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
-from sqlalchemy import delete, insert, select
+from sqlalchemy import bindparam, delete, insert, select
 
 from wudao.catalog import Catalog, Document, MinhashBand, Slice
 
@@ -55,34 +56,63 @@ class MinHasher:
     def _units(self, text: str, lang: str) -> list[str]:
         return _ZH_CHARS.findall(text.lower()) if lang == "zh" else _WORDS.findall(text.lower())
 
+    def _unit_ids(self, units: list[str]) -> np.ndarray:
+        """CRC32 of each unit; each distinct unit is hashed once (the cache is bounded: a long stream's
+        vocabulary keeps growing), then one C-level pass maps every unit to its hash."""
+        cache = self._unit_hash
+        if len(cache) > 1_000_000:
+            cache.clear()
+        for u in set(units).difference(cache):
+            cache[u] = zlib.crc32(u.encode())
+        return np.fromiter(map(cache.__getitem__, units), dtype=np.uint64, count=len(units))
+
+    def _grams(self, ids: np.ndarray, n: int) -> np.ndarray:
+        """The 32-bit hash of every run of n consecutive units: sum of unit hash x multiplier, mod 2^32."""
+        grams = np.zeros(max(0, len(ids) - n + 1), dtype=np.uint64)
+        for k in range(n):  # products < 2^64; the sum wraps mod 2^64, which keeps it right mod 2^32
+            grams += ids[k : len(ids) - n + 1 + k] * self._MULTIPLIERS[k]
+        return grams & np.uint64(0xFFFFFFFF)
+
+    def gram_hashes(self, docs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+        """The n-gram hashes of every document, back to back, and how many each has (at least one: the whole
+        text when it is shorter than n, 0 for a text without units). Computed over the concatenated units of
+        all documents at once; grams that would straddle two documents are never picked."""
+        units = [self._units(text, lang) for text, lang in docs]
+        ids = self._unit_ids(list(chain.from_iterable(units)))
+        lens = np.fromiter(map(len, units), dtype=np.int64, count=len(units))
+        starts = np.cumsum(lens) - lens
+        ns = np.array([self.ngram["zh" if lang == "zh" else "en"] for _, lang in docs], dtype=np.int64)
+        counts = lens - ns + 1
+        pools, pool_start, base = [], np.zeros(len(docs), dtype=np.int64), 0
+        for n in np.unique(ns[counts > 0]).tolist():  # the usual case: one pass over all units per n-gram size
+            use = (ns == n) & (counts > 0)
+            pool_start[use] = base + starts[use]
+            pools.append(self._grams(ids, n))
+            base += len(pools[-1])
+        for d in np.flatnonzero(counts <= 0).tolist():  # shorter than n: one gram of every unit (or 0 for none)
+            pools.append(self._grams(ids[starts[d] : starts[d] + lens[d]], lens[d]) if lens[d] else np.zeros(1, dtype=np.uint64))
+            pool_start[d], counts[d] = base, 1
+            base += 1
+        first = np.cumsum(counts) - counts
+        picks = np.repeat(pool_start - first, counts) + np.arange(counts.sum())
+        return np.concatenate(pools)[picks], counts
+
     def shingle_hashes(self, text: str, lang: str) -> np.ndarray:
         """Distinct 32-bit hashes of the document's n-grams (the whole text when shorter than n)."""
-        cache = self._unit_hash
-        if len(cache) > 1_000_000:  # bounded: the vocabulary of a long stream keeps growing
-            cache.clear()
-        units = self._units(text, lang)
-        ids = np.fromiter((cache.get(u) or cache.setdefault(u, zlib.crc32(u.encode())) for u in units),
-                          dtype=np.uint64, count=len(units))  # fmt: skip
-        n = min(self.ngram[lang if lang == "zh" else "en"], max(1, len(ids)))
-        if len(ids) == 0:
-            return np.zeros(1, dtype=np.uint64)
-        grams = np.zeros(len(ids) - n + 1, dtype=np.uint64)
-        for k in range(n):
-            grams = (grams + ids[k : len(ids) - n + 1 + k] * self._MULTIPLIERS[k]) & np.uint64(0xFFFFFFFF)
-        return np.unique(grams)
+        return np.unique(self.gram_hashes([(text, lang)])[0])
 
     def signatures(self, docs: list[tuple[str, str]]) -> np.ndarray:
         """MinHash signatures (D, bands * rows) of (text, lang) pairs, exactly what datasketch's
         `MinHash.update_batch` gives for each document alone, computed for the whole batch in one numpy pass:
-        datasketch's own pre-mix and permutations, one min-reduction per document."""
+        datasketch's own pre-mix and permutations, one min-reduction per document (a repeated n-gram cannot
+        change a minimum, so they are not removed first)."""
         from datasketch.minhash import _SCHEME_DTYPES, _SCHEME_WIDTHS, _fmix
 
-        hashes = [self.shingle_hashes(text, lang) for text, lang in docs]
-        offsets = np.cumsum([0] + [len(h) for h in hashes[:-1]])
-        hv = np.concatenate(hashes).astype(_SCHEME_DTYPES[self.SCHEME]).reshape(-1, 1)
+        hashes, counts = self.gram_hashes(docs)
+        hv = hashes.astype(_SCHEME_DTYPES[self.SCHEME]).reshape(-1, 1)
         a, b = self._proto.permutations
         permuted = _fmix(hv, _SCHEME_WIDTHS[self.SCHEME]) * a + b  # (N shingles, P): wraps mod 2^width, as datasketch
-        return np.minimum.reduceat(permuted, offsets, axis=0).astype(np.uint64)
+        return np.minimum.reduceat(permuted, np.cumsum(counts) - counts, axis=0).astype(np.uint64)
 
     def band_keys_many(self, docs: list[tuple[str, str]], chunk: int = 256) -> list[list[int]]:
         """One signed 64-bit key per band and document (the band's rows mixed into 64 bits, then the band index)."""
@@ -116,10 +146,18 @@ class Candidate:
 
 
 class DedupIndex:
-    """Checks candidates against history + the slice being built, and records the ones that are kept."""
+    """Checks candidates against history + the slice being built, and records the ones that are kept.
 
-    def __init__(self, catalog: Catalog, slice_id: str):
-        self.catalog, self.slice_id = catalog, slice_id
+    Kept keys wait in memory (a sorted array of band keys, a set of hashes) until `pending_keys` of them have
+    gathered, then go to the catalog in one transaction, sorted: random single inserts into the band-key index
+    rewrite a page for nearly every key once the index outgrows SQLite's cache, sorted bulk inserts write each
+    page once. Memory stays bounded by `pending_keys`; the verdicts are the same either way.
+    """
+
+    def __init__(self, catalog: Catalog, slice_id: str, pending_keys: int = 2_000_000):
+        self.catalog, self.slice_id, self.pending_keys = catalog, slice_id, pending_keys
+        self._keys = np.zeros(0, dtype=np.int64)  # sorted, distinct: kept band keys not yet in the catalog
+        self._docs: dict[str, str] = {}  # hash -> lang of kept documents not yet in the catalog
         with catalog.session() as s:
             committed = select(Slice.id)
             # Keys of a slice that never committed (a crashed run) are not history.
@@ -129,12 +167,14 @@ class DedupIndex:
     def check_and_add(self, candidates: list[Candidate]) -> list[str | None]:
         """For each candidate: `exact`, `near` or None (new: its keys are recorded for later candidates)."""
         hashes = {c.hash for c in candidates}
-        keys = {k for c in candidates for k in c.band_keys}
+        keys = np.unique(np.fromiter((k for c in candidates for k in c.band_keys), dtype=np.int64))
+        pending = _members(self._keys, keys)
+        seen_hashes = hashes & self._docs.keys()
         with self.catalog.session() as s:
-            seen_hashes = _existing(s, Document.hash, hashes)
-            seen_keys = _existing(s, MinhashBand.band_key, keys)
+            seen_hashes |= _existing(s, Document.hash, hashes - seen_hashes)
+            seen_keys = set(keys[pending].tolist()) | _existing(s, MinhashBand.band_key, keys[~pending].tolist())
         verdicts: list[str | None] = []
-        new_docs, new_bands = [], []
+        new_keys: list[int] = []
         for c in candidates:
             if c.hash in seen_hashes:
                 verdicts.append("exact")
@@ -142,24 +182,57 @@ class DedupIndex:
                 verdicts.append("near")
             else:
                 verdicts.append(None)
-                new_docs.append({"hash": c.hash, "slice_id": self.slice_id, "lang": c.lang})
-                new_bands.extend({"band_key": k, "slice_id": self.slice_id} for k in set(c.band_keys))
+                self._docs[c.hash] = c.lang
+                new_keys.extend(c.band_keys)
             # Later candidates of this batch are checked against the earlier ones too.
             seen_hashes.add(c.hash)
             seen_keys.update(c.band_keys)
-        with self.catalog.session() as s:
-            conn = s.connection()  # Core executemany: the ORM's bulk path costs more than the insert itself
-            if new_docs:
-                conn.execute(insert(Document.__table__), new_docs)
-            if new_bands:
-                conn.execute(insert(MinhashBand.__table__), new_bands)
+        if new_keys:  # distinct: a kept document shares no key with anything seen before it
+            new = np.unique(np.array(new_keys, dtype=np.int64))
+            self._keys = np.insert(self._keys, np.searchsorted(self._keys, new), new)
+        if len(self._keys) + 16 * len(self._docs) >= self.pending_keys:
+            self.flush()
         return verdicts
 
+    def flush(self) -> None:
+        """Write the pending keys to the catalog (one transaction, in key order)."""
+        if not len(self._keys) and not self._docs:
+            return
+        with self.catalog.session() as s:
+            conn = s.connection()
+            _insert_rows(conn, Document.__table__, ("hash", "slice_id", "lang"),
+                         [(h, self.slice_id, self._docs[h]) for h in sorted(self._docs)])  # fmt: skip
+            _insert_rows(conn, MinhashBand.__table__, ("band_key", "slice_id"), [(k, self.slice_id) for k in self._keys.tolist()])
+        self._keys = np.zeros(0, dtype=np.int64)
+        self._docs = {}
 
-def _existing(session, column, values: set) -> set:
+
+def _members(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Which of `keys` are in the sorted array."""
+    if not len(sorted_keys):
+        return np.zeros(len(keys), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
+
+
+def _insert_rows(conn, table, columns: tuple[str, ...], rows: list[tuple], chunk: int = 100_000) -> None:
+    """Plain DB-API executemany where the driver's placeholder is known (SQLAlchemy's per-row parameter
+    processing costs more than SQLite's insert itself); Core's insert elsewhere."""
+    mark = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(conn.dialect.paramstyle)
+    sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join([mark or ''] * len(columns))})"
+    for i in range(0, len(rows), chunk):
+        part = rows[i : i + chunk]
+        if mark is None:
+            conn.execute(insert(table), [dict(zip(columns, r)) for r in part])
+        else:
+            conn.exec_driver_sql(sql, part)
+
+
+def _existing(session, column, values) -> set:
+    """Which of `values` the column holds (in sorted chunks: neighbouring keys share index pages)."""
     found: set = set()
     ordered = sorted(values)
+    query = select(column).where(column.in_(bindparam("values", expanding=True)))  # compiled once, not per value
     for i in range(0, len(ordered), _LOOKUP_CHUNK):
-        chunk = ordered[i : i + _LOOKUP_CHUNK]
-        found.update(session.scalars(select(column).where(column.in_(chunk))))
+        found.update(session.scalars(query, {"values": ordered[i : i + _LOOKUP_CHUNK]}))
     return found

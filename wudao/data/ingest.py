@@ -349,6 +349,7 @@ class SliceBuilder:
     def commit(self) -> IngestReport:
         """Flush shards, write the manifest (the store commit), then record everything in one transaction."""
         r = self.report
+        self.dedup.flush()  # every kept key in the catalog before the manifest makes the slice visible
         r.quarantined = len(self.rejected)
         r.quarantine_reasons = dict(sorted(Counter(q.reason for q in self.rejected).items()))
         kept_anything = r.documents_accepted or self._images_waiting or r.images_accepted
