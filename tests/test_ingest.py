@@ -238,3 +238,13 @@ def test_sqlite_and_postgresql_catalogs_agree(local_settings, postgres_url, tmp_
     for r in reports:
         r.pop("manifest_uri")
     assert reports[0] == reports[1]
+
+
+def test_text_without_letters_is_other_language_every_time():
+    """lingua scores letterless text 0 for every language, in an arbitrary order: it must not become zh or en."""
+    from wudao.config import CleanSettings
+    from wudao.data.clean import Cleaner
+
+    cleaner = Cleaner(CleanSettings())
+    assert cleaner.languages(["...", "!!", "#### ....", "12345"]) == ["other"] * 4
+    assert cleaner.languages([EN_DOC, ZH_DOC]) == ["en", "zh"]

@@ -52,8 +52,10 @@ _CONTROL = re.compile(
 def normalize(text: str) -> str:
     """NFKC, control characters dropped (newlines and tabs kept), runs of spaces and blank lines collapsed."""
     text = _CONTROL.sub("", unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n"))
-    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
-    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+    text = _SPACES.sub(" ", text)  # the pattern never spans a newline: the same as line by line, in one pass
+    if "\n" not in text:
+        return text.strip()
+    return _BLANK_LINES.sub("\n\n", "\n".join([line.strip() for line in text.split("\n")])).strip()
 
 
 _MAYBE_NUMBER = re.compile(r"\d{3}")
@@ -78,14 +80,22 @@ def _plainly_english(text: str) -> bool:
     if not text.isascii():
         return False
     words = text.lower().split()
-    return len(words) >= 20 and sum(w in _ENGLISH_ONLY_WORDS for w in words) >= 0.12 * len(words)
+    return len(words) >= 20 and sum(map(_ENGLISH_ONLY_WORDS.__contains__, words)) >= 0.12 * len(words)
 _ALPHA_TOKEN = re.compile(r"\S*[^\W\d_]\S*")
 
 
-def han_ratio(text: str) -> float:
-    # Counted by deletion (one C-level pass each) rather than by materialising a list of every character.
+def han_count(text: str) -> int:
+    # Counted by deletion (one C-level pass) rather than by materialising a list of every character.
+    return 0 if text.isascii() else len(text) - len(_HAN.sub("", text))
+
+
+def han_ratio(text: str, han: int | None = None) -> float:
+    """Share of Chinese characters among the non-space characters (`han`: their count, when already known)."""
+    han = han_count(text) if han is None else han
+    if not han:
+        return 0.0
     non_space = len(_SPACE_CHARS.sub("", text))
-    return (len(text) - len(_HAN.sub("", text))) / non_space if non_space else 0.0
+    return han / non_space if non_space else 0.0
 
 
 @dataclass
@@ -137,7 +147,9 @@ class Cleaner:
             for i, confidences in zip(todo, all_confidences):
                 # Short English full of proper names ("Liechtenstein uses the Swiss Franc") can score slightly
                 # higher for another language; a fair English confidence suffices when only zh and en are kept.
-                best = confidences[0] if confidences else None
+                # Text without letters scores 0 for every language, listed in an arbitrary order: that is "other",
+                # not whichever language happens to come first.
+                best = confidences[0] if confidences and confidences[0].value > 0 else None
                 english = next((c.value for c in confidences if c.language == Language.ENGLISH), 0.0)
                 if best is not None and (best.language == Language.ENGLISH or english >= 0.25):
                     out[i] = "en"
@@ -157,7 +169,9 @@ class Cleaner:
         if lang == "zh":
             if self.cfg.traditional_to_simplified:
                 text = self._t2s.convert(text)
-            text = "\n".join(line for line in text.split("\n") if not _ZH_BOILERPLATE.search(line)).strip()
+            if _ZH_BOILERPLATE.search(text):  # no pattern spans a newline: a miss on the whole text is a miss per line
+                text = "\n".join(line for line in text.split("\n") if not _ZH_BOILERPLATE.search(line))
+            text = text.strip()
             reason = self._zh_quality(text)
         elif lang == "en":
             reason = self._en_quality(text)
@@ -175,15 +189,18 @@ class Cleaner:
         return scrub_pii(text) if self.cfg.scrub_pii else text
 
     def _garbled(self, text: str) -> bool:
+        if text.isascii():  # every garbled pattern has a non-ASCII character
+            return False
         return len(_GARBLED.findall(text)) / max(1, len(text)) > self.cfg.max_garbled_ratio
 
     def _zh_quality(self, text: str) -> str | None:
         c = self.cfg
         if self._garbled(text):
             return "garbled"
-        if len(_HAN.findall(text)) < c.zh_min_chars:
+        han = han_count(text)
+        if han < c.zh_min_chars:
             return "zh_too_short"
-        if han_ratio(text) < c.zh_min_han_ratio:
+        if han_ratio(text, han) < c.zh_min_han_ratio:
             return "zh_low_han_ratio"
         return self._repetition(list(text.replace("\n", "")), c.max_top_ngram_fraction)
 
@@ -198,20 +215,21 @@ class Cleaner:
         words = _WORD.findall(text)
         if not c.en_min_words <= len(words) <= c.en_max_words:
             return "en_word_count"
-        mean_len = sum(len(w) for w in words) / len(words)
+        mean_len = sum(map(len, words)) / len(words)
         if not c.en_min_mean_word_length <= mean_len <= c.en_max_mean_word_length:
             return "en_mean_word_length"
         tokens = text.split()
         if len(_ALPHA_TOKEN.findall(text)) / len(tokens) < c.en_min_alpha_word_ratio:
             return "en_alpha_ratio"
-        if sum(1 for w in words if w.lower() in _EN_STOP_WORDS) < c.en_min_stop_words:
+        lowered = list(map(str.lower, words))
+        if sum(map(_EN_STOP_WORDS.__contains__, lowered)) < c.en_min_stop_words:
             return "en_stop_words"
         if (text.count("#") + text.count("...") + text.count("…")) / len(tokens) > c.en_max_symbol_word_ratio:
             return "en_symbols"
         lines = [line for line in text.split("\n") if line.strip()]
         if sum(1 for line in lines if line.rstrip().endswith((".", "!", "?", '"', "'"))) / len(lines) < c.en_min_terminal_punct_lines:
             return "en_terminal_punctuation"
-        return self._repetition([w.lower() for w in words], c.max_top_ngram_fraction)
+        return self._repetition(lowered, c.max_top_ngram_fraction)
 
     @staticmethod
     def _repetition(units: list[str], max_fraction: float) -> str | None:
