@@ -37,7 +37,10 @@ def _settings(**overrides: Any):
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from flows.common import TrainingBusy
+    from flows.deploy import TriggerError
     from wudao.catalog import CatalogError
+    from wudao.tracking import TrackingError
     from wudao.data.ingest import IngestError
     from wudao.eval.fid import FIDError
     from wudao.registry import RegistryError
@@ -47,8 +50,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from wudao.train.checkpoint import CheckpointError
     from wudao.train.loop import TrainError
 
-    return (CatalogError, IngestError, RegistryError, StackError, StageError, StorageError, CheckpointError, TrainError,
-            FIDError)
+    return (CatalogError, IngestError, RegistryError, StackError, StageError, StorageError, CheckpointError, TrainError, FIDError,
+            TrackingError, TrainingBusy, TriggerError)
 
 
 def _run(json_mode: bool, work: Callable[[], dict[str, Any]], render: Callable[[dict[str, Any]], None]) -> None:
@@ -155,7 +158,7 @@ def demo_data(
     TEST-ONLY Inception weights for a demo FID."""
     from wudao.data.demo import write_demo
 
-    _run(json_out, lambda: write_demo(out, slices=slices, seed=seed, fid_weights=True), _print_kv)
+    _run(json_out, lambda: write_demo(out, slices=slices, seed=seed, fid_weights=True, train_scenes=48), _print_kv)
 
 
 @app.command("ingest")
@@ -185,6 +188,7 @@ def train_cmd(
     start: Annotated[str, typer.Option("--from", help="champion (default; scratch when none), scratch, or a checkpoint URI.")] = "champion",
     steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: train.steps).")] = None,
     run_id: Annotated[str | None, typer.Option(help="Resume or name a run (default: derived from slices, start and settings, so a rerun after a crash resumes).")] = None,
+    keep_history: Annotated[bool, typer.Option("--keep-history", hidden=True, help="Keep the per-step history in the result.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Continue pre-training on a slice with replay of the earlier slices; resumes an interrupted run.
@@ -196,7 +200,8 @@ def train_cmd(
     def work():
         overrides = {"train": {"steps": steps}} if steps else {}
         result = stages.run_train(_settings(**overrides), slice_id, start, run_id)
-        result.pop("history")
+        if not keep_history:
+            result.pop("history")
         return result
 
     if int(os.environ.get("RANK", "0")) == 0:
@@ -270,7 +275,10 @@ def cycle_cmd(
         settings = _settings()
         if settings.prefect_api_url:
             os.environ["PREFECT_API_URL"] = settings.prefect_api_url  # record the run on the stack's server
+        from flows.common import ensure_server_setup
         from flows.lifelong import lifelong_cycle
+
+        ensure_server_setup(settings)
 
         overrides: dict[str, Any] = {}
         if steps:
@@ -295,6 +303,11 @@ def _render_cycle(result: dict[str, Any]) -> None:
         t, r = result["train"], result["registration"]
         typer.echo(f"train:    {t['steps']} steps, final loss {t['final_loss']:.3f}, from {t['resumed_from'] or 'scratch'}")
         typer.echo(f"evaluate: held-out loss {json.dumps({k: round(v, 3) for k, v in result['evaluation']['candidate'].items()})}")
+        if fid := result["evaluation"].get("fid"):
+            typer.echo(f"          FID {fid['fid']:.2f}, KID {fid['kid_mean']:.4f} ± {fid['kid_std']:.4f} over {fid['n_images']} captions")
+            for note in (fid.get("warning"), fid.get("weights_note")):
+                if note:
+                    typer.echo(f"          note: {note}")
         if kg := result["evaluation"].get("kg"):
             typer.echo(f"          KG P@1 {kg['p_at_1']:.3f} (95% CI {kg['ci95'][0]:.3f}-{kg['ci95'][1]:.3f}), MRR {kg['mrr']:.3f} "
                        f"over {kg['n_facts']} facts")  # fmt: skip
@@ -307,12 +320,17 @@ def _render_cycle(result: dict[str, Any]) -> None:
 
 @app.command("deploy")
 def deploy_cmd(
-    cron: Annotated[str | None, typer.Option(help='Schedule, e.g. "0 2 * * *" (UTC); none = trigger only.')] = None,
-    source: Annotated[str | None, typer.Option(help="Default SOURCE parameter of scheduled runs.")] = None,
+    cron: Annotated[str | None, typer.Option(help='Schedule of lifelong-cycle, e.g. "0 2 * * *" (UTC); none = trigger only.')] = None,
+    source: Annotated[str | None, typer.Option(help="Default SOURCE parameter of lifelong-cycle (needed with --cron).")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Flow runs executed at once (trainings still go one at a time).")] = 4,
+    detach: Annotated[bool, typer.Option("--detach", help="Serve in the background (stopped by `wudao stack down`).")] = False,
+    setup_only: Annotated[bool, typer.Option("--setup-only", help="Only prepare the server (training limit, result storage) for prefect.yaml deployments.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
-    """Serve the `lifelong-cycle/default` deployment on the Prefect server (runs until stopped).
+    """Serve the flows lifelong-cycle, ingest, train, evaluate and register as `<flow>/default` deployments.
 
-    Triggered runs (UI, `curl`, `run_deployment`) execute in this process, one at a time.
+    Triggered runs (UI, `wudao trigger`, `curl`, `run_deployment`) and scheduled ones execute in this process's
+    subprocesses. Without --detach it runs until stopped.
     """
     settings = _settings()
     if not settings.prefect_api_url:
@@ -320,12 +338,60 @@ def deploy_cmd(
         raise typer.Exit(1)
     if cron and not source:
         typer.echo("error: a schedule needs --source (the folder or s3:// prefix to watch)", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(2)
+    if source and not source.startswith("s3://"):
+        source = str(Path(source).resolve())  # runs execute elsewhere: a relative folder would not resolve there
     os.environ["PREFECT_API_URL"] = settings.prefect_api_url
-    from flows.lifelong import lifelong_cycle
+    if setup_only:
+        from flows.common import ensure_server_setup
 
-    typer.echo(f"serving lifelong-cycle/default on {settings.prefect_api_url} (Ctrl+C to stop)", err=True)
-    lifelong_cycle.serve(name="default", cron=cron, parameters={"source": source} if source else {}, limit=1)
+        _run(json_out, lambda: ensure_server_setup(settings), _print_kv)
+        return
+    if detach:
+        from wudao import stack
+
+        def work():
+            cmd = [sys.executable, "-m", "wudao.cli", "deploy", "--limit", str(limit)]
+            cmd += ["--cron", cron, "--source", source] if cron else (["--source", source] if source else [])
+            return stack.start_flow_server(settings.home, cmd, settings.prefect_api_url, settings.stack.start_timeout_s)
+
+        _run(json_out, work, _print_kv)
+        return
+    from flows.deploy import serve
+
+    typer.echo(f"serving lifelong-cycle, ingest, train, evaluate, register on {settings.prefect_api_url} (Ctrl+C to stop)", err=True)
+    serve(settings, cron=cron, source=source, limit=limit)
+
+
+@app.command("trigger")
+def trigger_cmd(
+    flow: Annotated[str, typer.Argument(help="lifelong-cycle, ingest, train, evaluate or register (or FLOW/DEPLOYMENT).")],
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE (VALUE read as JSON when it parses); repeatable.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the run to its end and print its result.")] = False,
+    timeout: Annotated[float | None, typer.Option(min=0, help="With --wait: stop following after this many seconds.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Start a run of a deployed flow through the Prefect API (as the UI or `curl` would)."""
+    from flows.deploy import parse_params, trigger
+
+    def work():
+        settings = _settings()
+        if settings.prefect_api_url:
+            os.environ["PREFECT_API_URL"] = settings.prefect_api_url
+        return trigger(settings, flow, parse_params(param or []), wait=wait, timeout_s=timeout)
+
+    _run(json_out, work, _render_trigger)
+
+
+def _render_trigger(result: dict[str, Any]) -> None:
+    typer.echo(f"flow run:   {result['flow_run_name']} ({result['deployment']}) {result['state']}")
+    if result.get("url"):
+        typer.echo(f"Prefect UI: {result['url']}")
+    outcome = result.get("result")
+    if isinstance(outcome, dict) and "ingest" in outcome:  # a lifelong cycle
+        _render_cycle(outcome)
+    elif outcome is not None:
+        _print_kv(outcome if isinstance(outcome, dict) else {"result": outcome})
 
 
 @app.command("promote")
