@@ -18,7 +18,11 @@ venv: $(STAMP)
 # Start the local stack, make demo data, serve the flows (lifelong-cycle nightly at 02:00 UTC), trigger one cycle
 # through the Prefect API and print the MLflow and Prefect URLs. `make stack-down` stops everything.
 DEMO_ABS = $(abspath $(DEMO))
-DEMO_ENV = WUDAO_EVAL__KG_URI=$(DEMO_ABS)/kg
+# The demo model also learns to draw (the first slice holds scenes) and every cycle measures FID on the demo
+# captions, with random TEST-ONLY Inception weights (the output says so; see README for real MS-COCO).
+DEMO_ENV = WUDAO_EVAL__KG_URI=$(DEMO_ABS)/kg WUDAO_EVAL__FID_COCO_URI=$(DEMO_ABS)/coco \
+           WUDAO_TRAIN__IMAGE_RATIO=0.3 WUDAO_TRAIN__SEQ_LEN=112 WUDAO_TRAIN__VQ_STEPS=80 \
+           WUDAO_EVAL__FID_WEIGHTS_URI=$(DEMO_ABS)/fid/inception-random-TEST-ONLY.pth WUDAO_EVAL__FID_N=48
 demo: $(STAMP)
 	$(BIN)/wudao stack up
 	$(BIN)/wudao demo-data $(DEMO)

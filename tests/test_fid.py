@@ -185,6 +185,15 @@ def test_stage_and_cli_with_a_trained_model(weights, demo_dir, tmp_path):
     assert {"fid", "kid_mean", "kid_std", "n_images", "n_skipped", "reference_cached", "warning", "weights_note"} <= set(report)
     assert report["reference_cached"] is True and report["n_skipped"] == 0
 
+    # In a cycle's evaluate stage: the grid goes to the stage's run, the metrics are left to the evaluation's
+    # logging (no duplicates), and the result carries the key the FID gate compares under.
+    cycle_settings = settings.model_copy(update={"eval": settings.eval.model_copy(update={"fid_coco_uri": str(demo_dir / "coco"), "fid_n": 3})})
+    evaluate_run = client.create_run(experiment).info.run_id
+    evaluation = stages.run_evaluate(cycle_settings, ckpt, None, mlflow_run_id=evaluate_run)
+    assert evaluation["fid"]["key"] == f"{report['reference_key']}/k1" and evaluation["fid"]["reference_cached"]
+    assert any("fid_samples" in a.path for a in client.list_artifacts(evaluate_run, "images"))
+    assert "fid" not in client.get_run(evaluate_run).data.metrics
+
 
 def test_human_output_says_biased_next_to_the_number(capsys):
     from wudao.cli import _render_fid

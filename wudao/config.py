@@ -159,7 +159,10 @@ class TrainSettings(BaseModel):
     slice_weights: dict[str, float] = {}
     """Relative replay weight of earlier slices by id (others weigh 1)."""
     image_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    """Share of steps that train on image-caption pairs (needs a VQ model from `wudao train-vq`)."""
+    """Share of steps that train on image-caption pairs (the image tokenizer is trained on first use)."""
+    vq_steps: int = Field(300, ge=1)
+    """Steps of the VQ-VAE image tokenizer, trained once (then frozen, like the text tokenizer) by the first
+    training with `image_ratio` > 0 whose slices hold images; `wudao train-vq` retrains it by hand."""
     token_prob: float = 0.5
     """Probability of the token-span ([MASK]) objective per text step (GLM-10B 0.5)."""
     sentence_prob: float = 0.3

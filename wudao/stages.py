@@ -150,12 +150,31 @@ def _run_id(slices: list[str], init_uri: str | None, settings: Settings) -> str:
 
 
 def _image_pairs(settings: Settings, store: ObjectStore, slices: list[str]):
-    """Caption ids and VQ codes of the slices' images, or None when no VQ model has been trained yet."""
+    """Caption ids and VQ codes of the slices' images (training the image tokenizer first when there is none
+    yet and the slices hold images), or None when there are no images to learn from."""
+    import sys
+
     from wudao.train import vq
 
     model = vq.load_current(store)
     if model is None:
-        return None
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train (and write) its own tokenizer
+            raise StageError("no image tokenizer yet: run `wudao train-vq` once before a multi-process training")
+        try:
+            report = vq.train_vq(store, slices, _cache_dir(settings), image_size=settings.ingest.image_size,
+                                 codebook_size=settings.model.image_codebook_size, steps=settings.train.vq_steps,
+                                 seed=settings.train.seed)  # fmt: skip
+        except vq.VQError as e:  # no images yet: text only this time
+            print(f"no image tokenizer and {e}: training on text only", file=sys.stderr)
+            return None
+        print(f"trained the image tokenizer once: {report}", file=sys.stderr)
+        model = vq.load_current(store)
+    codes = (settings.ingest.image_size // 2**model.cfg.n_down) ** 2
+    if settings.train.seq_len < codes + 24:  # [ROI] caption [BASE] [BOI] codes [EOI] in one row
+        raise StageError(f"train.seq_len={settings.train.seq_len} cannot hold an image row ({codes} codes + its caption): "
+                         f"set train.seq_len to at least {codes + 24} (and model.max_seq_len with it), or image_ratio=0")  # fmt: skip
     return vq.encode_slices(model, store, slices, _cache_dir(settings), settings.ingest.image_size, settings.model)
 
 
@@ -177,11 +196,28 @@ def run_evaluate(settings: Settings, checkpoint_uri: str, parent_checkpoint_uri:
     result: dict[str, Any] = {"checkpoint_uri": checkpoint_uri, "slices": slices, "candidate": losses(candidate.model), "parent": None}
     if parent_checkpoint_uri:
         result["parent"] = losses(load_checkpoint(store, parent_checkpoint_uri).model)
+    if settings.eval.fid_coco_uri:
+        result["fid"] = _cycle_fid(settings, checkpoint_uri, mlflow_run_id)
     if settings.eval.kg_uri:
         result["kg"] = run_eval_kg(settings, checkpoint_uri, settings.eval.kg_uri, settings.eval.kg_limit, with_facts=True)
         if parent_checkpoint_uri:  # the same facts, so the KG gate compares like with like
             result["kg_parent"] = run_eval_kg(settings, parent_checkpoint_uri, settings.eval.kg_uri, settings.eval.kg_limit)
     return result
+
+
+def _cycle_fid(settings: Settings, checkpoint_uri: str, mlflow_run_id: str | None) -> dict[str, Any] | None:
+    """FID/KID of a cycle's candidate (grid logged to the evaluate run; metrics are logged with the rest of the
+    evaluation). Without an image tokenizer there is nothing to draw with: FID is skipped, and the FID gate says so."""
+    import sys
+
+    from wudao.train import vq
+
+    if vq.load_current(platform_store(settings)) is None:
+        print("FID skipped: no image tokenizer yet (no images ingested)", file=sys.stderr)
+        return None
+    report = run_eval_fid(settings, checkpoint_uri, settings.eval.fid_coco_uri, mlflow_run_id=mlflow_run_id, log_metrics=False)
+    # FIDs compare only when measured the same way: same reference set and statistics, same number of candidates.
+    return {**report, "key": f"{report['reference_key']}/k{report['candidates']}"}
 
 
 def load_kg(settings: Settings, kg_uri: str):
@@ -296,7 +332,7 @@ def draw(settings: Settings, gen, caption: str, out, candidates: int, seed: int)
 
 
 def run_eval_fid(settings: Settings, model: str, coco_uri: str, n: int | None = None, candidates: int | None = None,
-                 mlflow_run_id: str | None = None, step: int = 0) -> dict[str, Any]:  # fmt: skip
+                 mlflow_run_id: str | None = None, step: int = 0, log_metrics: bool = True) -> dict[str, Any]:  # fmt: skip
     """MS-COCO FID / KID (and FID-k) of `model`'s text -> image generation (see wudao/eval/fid.py).
 
     Generated PNGs, the sample grid and the report go to `eval/<mlflow_run_id or fid-<digest>>/fid/` in the platform
@@ -348,6 +384,7 @@ def run_eval_fid(settings: Settings, model: str, coco_uri: str, n: int | None = 
         values = {"fid": report["fid"], "kid_mean": report["kid_mean"], "kid_std": report["kid_std"],
                   **{f"fid_blur/{r}": v for r, v in report.get("fid_blur", {}).items()}}  # fmt: skip
         now = int(time.time() * 1000)
-        c.log_batch(mlflow_run_id, metrics=[Metric(name, float(v), now, step) for name, v in values.items()])
+        if log_metrics:
+            c.log_batch(mlflow_run_id, metrics=[Metric(name, float(v), now, step) for name, v in values.items()])
         c.log_image(mlflow_run_id, grid_image, key="fid_samples", step=step)
     return {"model": uri, "coco": coco_uri, "eval_id": eval_id, "candidates": k, **report}

@@ -139,7 +139,7 @@ def _fill(template: str, subject: str, obj: str) -> str:
 
 
 def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: int = 2, images: int = 48,
-               fid_weights: bool = False) -> dict:  # fmt: skip
+               fid_weights: bool = False, train_scenes: int = 0) -> dict:  # fmt: skip
     """Write the demo corpus, KG and captioned images (and, with `fid_weights`, TEST-ONLY random Inception weights
     so the demo can run FID offline) under `out`; returns a summary."""
     if slices < 1:
@@ -178,6 +178,8 @@ def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: 
 
     coco_dir = out / "coco"
     n_images = write_scenes(coco_dir, n=images, seed=seed)
+    if train_scenes:  # other scenes for the model to learn drawing from, in the first slice (MS-COCO layout)
+        write_scenes(out / "corpus" / "slice-01" / "scenes", n=train_scenes, seed=seed + 1000)
     extra = {}
     if fid_weights:
         from wudao.eval.fid import write_random_inception_weights
@@ -195,6 +197,7 @@ def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: 
         "kg_dir": str(kg_dir),
         "coco_dir": str(coco_dir),
         "images": n_images,
+        "train_scenes": train_scenes,
         **extra,
     }
 
