@@ -41,3 +41,22 @@ def test_train_vq_then_draw(tmp_path, demo_dir):
         assert img.format == "PNG" and img.size == (64, 64)
     filled = wudao("generate", "--model", trained["checkpoint_uri"], "--text", "The capital of France is [MASK].")
     assert filled["text"].startswith("The capital of France is") and filled["text"].endswith(".")
+
+    # The registered pyfunc flavour draws too: the same artefacts registration logs, loaded the way MLflow does.
+    import base64
+    import io
+    from types import SimpleNamespace
+
+    from wudao.data.tokenizer import tokenizer_key
+    from wudao.pyfunc import WudaoLM, model_artifacts
+    from wudao.storage import open_store
+
+    store = open_store(str(tmp_path / "objects"))
+    served = WudaoLM()
+    artifacts = model_artifacts(store, trained["checkpoint_uri"], tokenizer_key(trained["tokenizer_version"]),
+                                64, tmp_path / "artifacts")  # fmt: skip
+    served.load_context(SimpleNamespace(artifacts=artifacts))
+    png = served.predict(None, ["a red circle on a blue background"], {"mode": "image", "candidates": 2})[0]
+    with Image.open(io.BytesIO(base64.b64decode(png))) as img:
+        assert img.format == "PNG" and img.size == (64, 64)
+    assert served.predict(None, ["The capital of France is [MASK]."])[0].startswith("The capital of France is")

@@ -151,30 +151,6 @@ def rollback(settings: Settings) -> dict[str, Any]:
     return {"model": name, "champion": target, "previous": current.version}
 
 
-class WudaoLM(mlflow.pyfunc.PythonModel):
-    """pyfunc flavour: `predict(["The capital of France is [MASK].", "Paris is"], params={"max_new_tokens": n})`
-    fills each prompt's blank, or continues a prompt without one (greedy)."""
-
-    def load_context(self, context) -> None:
-        from safetensors.torch import load_file
-
-        from wudao.data.tokenizer import load_tokenizer
-        from wudao.model import GLMConfig, GLMModel
-        from wudao.serving import Generator
-
-        ckpt = Path(context.artifacts["checkpoint"])
-        manifest = json.loads((ckpt / "manifest.json").read_text())
-        model = GLMModel(GLMConfig(**manifest["model_config"]))
-        model.load_state_dict(load_file(ckpt / "model.safetensors"))
-        self.generator = Generator.create(model, load_tokenizer(Path(context.artifacts["tokenizer"]).read_bytes()))
-
-    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        max_new = int((params or {}).get("max_new_tokens", 32))
-        return [self.generator.text(str(prompt), max_new) for prompt in model_input]
-
-
-
-
 def parent_record(c: MlflowClient, name: str, parent: Champion | None) -> gates.ParentRecord | None:
     """The parent version's slices and recorded FID, read from its tags."""
     if parent is None:
@@ -200,23 +176,19 @@ def _log_model(settings: Settings, store, train_result: dict[str, Any], cycle_ru
     """Log the checkpoint as a pyfunc LoggedModel in the cycle's run and register it. MLflow registers only after
     every artefact is uploaded, so a failure here leaves no version without its files."""
     from wudao.data.tokenizer import tokenizer_key
-    from wudao.storage import join_key, key_in_store
+    from wudao.pyfunc import PARAMS, WudaoLM, model_artifacts
 
-    prefix = key_in_store(store, train_result["checkpoint_uri"])
     with tempfile.TemporaryDirectory(prefix="wudao-register-") as tmp:
-        ckpt_dir = Path(tmp) / "checkpoint"
-        for file in ("model.safetensors", "manifest.json"):
-            store.get_file(join_key(prefix, file), ckpt_dir / file)
-        tok_path = store.get_file(tokenizer_key(train_result["tokenizer_version"]), Path(tmp) / "tokenizer.json")
+        artifacts = model_artifacts(store, train_result["checkpoint_uri"], tokenizer_key(train_result["tokenizer_version"]),
+                                    settings.ingest.image_size, Path(tmp))  # fmt: skip
         with mlflow.start_run(run_id=cycle_run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=WudaoLM(),
-                artifacts={"checkpoint": str(ckpt_dir), "tokenizer": str(tok_path)},
+                artifacts=artifacts,
                 pip_requirements=[f"wudao=={wudao.__version__}"],
-                # Declares `max_new_tokens`, so serving accepts it (params absent from the signature are dropped).
-                signature=infer_signature(["The capital of France is [MASK]."], ["The capital of France is Paris."],
-                                          params={"max_new_tokens": 32}),  # fmt: skip
+                # Declares the request params, so serving accepts them (params absent from the signature are dropped).
+                signature=infer_signature(["The capital of France is [MASK]."], ["The capital of France is Paris."], params=PARAMS),
                 registered_model_name=settings.registry.model_name,
             )
     return str(info.registered_model_version)

@@ -1,0 +1,91 @@
+"""The MLflow pyfunc flavour of a registered version: `mlflow models serve -m models:/wudao@champion` answers
+
+- text (default): `{"inputs": ["The capital of France is [MASK]."], "params": {"max_new_tokens": 8}}` fills each
+  blank, or continues a prompt without one (greedy);
+- image: `{"inputs": ["a red circle on a blue background"], "params": {"mode": "image", "candidates": 4}}` draws
+  each caption (CogView self-reranking over `candidates`) and returns base64-encoded PNGs.
+
+The version's artefacts are the checkpoint, its tokenizer and, when one exists, the image tokenizer (VQ-VAE) the
+platform used when the version was registered.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from wudao.storage import ObjectStore, join_key, key_in_store
+
+PARAMS = {"max_new_tokens": 32, "mode": "text", "candidates": 1, "seed": 0}
+"""The request parameters the signature declares (serving drops any it does not declare)."""
+
+
+def model_artifacts(store: ObjectStore, checkpoint_uri: str, tokenizer_key: str, image_size: int, into: Path) -> dict[str, str]:
+    """Download what a version needs into `into` and name it for `mlflow.pyfunc.log_model(artifacts=…)`."""
+    from wudao.train import vq
+
+    prefix = key_in_store(store, checkpoint_uri)
+    ckpt_dir = into / "checkpoint"
+    for file in ("model.safetensors", "manifest.json"):
+        store.get_file(join_key(prefix, file), ckpt_dir / file)
+    artifacts = {"checkpoint": str(ckpt_dir), "tokenizer": str(store.get_file(tokenizer_key, into / "tokenizer.json"))}
+    if store.exists(vq.CURRENT):
+        version = store.get_json(vq.CURRENT)["version"]
+        vq_dir = into / "vq"
+        store.get_file(join_key("vq", version, "model.safetensors"), vq_dir / "model.safetensors")
+        (vq_dir / "config.json").write_text(json.dumps({**store.get_json(join_key("vq", version, "config.json")),
+                                                        "image_size": image_size, "version": version}))  # fmt: skip
+        artifacts["vq"] = str(vq_dir)
+    return artifacts
+
+
+class WudaoLM(mlflow.pyfunc.PythonModel):
+    """Blank filling and text continuation; text -> image when the version carries an image tokenizer."""
+
+    def load_context(self, context) -> None:
+        from safetensors.torch import load_file
+
+        from wudao.data.tokenizer import load_tokenizer
+        from wudao.model import VQVAE, GLMConfig, GLMModel, VQConfig
+        from wudao.serving import Generator
+
+        ckpt = Path(context.artifacts["checkpoint"])
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        model = GLMModel(GLMConfig(**manifest["model_config"]))
+        model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        self.generator = Generator.create(model, load_tokenizer(Path(context.artifacts["tokenizer"]).read_bytes()))
+        self.vq, self.image_size = None, 0
+        if "vq" in context.artifacts:
+            vq_dir = Path(context.artifacts["vq"])
+            cfg = json.loads((vq_dir / "config.json").read_text())
+            self.image_size = cfg.pop("image_size")
+            cfg.pop("version", None)
+            self.vq = VQVAE(VQConfig(**cfg))
+            self.vq.load_state_dict(load_file(vq_dir / "model.safetensors"))
+            self.vq.eval()
+
+    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
+        p = {**PARAMS, **(params or {})}
+        if p["mode"] == "image":
+            return [self._draw(str(caption), int(p["candidates"]), int(p["seed"])) for caption in model_input]
+        return [self.generator.text(str(prompt), int(p["max_new_tokens"])) for prompt in model_input]
+
+    def _draw(self, caption: str, candidates: int, seed: int) -> str:
+        import torch
+        from PIL import Image
+
+        if self.vq is None:
+            raise ValueError("this version has no image tokenizer: it was registered before any images were learned")
+        grid = self.image_size // 2**self.vq.cfg.n_down
+        codes_HW = self.generator.image_codes(caption, grid=grid, codebook_size=self.vq.cfg.codebook_size,
+                                              candidates=candidates, seed=seed)  # fmt: skip
+        with torch.no_grad():
+            image_CHW = self.vq.decode(torch.from_numpy(codes_HW)[None]).clamp(0, 1)[0]
+        buf = io.BytesIO()
+        Image.fromarray((image_CHW.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
