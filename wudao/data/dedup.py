@@ -14,10 +14,11 @@ import hashlib
 import re
 import zlib
 from dataclasses import dataclass
-from itertools import chain
+from collections.abc import Iterable
+from itertools import chain, islice
 
 import numpy as np
-from sqlalchemy import bindparam, delete, insert, select
+from sqlalchemy import delete, insert, select
 
 from wudao.catalog import Catalog, Document, MinhashBand, Slice
 
@@ -103,18 +104,25 @@ class MinHasher:
 
     def signatures(self, docs: list[tuple[str, str]]) -> np.ndarray:
         """MinHash signatures (D, bands * rows) of (text, lang) pairs, exactly what datasketch's
-        `MinHash.update_batch` gives for each document alone, computed for the whole batch in one numpy pass:
+        `MinHash.update_batch` gives for each document alone, computed for the whole batch at once with numpy:
         datasketch's own pre-mix and permutations, one min-reduction per document (a repeated n-gram cannot
         change a minimum, so they are not removed first)."""
         from datasketch.minhash import _SCHEME_DTYPES, _SCHEME_WIDTHS, _fmix
 
         hashes, counts = self.gram_hashes(docs)
-        hv = hashes.astype(_SCHEME_DTYPES[self.SCHEME]).reshape(-1, 1)
+        dtype = _SCHEME_DTYPES[self.SCHEME]
+        hv = _fmix(hashes.astype(dtype), _SCHEME_WIDTHS[self.SCHEME])
+        starts = np.cumsum(counts) - counts
         a, b = self._proto.permutations
-        permuted = _fmix(hv, _SCHEME_WIDTHS[self.SCHEME]) * a + b  # (N shingles, P): wraps mod 2^width, as datasketch
-        return np.minimum.reduceat(permuted, np.cumsum(counts) - counts, axis=0).astype(np.uint64)
+        out = np.empty((len(docs), len(a)), dtype=np.uint64)
+        permuted = np.empty_like(hv)
+        for j in range(len(a)):  # one permutation at a time: 1-D passes over cache-sized vectors, not an (N, P) matrix
+            np.multiply(hv, a[j], out=permuted)
+            permuted += b[j]  # wraps mod 2^width, as datasketch
+            out[:, j] = np.minimum.reduceat(permuted, starts)
+        return out
 
-    def band_keys_many(self, docs: list[tuple[str, str]], chunk: int = 256) -> list[list[int]]:
+    def band_keys_many(self, docs: list[tuple[str, str]], chunk: int = 1024) -> list[list[int]]:
         """One signed 64-bit key per band and document (the band's rows mixed into 64 bits, then the band index)."""
         out: list[list[int]] = []
         for i in range(0, len(docs), chunk):
@@ -171,8 +179,9 @@ class DedupIndex:
         pending = _members(self._keys, keys)
         seen_hashes = hashes & self._docs.keys()
         with self.catalog.session() as s:
-            seen_hashes |= _existing(s, Document.hash, hashes - seen_hashes)
-            seen_keys = set(keys[pending].tolist()) | _existing(s, MinhashBand.band_key, keys[~pending].tolist())
+            conn = s.connection()
+            seen_hashes |= _existing(conn, Document.hash, hashes - seen_hashes)
+            seen_keys = set(keys[pending].tolist()) | _existing(conn, MinhashBand.band_key, keys[~pending].tolist())
         verdicts: list[str | None] = []
         new_keys: list[int] = []
         for c in candidates:
@@ -201,8 +210,9 @@ class DedupIndex:
         with self.catalog.session() as s:
             conn = s.connection()
             _insert_rows(conn, Document.__table__, ("hash", "slice_id", "lang"),
-                         [(h, self.slice_id, self._docs[h]) for h in sorted(self._docs)])  # fmt: skip
-            _insert_rows(conn, MinhashBand.__table__, ("band_key", "slice_id"), [(k, self.slice_id) for k in self._keys.tolist()])
+                         ((h, self.slice_id, self._docs[h]) for h in sorted(self._docs)))  # fmt: skip
+            keys = chain.from_iterable(self._keys[i : i + 50_000].tolist() for i in range(0, len(self._keys), 50_000))
+            _insert_rows(conn, MinhashBand.__table__, ("band_key", "slice_id"), ((k, self.slice_id) for k in keys))
         self._keys = np.zeros(0, dtype=np.int64)
         self._docs = {}
 
@@ -215,24 +225,33 @@ def _members(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return sorted_keys[at] == keys
 
 
-def _insert_rows(conn, table, columns: tuple[str, ...], rows: list[tuple], chunk: int = 100_000) -> None:
-    """Plain DB-API executemany where the driver's placeholder is known (SQLAlchemy's per-row parameter
-    processing costs more than SQLite's insert itself); Core's insert elsewhere."""
-    mark = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(conn.dialect.paramstyle)
+# The driver's own placeholder, where known: plain DB-API calls skip SQLAlchemy's per-value parameter processing,
+# which costs more than SQLite's own insert or index lookup. Other drivers go through Core.
+_MARKS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+
+
+def _insert_rows(conn, table, columns: tuple[str, ...], rows: Iterable[tuple], chunk: int = 50_000) -> None:
+    """Insert rows in chunks (a chunk of row tuples at a time in memory, however many rows there are)."""
+    mark = _MARKS.get(conn.dialect.paramstyle)
     sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join([mark or ''] * len(columns))})"
-    for i in range(0, len(rows), chunk):
-        part = rows[i : i + chunk]
+    rows = iter(rows)
+    while part := list(islice(rows, chunk)):
         if mark is None:
             conn.execute(insert(table), [dict(zip(columns, r)) for r in part])
         else:
             conn.exec_driver_sql(sql, part)
 
 
-def _existing(session, column, values) -> set:
+def _existing(conn, column, values) -> set:
     """Which of `values` the column holds (in sorted chunks: neighbouring keys share index pages)."""
     found: set = set()
     ordered = sorted(values)
-    query = select(column).where(column.in_(bindparam("values", expanding=True)))  # compiled once, not per value
+    mark = _MARKS.get(conn.dialect.paramstyle)
     for i in range(0, len(ordered), _LOOKUP_CHUNK):
-        found.update(session.scalars(query, {"values": ordered[i : i + _LOOKUP_CHUNK]}))
+        chunk = ordered[i : i + _LOOKUP_CHUNK]
+        if mark is None:
+            found.update(conn.scalars(select(column).where(column.in_(chunk))))
+        else:
+            sql = f"SELECT {column.name} FROM {column.table.name} WHERE {column.name} IN ({', '.join([mark] * len(chunk))})"
+            found.update(row[0] for row in conn.exec_driver_sql(sql, tuple(chunk)))
     return found

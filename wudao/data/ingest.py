@@ -21,6 +21,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -196,10 +197,10 @@ class _TokenShards:
         self.pending_tokens = 0
         self.written: list[dict] = []
 
-    def add(self, ids: list[int]) -> None:
+    def add(self, ids: np.ndarray) -> None:
         if self.pending and self.pending_tokens + len(ids) > self.max_tokens:
             self.flush()
-        self.pending.append(np.asarray(ids, dtype=self.dtype))  # 2-4 bytes a token, not a Python int
+        self.pending.append(ids)
         self.pending_tokens += len(ids)
 
     def flush(self) -> None:
@@ -318,11 +319,18 @@ class SliceBuilder:
         self._write_texts(pairs)
 
     def _write_texts(self, pairs: list[tuple[str, bool]]) -> None:
-        # encode_batch runs on the tokenizer's Rust thread pool; the order of documents is kept.
-        for (_, heldout), enc in zip(pairs, self.tok.encode_batch([t for t, _ in pairs])):
-            ids = enc.ids + [self.eos]
-            (self.heldout if heldout else self.train).add(ids)
-            self.report.tokens += len(ids)
+        # encode_batch runs on the tokenizer's Rust thread pool; the order of documents is kept. The ids of the
+        # whole chunk go into one array (2-4 bytes a token, not a Python int), each document followed by EOS.
+        ids = [e.ids for e in self.tok.encode_batch([t for t, _ in pairs])]
+        ends = np.cumsum(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1)
+        tokens = np.full(int(ends[-1]) if len(ends) else 0, self.eos, dtype=self.dtype)
+        body = np.ones(len(tokens), dtype=bool)
+        body[ends - 1] = False
+        tokens[body] = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=len(tokens) - len(ids))
+        for (_, heldout), start, end in zip(pairs, [0, *ends[:-1].tolist()], ends.tolist()):
+            # a copy: a view would keep the whole chunk's array alive while the (slow-filling) held-out shard waits
+            (self.heldout if heldout else self.train).add(tokens[start:end].copy())
+        self.report.tokens += len(tokens)
 
     def _keep_image(self, img: Img) -> None:
         if self.tok is None:
@@ -519,13 +527,20 @@ def _read_batches(work: list[list[WorkItem]], source_store: ObjectStore, setting
     with ProcessPoolExecutor(settings.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending: deque = deque()
         for batch in work:
-            pending.append((batch, pool.submit(read_batch, batch, source_store, settings)))
+            pending.append((batch, pool.submit(_read_batch_parts, batch, source_store, settings)))
             if len(pending) > 2 * settings.workers:
                 done, future = pending.popleft()
-                yield done, [future.result()]
+                yield done, future.result()
         while pending:
             done, future = pending.popleft()
-            yield done, [future.result()]
+            yield done, future.result()
+
+
+def _read_batch_parts(items: list[WorkItem], source_store: ObjectStore, settings: IngestSettings) -> list[BatchResult]:
+    """A batch read in a worker process, in the same chunks as in-process reading: the reduce side then sees
+    the same sequence of parts (and so trains the same tokenizer and writes the same shards) whatever the
+    number of workers."""
+    return list(read_batch_chunks(items, source_store, settings))
 
 
 def slice_manifest(store: ObjectStore, slice_id: str) -> dict:
