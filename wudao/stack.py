@@ -350,8 +350,8 @@ def start_flow_server(home: Path, cmd: list[str], prefect_api_url: str, timeout_
     _state_dir(home).mkdir(parents=True, exist_ok=True)
     log_path = home / "logs" / f"{FLOW_SERVER}.log"
     pid = _running_pid(home, FLOW_SERVER)
-    started = pid is None
-    if started:
+    proc = None
+    if pid is None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -360,11 +360,13 @@ def start_flow_server(home: Path, cmd: list[str], prefect_api_url: str, timeout_
     url = f"{prefect_api_url.rstrip('/')}/deployments/name/lifelong-cycle/default"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not _pid_alive(pid, _MARKERS[FLOW_SERVER]):
+        # Our own child: ask it (its /proc cmdline is not yet the new one right after the fork).
+        exited = proc.poll() is not None if proc else not _pid_alive(pid, _MARKERS[FLOW_SERVER])
+        if exited:
             raise StackError(f"`wudao deploy` exited during start-up: see {log_path}")
         try:
             if httpx.get(url, timeout=5).status_code == 200:
-                return {"pid": pid, "started_now": started, "log": str(log_path), "prefect_api_url": prefect_api_url}
+                return {"pid": pid, "started_now": proc is not None, "log": str(log_path), "prefect_api_url": prefect_api_url}
         except httpx.HTTPError:
             pass
         time.sleep(1)
