@@ -7,7 +7,8 @@ MinhashDedupSignature -> Buckets -> Cluster -> Filter -> DocumentTokenizer with 
 LanguageFilter needs a fastText model from a hub, which these machines cannot reach, so datatrove does no language
 id or quality filtering here (ours does: the comparison favours datatrove). Both use 14 x 8 MinHash bands over
 word 5-grams (character 5-grams for Chinese, through the same word splitter), and the same number of worker
-processes (BENCH_WORKERS, default 1).
+processes (BENCH_WORKERS, default 1: both single-process; the JSON says which under "workers"). Peak RSS is the
+main process's; with BENCH_WORKERS > 1 the reading processes are not counted in it.
 
     .venv/bin/pip install datatrove      # bench-only (pyproject extra "bench")
     .venv/bin/python bench/ingest.py [--mb 200] [--small-mb 50] [--json]
@@ -156,6 +157,7 @@ def main() -> None:
     result = {
         "ours_over_datatrove": theirs["seconds"] / ours["seconds"],
         "rss_ratio": ours["max_rss_mb"] / small["max_rss_mb"],
+        "workers": WORKERS,
         "corpus_mb": args.mb,
         "documents": docs,
         "ours_docs_per_s": docs / ours["seconds"],
