@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from wudao.config import Settings, load_settings
+from wudao.config import OrchestrationSettings, Settings, load_settings
 
-# Default I/O retry policy; flows apply the configured one with `io(task, settings)`.
-IO_RETRIES = 3
-IO_RETRY_DELAYS_S = [5.0, 20.0, 60.0]
+# The default I/O retry policy (decorators need one at import); flows apply the configured one with `io(task, settings)`.
+IO_RETRIES = OrchestrationSettings().io_retries
+IO_RETRY_DELAYS_S = OrchestrationSettings().io_retry_delays_s
 
 
 class TrainingBusy(RuntimeError):

@@ -238,7 +238,8 @@ def register_cycle(
         c.set_model_version_tag(name, version, k, v)
         c.set_tag(cycle_run_id, k, v)
     c.set_registered_model_alias(name, CANDIDATE, version)
-    if passed and (champion(settings) or Champion("", "", "")).version != version:
+    current = champion(settings)
+    if passed and (current is None or current.version != version):  # a retry does not record the move twice
         _set_champion(c, name, version, f"gate: {reason}")
     base = settings.mlflow_tracking_uri.rstrip("/")
     return Registration(

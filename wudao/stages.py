@@ -212,7 +212,7 @@ def _cycle_fid(settings: Settings, checkpoint_uri: str, mlflow_run_id: str | Non
 
     from wudao.train import vq
 
-    if vq.load_current(platform_store(settings)) is None:
+    if not platform_store(settings).exists(vq.CURRENT):  # run_eval_fid loads the model itself
         print("FID skipped: no image tokenizer yet (no images ingested)", file=sys.stderr)
         return None
     report = run_eval_fid(settings, checkpoint_uri, settings.eval.fid_coco_uri, mlflow_run_id=mlflow_run_id, log_metrics=False)

@@ -106,7 +106,7 @@ def slice_inputs(settings: Settings, store, slices: list[str], context: str) -> 
         digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
         source = json.dumps({"uri": f"{settings.storage_uri.rstrip('/')}/slices/{slice_id}/"})
         profile = json.dumps({k: manifest.get(k) for k in ("documents", "tokens", "images") if k in manifest})
-        dataset = Dataset(name=slice_id, digest=digest, source_type="s3" if source.startswith('{"uri": "s3') else "local",
+        dataset = Dataset(name=slice_id, digest=digest, source_type="s3" if settings.storage_uri.startswith("s3://") else "local",
                           source=source, profile=profile)  # fmt: skip
         inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
     return inputs
