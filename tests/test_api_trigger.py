@@ -47,9 +47,8 @@ def test_deployments_through_the_api(local_stack, s3_settings, demo_dir, tmp_pat
         for flow in ("ingest", "train", "evaluate", "register"):
             _wait_for(lambda flow=flow: _get(f"{api}/deployments/name/{flow}/default"), 60, server, tmp_path)
 
-        # The README's curl: create a flow run of the deployment, then poll it.
-        run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run",
-                         json={"parameters": {"source": str(demo_dir / "corpus" / "slice-01")}}, timeout=30).json()  # fmt: skip
+        # The README's curl (`--retry 3`: the local Prefect server's SQLite can answer 5xx under load).
+        run = _post(f"{api}/deployments/{deployment['id']}/create_flow_run", {"parameters": {"source": str(demo_dir / "corpus" / "slice-01")}})
         final = _wait_for(lambda: _finished(f"{api}/flow_runs/{run['id']}"), 300, server, tmp_path)
         assert final["state"]["type"] == "COMPLETED", final["state"].get("message")
         version = MlflowClient(s.mlflow_tracking_uri).get_model_version_by_alias(s.registry.model_name, "champion")
@@ -121,6 +120,17 @@ def _wudao(env: dict, *args: str) -> dict:
     p = subprocess.run([WUDAO, *args], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout)
+
+
+def _post(url: str, body: dict, retries: int = 3) -> dict:
+    """POST as `curl --retry N` does: transient answers (5xx, 429, 408) are retried after a pause."""
+    for attempt in range(retries + 1):
+        r = httpx.post(url, json=body, timeout=30)
+        if r.status_code not in (408, 429) and r.status_code < 500 or attempt == retries:
+            break
+        time.sleep(2**attempt)
+    assert r.status_code == 201, f"{url} answered {r.status_code}: {r.text[:500]}"
+    return r.json()
 
 
 def _get(url: str):
