@@ -133,21 +133,38 @@ def test_generation_stops_at_eop_and_respects_vocab_range():
     assert continue_text(model, [12, 13], IDS, max_new_tokens=5) == []
 
 
-def test_cloze_scores_share_part_a_and_equal_full_forward():
+def test_cloze_scores_with_eop_equal_full_forward():
     model = tiny(moe_every=1, n_experts=4)
     part_a = [12, 13, IDS.mask, 20, 21]
     candidates = [[30], [31, 32, 33], [34, 35]]
     scores = cloze_scores(model, part_a, IDS, candidates)
     for cand, score in zip(candidates, scores):
-        inp = torch.tensor([part_a + [IDS.sop] + cand[:-1]])
-        pos = torch.tensor([list(range(5)) + [2] * len(cand)])
-        blk = torch.tensor([[0] * 5 + list(range(1, len(cand) + 1))])
+        # GLM scores answer + [eop]: input [sop] + answer, target answer + [eop].
+        target = cand + [IDS.eop]
+        inp = torch.tensor([part_a + [IDS.sop] + cand])
+        pos = torch.tensor([list(range(5)) + [2] * len(target)])
+        blk = torch.tensor([[0] * 5 + list(range(1, len(target) + 1))])
         with torch.no_grad():
             logp = model(inp, pos, blk, torch.tensor([5])).logits_BTV[0, 5:].log_softmax(-1)
-        ref = float(logp[torch.arange(len(cand)), torch.tensor(cand)].sum())
-        assert score.sum == pytest.approx(ref, abs=1e-4) and score.mean == pytest.approx(ref / len(cand), abs=1e-4)
+        ref = float(logp[torch.arange(len(target)), torch.tensor(target)].sum())
+        assert score.sum == pytest.approx(ref, abs=1e-4) and score.mean == pytest.approx(ref / len(target), abs=1e-4)
     best, all_scores = rerank(model, [[14, 15, IDS.gmask], part_a], candidates[1], IDS)
     assert all_scores[1] == pytest.approx(scores[1].sum, abs=1e-5) and best == int(np.argmax(all_scores))
+    assert all_scores[0] == pytest.approx(cloze_scores(model, [14, 15, IDS.gmask], IDS, [candidates[1]])[0].sum, abs=1e-5)
+
+
+def test_block_position_zero_adds_nothing_and_learns_nothing():
+    """Part A (and any causal pass) has block position 0 everywhere. A learned row 0 would be one vector added to
+    nearly every token, growing with the whole batch's gradient until it drowns the token identity (the cause
+    of facts not being learned, bench/learning.py)."""
+    model = tiny().train()
+    assert torch.count_nonzero(model.block_pos_emb.weight[0]) == 0
+    assert torch.count_nonzero(model.block_pos_emb.weight[1]) > 0, "Part B block positions are learned"
+    x = torch.randint(12, V, (2, 10))
+    out = model.loss(x, torch.arange(10).expand(2, 10), torch.zeros_like(x), torch.zeros(2, dtype=torch.long),
+                     x, torch.ones_like(x, dtype=torch.bool))  # fmt: skip
+    out.loss.backward()
+    assert torch.count_nonzero(model.block_pos_emb.weight.grad[0]) == 0
 
 
 def test_bf16_forward_is_finite():

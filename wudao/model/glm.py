@@ -171,11 +171,18 @@ class GLMModel(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        self.block_pos_emb = nn.Embedding((cfg.max_block_len or cfg.max_seq_len) + 1, cfg.d_model)
+        # Block position 0 (every Part A token, every token of a plain causal pass) adds nothing and learns
+        # nothing. A learned row 0 is one vector added to almost every token: it collects the gradient of the
+        # whole batch, outgrows the token embeddings within a few hundred steps at small-model learning rates
+        # and, through LayerNorm, drowns which token is where (bench/learning.py: causal loss 2.2 vs 1.4 nats
+        # after 200 steps with the same data, and facts were not learned).
+        self.block_pos_emb = nn.Embedding((cfg.max_block_len or cfg.max_seq_len) + 1, cfg.d_model, padding_idx=0)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = LayerNorm(cfg.d_model, cfg.norm_eps, cfg.pb_relax)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init)
+        with torch.no_grad():
+            self.block_pos_emb.weight[0].zero_()  # _init drew it; padding_idx keeps it zero from here on
         # GPT-2: scale the residual-branch output projections so the residual stream does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "fc_out.weight", "w_out_EHD")):
