@@ -233,12 +233,19 @@ def load_kg(settings: Settings, kg_uri: str):
     return parse_kg(store.get_bytes(KG_FACTS).decode("utf-8", "replace"), store.get_bytes(KG_TEMPLATES).decode("utf-8", "replace"))
 
 
-def run_eval_kg(settings: Settings, model: str, kg_uri: str, limit: int | None, with_facts: bool = False) -> dict[str, Any]:
-    """Cloze P@1 / MRR (macro over relations, by language and by slice, bootstrap CI) and claim rates."""
-    from wudao.eval.kg import evaluate_kg
+def run_eval_kg(settings: Settings, model: str, kg_uri: str, limit: int | None, with_facts: bool = False,
+                slice_id: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Cloze P@1 / MRR beside chance and majority (macro over relations, by language and by slice, bootstrap CI)
+    and claim rates; `slice_id` keeps only the facts whose `first_slice` it is."""
+    from wudao.eval.kg import evaluate_kg, facts_of_slice
 
+    kg = load_kg(settings, kg_uri)
+    try:  # checked before the model loads, so a mistyped id fails at once
+        facts_of_slice(kg, slice_id)
+    except ValueError as e:
+        raise StageError(str(e)) from None
     gen, uri = generator_for(settings, model)
-    report = evaluate_kg(gen.model, gen.tokenizer, load_kg(settings, kg_uri), limit=limit,
+    report = evaluate_kg(gen.model, gen.tokenizer, kg, limit=limit, slice_id=slice_id,
                          claim_subjects=settings.eval.kg_claim_subjects)  # fmt: skip
     return {"model": uri, "kg": kg_uri, **report.to_dict(with_facts=with_facts)}
 

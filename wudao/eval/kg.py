@@ -3,9 +3,11 @@ generated text.
 
 Cloze (LAMA / BEAR / KAMEL): for each fact and each template of its relation and language, the object's place
 becomes one `[MASK]`, and *every* object of that relation in that language (the closed answer space) is scored by
-the log-probability of its tokens inside the blank -- multi-token objects natively, through GLM's Part B. Part A
-is encoded once and shared by all candidates (KV cache). Ranking is by the summed log-probability (GLM's
-ClozeModel default); the per-token mean is reported too. Metrics are macro-averaged over relations.
+the log-probability of its tokens and a closing `[eop]` inside the blank -- multi-token objects natively, through
+GLM's Part B; without `[eop]` a prefix of an answer would always outscore the whole answer. All (fact, template,
+candidate) rows are scored in a few padded forwards. Ranking is by the summed log-probability (GLM's ClozeModel
+default); the per-token mean is reported too. Metrics are macro-averaged over relations, and so are the two
+baselines reported beside P@1: uniform chance (1 / answer space) and majority (always the most common object).
 
 Claims (FActScore-style): for sampled subjects the model continues a short prompt; sentences that match a relation
 template with the subject yield (subject, relation, object) claims, judged supported / contradicted /
@@ -23,7 +25,8 @@ import numpy as np
 import torch
 
 from wudao.data.glm import SpecialIds
-from wudao.model import GLMModel, cloze_scores, continue_text
+from wudao.model import GLMModel, continue_text
+from wudao.model.generation import cloze_scores_many
 
 KG_FACTS, KG_TEMPLATES = "facts.jsonl", "templates.jsonl"
 
@@ -95,8 +98,15 @@ def _cloze_inputs(template: str, subject: str, tokenizer, ids: SpecialIds) -> tu
 @dataclass
 class KGReport:
     p_at_1: float
+    chance: float
+    """P@1 of guessing uniformly in each fact's answer space (1 / |answer space|), averaged as p_at_1 is."""
+    majority: float
+    """P@1 of always answering the most common object of the relation and language (counted over all KG facts;
+    when objects tie, the expected P@1 of picking one of them at random), averaged as p_at_1 is."""
     mrr: float
     n_facts: int
+    slice_id: str | None
+    """The `first_slice` the probed facts were restricted to; None = every slice."""
     by_relation: dict[str, dict]
     by_language: dict[str, dict]
     by_slice: dict[str, dict]
@@ -113,52 +123,106 @@ class KGReport:
         return out
 
 
+def facts_of_slice(kg: KG, slice_id: str | None) -> list[Fact]:
+    """The facts whose `first_slice` is `slice_id` (all facts for None); an unknown id is one clear error."""
+    if slice_id is None:
+        return list(kg.facts)
+    facts = [f for f in kg.facts if f.first_slice == slice_id]
+    if not facts:
+        known = sorted({f.first_slice for f in kg.facts if f.first_slice is not None})
+        listing = f"the KG knows {', '.join(known)}" if known else "the KG's facts carry no first_slice"
+        raise ValueError(f"no KG facts with first_slice {slice_id!r}: {listing}")
+    return facts
+
+
+def answer_spaces(kg: KG) -> dict[tuple[str, str], list[str]]:
+    """The closed answer space of each (relation, lang): its distinct objects over the whole KG, in KG order."""
+    spaces: dict[tuple[str, str], dict[str, None]] = defaultdict(dict)
+    for f in kg.facts:
+        spaces[(f.relation, f.lang)][f.object] = None
+    return {k: list(v) for k, v in spaces.items()}
+
+
+def majority_objects(kg: KG) -> dict[tuple[str, str], set[str]]:
+    """The most common object(s) of each (relation, lang) over the whole KG; several when tied."""
+    counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    for f in kg.facts:
+        counts[(f.relation, f.lang)][f.object] += 1
+    return {k: {o for o, n in c.items() if n == max(c.values())} for k, c in counts.items()}
+
+
 @torch.no_grad()
 def evaluate_kg(model: GLMModel, tokenizer, kg: KG, *, limit: int | None = None, seed: int = 0,
-                claim_subjects: int = 20, max_new_tokens: int = 24, bootstrap: int = 1000) -> KGReport:  # fmt: skip
+                claim_subjects: int = 20, max_new_tokens: int = 24, bootstrap: int = 1000,
+                slice_id: str | None = None, max_tokens: int = 16384) -> KGReport:  # fmt: skip
+    """Cloze-probe the facts (of `slice_id`'s `first_slice` only, if given) and check generated claims.
+
+    Every (fact, template, candidate) row of the probe is scored in a few batched forwards (`cloze_scores_many`,
+    at most `max_tokens` tokens each). The baselines beside P@1 use the same closed answer spaces and averaging.
+    """
     model.eval()
     ids = SpecialIds.from_tokenizer(tokenizer)
     problems = Counter(kg.problems)
     rng = np.random.default_rng(seed)
-    facts = list(kg.facts)
+    pool = facts_of_slice(kg, slice_id)
+    facts = pool
     if limit is not None and limit < len(facts):
         facts = [facts[i] for i in sorted(rng.choice(len(facts), limit, replace=False))]
-    answer_space: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for f in kg.facts:
-        if f.object not in answer_space[(f.relation, f.lang)]:
-            answer_space[(f.relation, f.lang)].append(f.object)
+    spaces, majority = answer_spaces(kg), majority_objects(kg)
 
-    per_fact = []
-    for fact in facts:
-        space = answer_space[(fact.relation, fact.lang)]
-        ranks, scores = [], {}
+    # Candidates depend only on (relation, lang) and the space before [Y]: encode each answer space once.
+    encoded: dict[tuple[str, str, str], list[list[int]]] = {}
+    probes: list[tuple[int, list[int], tuple[str, str, str]]] = []  # (fact index, Part A, candidates key)
+    for k, fact in enumerate(facts):
         for template in kg.templates[(fact.relation, fact.lang)]:
             part_a, lead = _cloze_inputs(template, fact.subject, tokenizer, ids)
-            candidates = [tokenizer.encode(lead + obj).ids for obj in space]
-            if any(len(c) == 0 for c in candidates) or len(tokenizer.encode(fact.subject).ids) == 0:
+            key = (fact.relation, fact.lang, lead)
+            if key not in encoded:
+                encoded[key] = [tokenizer.encode(lead + obj).ids for obj in spaces[key[:2]]]
+            if any(len(c) == 0 for c in encoded[key]) or len(tokenizer.encode(fact.subject).ids) == 0:
                 problems["untokenizable"] += 1
                 continue
-            result = cloze_scores(model, part_a, ids, candidates)
-            sums = np.array([r.sum for r in result])
-            gold = space.index(fact.object)
-            ranks.append(int((sums > sums[gold]).sum()) + 1)
-            scores = {"gold_sum": float(sums[gold]), "gold_mean": result[gold].mean,
-                      "top": space[int(sums.argmax())]}  # fmt: skip
-        if not ranks:
-            continue
-        per_fact.append({"subject": fact.subject, "relation": fact.relation, "object": fact.object, "lang": fact.lang,
-                         "first_slice": fact.first_slice, "p_at_1": float(np.mean([r == 1 for r in ranks])),
-                         "rr": float(np.mean([1 / r for r in ranks])), "answer_space": len(space), **scores})  # fmt: skip
+            if len(part_a) + 1 + max(map(len, encoded[key])) > model.cfg.max_seq_len:
+                problems["longer_than_model_context"] += 1
+                continue
+            probes.append((k, part_a, key))
+    scored = cloze_scores_many(model, [p[1] for p in probes], ids, [encoded[p[2]] for p in probes],
+                               max_tokens=max_tokens)  # fmt: skip
+
+    by_fact: dict[int, list[tuple[int, list]]] = defaultdict(list)  # fact index -> (gold rank, scores) per template
+    for (k, _, _), result in zip(probes, scored):
+        fact = facts[k]
+        sums = np.array([r.sum for r in result])
+        gold = spaces[(fact.relation, fact.lang)].index(fact.object)
+        by_fact[k].append((int((sums > sums[gold]).sum()) + 1, result))
+    per_fact = []
+    for k, templates in sorted(by_fact.items()):
+        fact, space = facts[k], spaces[(facts[k].relation, facts[k].lang)]
+        gold, ranks = space.index(fact.object), [rank for rank, _ in templates]
+        tops = Counter(space[int(np.argmax([r.sum for r in result]))] for _, result in templates)
+        top_set = majority[(fact.relation, fact.lang)]
+        per_fact.append({
+            "subject": fact.subject, "relation": fact.relation, "object": fact.object, "lang": fact.lang,
+            "first_slice": fact.first_slice, "p_at_1": float(np.mean([r == 1 for r in ranks])),
+            "rr": float(np.mean([1 / r for r in ranks])), "answer_space": len(space), "chance": 1 / len(space),
+            # Tied most common objects: the expected P@1 of picking one of them at random.
+            "majority": 1 / len(top_set) if fact.object in top_set else 0.0,
+            "gold_sum": float(np.mean([result[gold].sum for _, result in templates])),
+            "gold_mean": float(np.mean([result[gold].mean for _, result in templates])),
+            "top": tops.most_common(1)[0][0],  # the answer ranked first by the most templates
+        })  # fmt: skip
 
     def summary(rows: list[dict]) -> dict:
-        """Macro average over relations of per-fact P@1 and reciprocal rank."""
+        """Macro average over relations (mean over facts within a relation, then over relations)."""
         by_rel = defaultdict(list)
         for r in rows:
             by_rel[r["relation"]].append(r)
-        p1 = float(np.mean([np.mean([r["p_at_1"] for r in v]) for v in by_rel.values()])) if rows else 0.0
-        mrr = float(np.mean([np.mean([r["rr"] for r in v]) for v in by_rel.values()])) if rows else 0.0
-        chance = float(np.mean([1 / r["answer_space"] for r in rows])) if rows else 0.0
-        return {"p_at_1": p1, "mrr": mrr, "n_facts": len(rows), "chance": chance}
+
+        def macro(field: str) -> float:
+            return float(np.mean([np.mean([r[field] for r in v]) for v in by_rel.values()])) if rows else 0.0
+
+        return {"p_at_1": macro("p_at_1"), "chance": macro("chance"), "majority": macro("majority"),
+                "mrr": macro("rr"), "n_facts": len(rows)}  # fmt: skip
 
     def group(key: str) -> dict[str, dict]:
         groups = defaultdict(list)
@@ -174,18 +238,21 @@ def evaluate_kg(model: GLMModel, tokenizer, kg: KG, *, limit: int | None = None,
             sample = [per_fact[i] for i in rng.integers(len(per_fact), size=len(per_fact))]
             boot.append(summary(sample)["p_at_1"])
     ci95 = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if boot else [0.0, 0.0]
-    claims = check_claims(model, tokenizer, kg, ids, rng, claim_subjects, max_new_tokens)
-    return KGReport(overall["p_at_1"], overall["mrr"], overall["n_facts"], group("relation"),
-                    group("lang"), group("first_slice"), ci95, claims, dict(problems), per_fact)  # fmt: skip
+    claims = check_claims(model, tokenizer, kg, ids, rng, claim_subjects, max_new_tokens, facts=pool)
+    return KGReport(p_at_1=overall["p_at_1"], chance=overall["chance"], majority=overall["majority"],
+                    mrr=overall["mrr"], n_facts=overall["n_facts"], slice_id=slice_id, by_relation=group("relation"),
+                    by_language=group("lang"), by_slice=group("first_slice"), ci95=ci95, claims=claims,
+                    problems=dict(problems), per_fact=per_fact)  # fmt: skip
 
 
 def check_claims(model: GLMModel, tokenizer, kg: KG, ids: SpecialIds, rng: np.random.Generator, n_subjects: int,
-                 max_new_tokens: int) -> dict[str, float | int]:  # fmt: skip
-    """Generate from `<subject>` for sampled subjects; judge every template-shaped claim about the subject."""
+                 max_new_tokens: int, facts: list[Fact] | None = None) -> dict[str, float | int]:  # fmt: skip
+    """Generate from `<subject>` for sampled subjects (of `facts`, default all); judge every template-shaped claim
+    about the subject against the whole KG."""
     known: dict[tuple[str, str, str], set[str]] = defaultdict(set)
     for f in kg.facts:
         known[(f.subject, f.relation, f.lang)].update([f.object, *f.aliases])
-    subjects = sorted({(f.subject, f.lang) for f in kg.facts})
+    subjects = sorted({(f.subject, f.lang) for f in (kg.facts if facts is None else facts)})
     if n_subjects and len(subjects) > n_subjects:
         subjects = [subjects[i] for i in sorted(rng.choice(len(subjects), n_subjects, replace=False))]
     counts = Counter()
@@ -212,15 +279,16 @@ def check_claims(model: GLMModel, tokenizer, kg: KG, ids: SpecialIds, rng: np.ra
 
 
 def naive_cloze_sums(model: GLMModel, part_a: list[int], ids: SpecialIds, candidates: list[list[int]]) -> list[float]:
-    """The reference scorer: one full forward per candidate (Part A + [sop] + candidate), no sharing."""
+    """The reference scorer: one full forward per candidate (Part A + [sop] + candidate), no sharing, no batching;
+    scored against candidate + [eop] as GLM does."""
     mask_pos = part_a.index(ids.mask) if ids.mask in part_a else part_a.index(ids.gmask)
     out = []
     for cand in candidates:
-        inp = part_a + [ids.sop] + cand[:-1]
-        n_a, n_b = len(part_a), len(cand)
+        inp, target = part_a + [ids.sop] + cand, cand + [ids.eop]
+        n_a, n_b = len(part_a), len(target)
         pos = list(range(n_a)) + [mask_pos] * n_b
         block = [0] * n_a + list(range(1, n_b + 1))
         logits = model(torch.tensor([inp]), torch.tensor([pos]), torch.tensor([block]), torch.tensor([n_a])).logits_BTV[0]
-        logp = logits[n_a:].float().log_softmax(-1).gather(-1, torch.tensor(cand)[:, None]).sum()
+        logp = logits[n_a:].float().log_softmax(-1).gather(-1, torch.tensor(target)[:, None]).sum()
         out.append(float(logp))
     return out
