@@ -410,6 +410,59 @@ def rollback_cmd(json_out: JsonOpt = False) -> None:
     _run(json_out, lambda: registry.rollback(_settings()), _print_kv)
 
 
+@app.command("history")
+def history_cmd(json_out: JsonOpt = False) -> None:
+    """Every registered version (oldest first) x slice: held-out loss and KG P@1 per slice, FID, gate, aliases.
+
+    A slice's loss rising from version to version is that slice being forgotten."""
+    from wudao import history
+
+    _run(json_out, lambda: history.history(_settings()), _render_history)
+
+
+def _render_history(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def num(v: float | None, digits: int) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    versions = result["versions"]
+    info = Table(title=f"model {result['model']}: {len(versions)} version(s)")
+    for col in ("version", "aliases", "trained on", "KG P@1 (chance)", "FID", "gate"):
+        info.add_column(col)
+    for v in versions:
+        kg = v["kg"] or {}
+        p1 = "-" if not kg else f"{kg['p_at_1']:.3f}" + (f" ({kg['chance']:.3f})" if kg.get("chance") is not None else "")
+        gate = v["gate"] or {}
+        failed = [n for n, g in gate.get("gates", {}).items() if g["status"] == "failed"]
+        verdict = "-" if not gate else ("passed" if gate["passed"] else f"failed: {', '.join(failed) or gate['reason']}")
+        info.add_row(v["version"], ", ".join("@" + a for a in v["aliases"]), ", ".join(v["slices"]), p1, num(v["fid"], 2), verdict)
+    console = Console()
+    console.print(info)
+    # One table per measure, versions down, slices across; each cell says how it moved since the previous version,
+    # so forgetting reads off a column.
+    for key, cols, title, digits in (("heldout_loss", result["slices"], "held-out loss per slice (lower is better)", 3),
+                                     ("kg_p_at_1", result["kg_slices"], "KG P@1 per KG slice (higher is better)", 3)):  # fmt: skip
+        if not cols:
+            continue
+        table = Table(title=title)
+        table.add_column("version")
+        for col in cols:
+            table.add_column(col, justify="right")
+        previous: dict[str, float] = {}
+        for v in versions:
+            cells = []
+            for col in cols:
+                value = v[key].get(col)
+                delta = f" ({value - previous[col]:+.{digits}f})" if value is not None and col in previous else ""
+                cells.append(num(value, digits) + delta)
+                if value is not None:
+                    previous[col] = value
+            table.add_row(v["version"], *cells)
+        console.print(table)
+
+
 @kg_app.command("build")
 def kg_build(
     out: Annotated[Path, typer.Argument(help="Folder for facts.jsonl + templates.jsonl.")],
@@ -426,12 +479,31 @@ def eval_kg(
     kg: Annotated[str, typer.Option(help="KG folder (facts.jsonl + templates.jsonl), local or s3://.")],
     model_uri: Annotated[str, typer.Option("--model", help="champion (default), a checkpoint URI, or models:/name/version.")] = "champion",
     limit: Annotated[int | None, typer.Option(min=1, help="Probe a seeded sample of N facts.")] = None,
+    slice_id: Annotated[str | None, typer.Option("--slice", help="Probe only facts whose facts.jsonl first_slice is this id (the demo KG: slice-01..); catalog slice ids (slice-00001.. unless `ingest --slice NAME`) match only if named alike.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Cloze-probe every fact against its relation's closed answer space (P@1, MRR, CI) and check generated claims."""
+    """Cloze-probe every fact against its relation's closed answer space (P@1 beside chance and majority, MRR, CI)
+    and check generated claims."""
     from wudao import stages
 
-    _run(json_out, lambda: stages.run_eval_kg(_settings(), model_uri, kg, limit), _print_kv)
+    _run(json_out, lambda: stages.run_eval_kg(_settings(), model_uri, kg, limit, slice_id=slice_id), _render_kg)
+
+
+def _render_kg(r: dict[str, Any]) -> None:
+    def p1(v: dict[str, Any]) -> str:
+        return f"P@1 {v['p_at_1']:.2f} (chance {v['chance']:.2f}, majority {v['majority']:.2f})  MRR {v['mrr']:.2f}"
+
+    only = f" of slice {r['slice_id']}" if r.get("slice_id") else ""
+    typer.echo(f"{p1(r)}  95% CI [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]")
+    typer.echo(f"facts: {r['n_facts']}{only}, model {r['model']}, KG {r['kg']}")
+    for title, key in (("relation", "by_relation"), ("language", "by_language"), ("slice", "by_slice")):
+        for name, v in r[key].items():
+            typer.echo(f"  {title:8s} {name:16s} {p1(v)}  n={v['n_facts']}")
+    c = r["claims"]
+    typer.echo(f"claims: {c['claims']} from {c['subjects']} subjects: supported {c['supported_rate']:.2f}, "
+               f"contradicted {c['contradicted_rate']:.2f}, unverifiable {c['unverifiable_rate']:.2f}")  # fmt: skip
+    if r["problems"]:
+        typer.echo(f"problems: {json.dumps(r['problems'], ensure_ascii=False)}")
 
 
 @eval_app.command("fid")

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 import wudao
 from wudao import gates
 from wudao.config import Settings
-from wudao.tracking import TrackingError, client, run_url
+from wudao.tracking import TrackingError, client, log_table_once, run_url
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 
@@ -213,7 +213,7 @@ def register_cycle(
     passed, reason = gates.verdict(results)
     table = {col: [r.to_dict()[col] for r in results] for col in ("name", "status", "candidate", "parent", "threshold", "detail")}
     for run_id in {cycle_run_id, stage_run_id or cycle_run_id}:
-        c.log_table(run_id, table, "gates.json")
+        log_table_once(c, run_id, table, "gates.json")  # a retry does not list the gates twice
 
     version = _existing_version(c, name, cycle_run_id) or _log_model(settings, store, train_result, cycle_run_id)
     tags = {

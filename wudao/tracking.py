@@ -22,6 +22,11 @@ from mlflow.tracking import MlflowClient
 from wudao.config import Settings
 
 PARENT_TAG = "mlflow.parentRunId"  # what the UI uses to nest runs under their cycle
+# MLflow 3 opens an experiment in its model-training view (runs, metrics, models) only when this tag says so;
+# without it the UI guesses and may show the GenAI (traces) view, which has nothing of ours.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+KG_SLICES_TAG = "wudao.eval.kg_slices"
+"""Run tag naming the KG's slices: `kg/p_at_1/<name>` holds languages and slices alike, so readers need the list."""
 
 
 class TrackingError(RuntimeError):
@@ -41,12 +46,15 @@ def experiment_id(c: MlflowClient, settings: Settings) -> str:
     except Exception as e:  # connection refused and friends surface as requests/urllib3 errors
         raise TrackingError(f"cannot reach MLflow at {settings.mlflow_tracking_uri} ({type(e).__name__}): run `wudao stack up`") from None
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag existed (or by hand): set it once
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     artifact_location = None
     if not settings.mlflow_tracking_uri.startswith("http"):
         # A server-less (SQLite) store would otherwise put artefacts under the current directory.
         artifact_location = (settings.home / "mlflow" / "artifacts").as_uri()
-    return c.create_experiment(settings.registry.experiment, artifact_location=artifact_location)
+    return c.create_experiment(settings.registry.experiment, artifact_location=artifact_location,
+                               tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})  # fmt: skip
 
 
 def run_url(settings: Settings, run_id: str) -> str:
@@ -96,6 +104,15 @@ def log_metrics(settings: Settings, run_id: str, metrics: list[Metric], tags: di
         c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
+def log_table_once(c: MlflowClient, run_id: str, data: dict[str, list], artifact_file: str) -> None:
+    """`log_table`, except when the run has the table already: MLflow appends to an existing table, so a retried
+    stage (whose earlier attempt got this far) would otherwise list every row twice."""
+    folder = artifact_file.rpartition("/")[0] or None
+    if any(a.path == artifact_file for a in c.list_artifacts(run_id, folder)):
+        return
+    c.log_table(run_id, data, artifact_file)
+
+
 def slice_inputs(settings: Settings, store, slices: list[str], context: str) -> list[DatasetInput]:
     """The slices as MLflow dataset inputs: name = slice id, digest = hash of its committed manifest."""
     from wudao.data.ingest import slice_manifest
@@ -140,6 +157,15 @@ def log_train(settings: Settings, run_id: str, store, result: dict[str, Any]) ->
     client(settings).log_inputs(run_id, datasets=slice_inputs(settings, store, result["slice_ids"], "training"))
 
 
+def kg_chance(kg: dict[str, Any]) -> float | None:
+    """P@1 of guessing uniformly in each fact's answer space, to read P@1 against: the report's own figure, else
+    (reports without it) the mean over the probed facts."""
+    if kg.get("chance") is not None:
+        return float(kg["chance"])
+    facts = kg.get("per_fact") or []
+    return sum(1 / f["answer_space"] for f in facts) / len(facts) if facts else None
+
+
 def evaluation_metrics(evaluation: dict[str, Any]) -> list[Metric]:
     """Held-out loss per slice (forgetting), KG P@1/MRR by language and slice, claim rates, FID and KID."""
     metrics = [Metric(f"heldout_loss/{s}", v, 0, 0) for s, v in evaluation["candidate"].items()]
@@ -149,6 +175,8 @@ def evaluation_metrics(evaluation: dict[str, Any]) -> list[Metric]:
         metrics += [Metric("kg/p_at_1", kg["p_at_1"], 0, 0), Metric("kg/mrr", kg["mrr"], 0, 0)]
         metrics += [Metric(f"kg/p_at_1/{lang}", v["p_at_1"], 0, 0) for lang, v in kg["by_language"].items()]
         metrics += [Metric(f"kg/p_at_1/{sl}", v["p_at_1"], 0, 0) for sl, v in kg["by_slice"].items()]
+        if (chance := kg_chance(kg)) is not None:
+            metrics.append(Metric("kg/chance", chance, 0, 0))
         metrics += [Metric(f"kg/claims/{k}", kg["claims"][k], 0, 0) for k in ("supported_rate", "contradicted_rate", "unverifiable_rate")]
     if kg_parent := evaluation.get("kg_parent"):
         metrics.append(Metric("parent/kg/p_at_1", kg_parent["p_at_1"], 0, 0))
@@ -159,16 +187,21 @@ def evaluation_metrics(evaluation: dict[str, Any]) -> list[Metric]:
 
 
 def log_evaluation(settings: Settings, run_id: str, evaluation: dict[str, Any]) -> None:
-    """Metrics, the KG per-fact table, the forgetting table (held-out loss per slice, candidate vs parent)."""
-    log_metrics(settings, run_id, evaluation_metrics(evaluation))
+    """Metrics, the KG per-fact table, the forgetting table (held-out loss per slice, candidate vs parent), and the
+    forgetting curve over every registered version plus this candidate (`eval/forgetting.png`)."""
+    from wudao import history  # imported here: wudao.history reads the registry, which imports this module
+
+    kg_tags = {KG_SLICES_TAG: json.dumps(sorted(evaluation["kg"]["by_slice"]))} if evaluation.get("kg") else None
+    log_metrics(settings, run_id, evaluation_metrics(evaluation), kg_tags)
     c = client(settings)
     parent = evaluation.get("parent") or {}
-    c.log_table(run_id, {"slice": list(evaluation["candidate"]), "candidate": list(evaluation["candidate"].values()),
-                         "parent": [parent.get(s) for s in evaluation["candidate"]]}, "eval/forgetting.json")  # fmt: skip
+    log_table_once(c, run_id, {"slice": list(evaluation["candidate"]), "candidate": list(evaluation["candidate"].values()),
+                               "parent": [parent.get(s) for s in evaluation["candidate"]]}, "eval/forgetting.json")  # fmt: skip
     if kg := dict(evaluation.get("kg") or {}):
         c.log_dict(run_id, kg.pop("per_fact", []), "eval/kg_per_fact.json")
         c.log_dict(run_id, kg, "eval/kg.json")
     c.log_dict(run_id, {k: v for k, v in evaluation.items() if k not in ("kg", "kg_parent")}, "eval/summary.json")
+    history.log_forgetting(settings, run_id, evaluation)
 
 
 @contextmanager
