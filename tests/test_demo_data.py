@@ -50,3 +50,21 @@ def test_coco_layout(demo_dir):
     ids = {img["id"] for img in captions["images"]}
     assert all(a["image_id"] in ids for a in captions["annotations"])
     assert any(any("\u4e00" <= ch <= "\u9fff" for ch in a["caption"]) for a in captions["annotations"])
+
+
+def test_every_fact_is_stated_in_every_template_of_its_relation(demo_dir):
+    """Paraphrase coverage: the probe asks each fact in every template, and a small LM recalls a fact in a
+    phrasing it has read it in (one fixed phrasing is memorised but hard to extract)."""
+    templates: dict[tuple[str, str], list[str]] = {}
+    for line in (demo_dir / "kg" / "templates.jsonl").read_text().splitlines():
+        t = json.loads(line)
+        templates.setdefault((t["relation"], t["lang"]), []).append(t["template"])
+    text = "\n".join(json.loads(line)["text"] for lang in ("en", "zh")
+                     for line in (demo_dir / "corpus" / "slice-01" / f"{lang}.jsonl").read_text().splitlines())  # fmt: skip
+    facts = [json.loads(line) for line in (demo_dir / "kg" / "facts.jsonl").read_text().splitlines()]
+    slice1 = [f for f in facts if f["first_slice"] == "slice-01"]
+    assert len(slice1) > 100
+    for f in slice1:
+        for t in templates[(f["relation"], f["lang"])]:
+            sentence = t.replace("[X]", f["subject"]).replace("[Y]", f["object"])
+            assert sentence in text, f"{sentence!r} is not in slice-01"

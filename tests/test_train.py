@@ -213,3 +213,15 @@ def test_the_torchrun_launcher_trains_the_same_run_in_a_subprocess(local_setting
     # The launcher is not part of the run's identity: the same training in-process resumes (here: finds) that run.
     inprocess = run_train(settings.model_copy(update={"train": settings.train.model_copy(update={"launcher": "inprocess", "nproc_per_node": 1})}))
     assert inprocess["run_id"] == result["run_id"]
+
+
+def test_spike_guard_keeps_one_window_per_objective():
+    from wudao.train.loop import _SpikeGuard
+
+    guard = _SpikeGuard(TrainSettings(spike_window=20, spike_sigma=6.0, max_skipped_in_row=3))
+    for i in range(20):  # a half-memorised slice: document steps near 0.1, token-span steps near 1.5
+        assert guard.accept(0.1 + 0.001 * (i % 3), "document")
+    for i in range(5):
+        assert guard.accept(1.5 + 0.01 * (i % 2), "token"), "the harder objective is not a spike of the easier one"
+    assert not guard.accept(9.0, "document"), "a real spike of its own kind is still skipped"
+    assert not guard.accept(float("nan"), "token")

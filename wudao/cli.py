@@ -309,8 +309,11 @@ def _render_cycle(result: dict[str, Any]) -> None:
                 if note:
                     typer.echo(f"          note: {note}")
         if kg := result["evaluation"].get("kg"):
-            typer.echo(f"          KG P@1 {kg['p_at_1']:.3f} (95% CI {kg['ci95'][0]:.3f}-{kg['ci95'][1]:.3f}), MRR {kg['mrr']:.3f} "
-                       f"over {kg['n_facts']} facts")  # fmt: skip
+            typer.echo(f"          KG P@1 {kg['p_at_1']:.3f} (chance {kg.get('chance', 0):.3f}, majority {kg.get('majority', 0):.3f}; "
+                       f"95% CI {kg['ci95'][0]:.3f}-{kg['ci95'][1]:.3f}), MRR {kg['mrr']:.3f} over {kg['n_facts']} facts")  # fmt: skip
+            for name, group in kg.get("by_slice", {}).items():
+                typer.echo(f"          KG P@1 {name}: {group['p_at_1']:.3f} (chance {group.get('chance', 0):.3f}, "
+                           f"majority {group.get('majority', 0):.3f}) over {group['n_facts']} facts")  # fmt: skip
         typer.echo(f"register: version {r['model_version']} ({'champion' if r['champion'] else 'candidate'}; gate {r['gate']})")
         typer.echo(f"MLflow run:           {r['run_url']}")
         typer.echo(f"MLflow model version: {r['model_version_url']}")

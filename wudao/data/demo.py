@@ -138,7 +138,7 @@ def _fill(template: str, subject: str, obj: str) -> str:
     return template.replace("[X]", subject).replace("[Y]", obj)
 
 
-def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: int = 2, images: int = 48,
+def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: int = 3, images: int = 48,
                fid_weights: bool = False, train_scenes: int = 0) -> dict:  # fmt: skip
     """Write the demo corpus, KG and captioned images (and, with `fid_weights`, TEST-ONLY random Inception weights
     so the demo can run FID offline) under `out`; returns a summary."""
@@ -165,7 +165,11 @@ def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: 
                 for variant in range(docs_per_fact_set):
                     order = relations[:]
                     rng.shuffle(order)
-                    sentences = [_fill(rng.choice(TEMPLATES[(r, lang)]), info["name"], info[r]) for r in order]
+                    # Variant v states every fact in template v: each fact appears in each phrasing (paraphrase
+                    # augmentation -- a small LM recalls a fact asked in a phrasing it has seen it in; one
+                    # fixed phrasing is memorised but hard to extract, Allen-Zhu & Li 2023).
+                    templates = {r: TEMPLATES[(r, lang)][variant % len(TEMPLATES[(r, lang)])] for r in relations}
+                    sentences = [_fill(templates[r], info["name"], info[r]) for r in order]
                     docs[lang].append({"id": f"{iso}-{lang}-{variant}", "lang": lang, "text": _render(sentences, lang)})
         for lang, rows in docs.items():
             with open(slice_dir / f"{lang}.jsonl", "w", encoding="utf-8") as f:

@@ -107,8 +107,10 @@ class MixtureLoader:
         self.old_p = weights / weights.sum() if len(weights) else weights
         self.objective = objective
         self.image_ratio = image_ratio if self.images is not None else 0.0
-        # Source rows leave room for the mask and [sop] tokens that GLM adds (2 per span).
-        self.row_len = max(8, int(seq_len * 0.85))
+        # Source rows leave room for the mask and [sop] tokens that GLM adds (2 per span, a span being
+        # poisson_lambda tokens on average): 0.85 of seq_len at GLM's 15 %, shorter rows for larger mask ratios.
+        share = min(0.85, 0.95 / (1 + 2 * objective.mask_ratio / objective.poisson_lambda))
+        self.row_len = max(8, int(seq_len * share))
 
     def step_kind(self, step: int) -> str:
         rng = np.random.default_rng([self.seed, 1, step])

@@ -97,18 +97,24 @@ def _peak_tflops(cfg: TrainSettings, device: torch.device) -> float | None:
 
 
 class _SpikeGuard:
-    """Skips non-finite losses and spikes above mean + sigma * std of the recent accepted losses."""
+    """Skips non-finite losses and spikes above mean + sigma * std of the recent accepted losses of the same kind.
 
-    def __init__(self, cfg: TrainSettings, recent: list[float] | None = None):
-        self.cfg, self.recent, self.in_row = cfg, list(recent or []), 0
+    Each objective (token spans, documents, images) has its own window: their losses differ by nats once a slice
+    is half memorised, so one shared window would call every step of the harder objective a spike.
+    """
 
-    def accept(self, loss: float) -> bool:
+    def __init__(self, cfg: TrainSettings, recent: dict[str, list[float]] | list[float] | None = None):
+        # A list is the single window of checkpoints written before windows were per objective: start afresh.
+        self.cfg, self.recent, self.in_row = cfg, dict(recent) if isinstance(recent, dict) else {}, 0
+
+    def accept(self, loss: float, kind: str) -> bool:
+        recent = self.recent.get(kind, [])
         ok = math.isfinite(loss)
-        if ok and len(self.recent) >= max(5, self.cfg.spike_window // 2):
-            mean, std = float(np.mean(self.recent)), float(np.std(self.recent))
+        if ok and len(recent) >= max(5, self.cfg.spike_window // 2):
+            mean, std = float(np.mean(recent)), float(np.std(recent))
             ok = loss <= mean + self.cfg.spike_sigma * max(std, 1e-3 * abs(mean), 1e-6)
         if ok:
-            self.recent = (self.recent + [loss])[-self.cfg.spike_window :]
+            self.recent[kind] = (recent + [loss])[-self.cfg.spike_window :]
             self.in_row = 0
             return True
         self.in_row += 1
@@ -206,7 +212,7 @@ def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, 
         loader = MixtureLoader(
             new, old, ids=ids, sentence_ends=sentence_end_ids(tok), seq_len=cfg.seq_len, seed=cfg.seed,
             replay_fraction=cfg.replay_fraction, slice_weights=cfg.slice_weights,
-            objective=GLMObjective(token_prob=cfg.token_prob, sentence_prob=cfg.sentence_prob),
+            objective=GLMObjective(token_prob=cfg.token_prob, sentence_prob=cfg.sentence_prob, mask_ratio=cfg.mask_ratio),
             image_ratio=cfg.image_ratio, images=images,
         )  # fmt: skip
     except ValueError as e:
@@ -266,7 +272,7 @@ def _fit(run: _Run, store: ObjectStore, catalog: Catalog | None, slice_ids: list
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         grad_norm = float(dist.full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)))
-        accepted = run.guard.accept(loss) and math.isfinite(grad_norm)
+        accepted = run.guard.accept(loss, kind) and math.isfinite(grad_norm)
         if accepted:
             optimizer.step()
         step_seconds = time.perf_counter() - started
