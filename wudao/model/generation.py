@@ -2,7 +2,9 @@
 
 Every task is the same move. Part A (a prompt holding one `[MASK]` / `[sMASK]` / `[gMASK]`) is encoded once
 into a KV cache; Part B starts with `[sop]` at the blank's position (block position 1, 2, …) and grows one
-token at a time until `[eop]`. Token ids come from the caller's `SpecialIds` (wudao.data.glm), never from here.
+token at a time until `[eop]`. Cloze scoring is the exception: it knows its answers, so every prompt's Part A
+and all its candidates (a prefix tree under tree attention) go through one batched forward, no cache. Token ids
+come from the caller's `SpecialIds` (wudao.data.glm), never from here.
 Shape suffixes: B candidates/samples, T tokens, V vocabulary.
 """
 
