@@ -22,7 +22,7 @@ DEMO_ABS = $(abspath $(DEMO))
 # captions, with random TEST-ONLY Inception weights (the output says so; see README for real MS-COCO).
 # 1000 steps of 112-token rows hold about as many text tokens as the default 1500 of 64 (the text recipe).
 DEMO_ENV = WUDAO_EVAL__KG_URI=$(DEMO_ABS)/kg WUDAO_EVAL__FID_COCO_URI=$(DEMO_ABS)/coco \
-           WUDAO_TRAIN__IMAGE_RATIO=0.3 WUDAO_TRAIN__SEQ_LEN=112 WUDAO_TRAIN__VQ_STEPS=80 WUDAO_TRAIN__STEPS=1000 \
+           WUDAO_TRAIN__IMAGE_RATIO=0.3 WUDAO_TRAIN__SEQ_LEN=112 WUDAO_TRAIN__STEPS=1000 \
            WUDAO_EVAL__FID_WEIGHTS_URI=$(DEMO_ABS)/fid/inception-random-TEST-ONLY.pth WUDAO_EVAL__FID_N=48
 demo: $(STAMP)
 	$(BIN)/wudao stack up

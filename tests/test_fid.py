@@ -174,6 +174,10 @@ def test_stage_and_cli_with_a_trained_model(weights, demo_dir, tmp_path):
     assert result["n_images"] == 3 and result["model"] == ckpt and result["eval_id"] == run_id
     assert store.exists(f"eval/{run_id}/fid/samples.png") and len(list(store.list(f"eval/{run_id}/fid/generated/"))) == 3
     assert [m.step for m in client.get_metric_history(run_id, "fid")] == [2]
+    # The demo captions name their colours, so the colour probe reads every generated image.
+    assert result["follows"]["n_probed"] == 3 and 0 <= result["follows"]["both_accuracy"] <= 1
+    assert json.loads(store.get_bytes(f"eval/{run_id}/fid/report.json"))["follows"] == result["follows"]
+    assert [m.step for m in client.get_metric_history(run_id, "follows/both_accuracy")] == [2]
     assert any("fid_samples" in a.path for a in client.list_artifacts(run_id, "images"))
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "MLFLOW_", "AWS_"))}
@@ -184,6 +188,7 @@ def test_stage_and_cli_with_a_trained_model(weights, demo_dir, tmp_path):
     report = json.loads(p.stdout)
     assert {"fid", "kid_mean", "kid_std", "n_images", "n_skipped", "reference_cached", "warning", "weights_note"} <= set(report)
     assert report["reference_cached"] is True and report["n_skipped"] == 0
+    assert report["follows"]["chance_both"] == 1 / 30
 
     # In a cycle's evaluate stage: the grid goes to the stage's run, the metrics are left to the evaluation's
     # logging (no duplicates), and the result carries the key the FID gate compares under.
@@ -203,4 +208,11 @@ def test_human_output_says_biased_next_to_the_number(capsys):
                  "reference_key": "k", "samples_uri": "s", "warning": "N=48 < 2048: …", "weights_note": "TEST-ONLY …"})  # fmt: skip
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("FID 12.500") and "biased" in out[0]
+    assert not any("follow" in line for line in out), "no colour probe line for captions it cannot read"
+    follows = {"n_probed": 48, "unparsed": 0, "background_accuracy": 0.9, "shape_accuracy": 0.7, "both_accuracy": 0.65,
+               "chance_background": 1 / 6, "chance_shape": 0.2, "chance_both": 1 / 30}  # fmt: skip
+    _render_fid({"fid": 12.5, "kid_mean": 0.01, "kid_std": 0.001, "kid_subsets": 100, "kid_subset_size": 48,
+                 "n_images": 48, "n_real": 48, "n_skipped": 0, "skipped": {}, "model": "m", "reference_cached": True,
+                 "reference_key": "k", "samples_uri": "s", "follows": follows})  # fmt: skip
+    assert "images follow their captions: 0.65 (chance 0.03)" in capsys.readouterr().out
     assert any(line.startswith("weights: TEST-ONLY") for line in out)

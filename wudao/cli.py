@@ -222,7 +222,7 @@ def train_vq_cmd(
     def work():
         s = _settings()
         return train_vq(stages.platform_store(s), stages.committed_slices(s), s.home / "cache", image_size=s.ingest.image_size,
-                        codebook_size=s.model.image_codebook_size, steps=steps, seed=s.train.seed)  # fmt: skip
+                        codebook_size=s.model.image_codebook_size, steps=steps, hidden=s.train.vq_hidden, seed=s.train.seed)  # fmt: skip
 
     _run(json_out, work, _print_kv)
 
@@ -305,6 +305,8 @@ def _render_cycle(result: dict[str, Any]) -> None:
         typer.echo(f"evaluate: held-out loss {json.dumps({k: round(v, 3) for k, v in result['evaluation']['candidate'].items()})}")
         if fid := result["evaluation"].get("fid"):
             typer.echo(f"          FID {fid['fid']:.2f}, KID {fid['kid_mean']:.4f} ± {fid['kid_std']:.4f} over {fid['n_images']} captions")
+            if follows := fid.get("follows"):
+                typer.echo(f"          {_follows_line(follows)}")
             for note in (fid.get("warning"), fid.get("weights_note")):
                 if note:
                     typer.echo(f"          note: {note}")
@@ -528,12 +530,20 @@ def eval_fid(
     _run(json_out, work, _render_fid)
 
 
+def _follows_line(f: dict[str, Any]) -> str:
+    return (f"images follow their captions: {f['both_accuracy']:.2f} (chance {f['chance_both']:.2f}); background colour "
+            f"{f['background_accuracy']:.2f} (chance {f['chance_background']:.2f}), shape colour {f['shape_accuracy']:.2f} "
+            f"(chance {f['chance_shape']:.2f}) over {f['n_probed']} captions")  # fmt: skip
+
+
 def _render_fid(r: dict[str, Any]) -> None:
     biased = f"   (N={r['n_images']} < 2048: biased upward, see warning)" if r.get("warning") else ""
     typer.echo(f"FID {r['fid']:.3f}{biased}")
     typer.echo(f"KID {r['kid_mean']:.5f} ± {r['kid_std']:.5f}  ({r['kid_subsets']} subsets of {r['kid_subset_size']})")
     for radius, value in r.get("fid_blur", {}).items():
         typer.echo(f"FID-{radius} {value:.3f}  (images blurred with radius {radius})")
+    if follows := r.get("follows"):
+        typer.echo(_follows_line(follows))
     cached = "reused from the cache" if r["reference_cached"] else "computed and cached"
     skipped = f" {json.dumps(r['skipped'])}" if r["skipped"] else ""
     typer.echo(f"images: {r['n_images']} generated from {r['model']}; {r['n_real']} real, {r['n_skipped']} skipped{skipped}")

@@ -165,6 +165,9 @@ class TrainSettings(BaseModel):
     vq_steps: int = Field(300, ge=1)
     """Steps of the VQ-VAE image tokenizer, trained once (then frozen, like the text tokenizer) by the first
     training with `image_ratio` > 0 whose slices hold images; `wudao train-vq` retrains it by hand."""
+    vq_hidden: int = Field(32, ge=8)
+    """Channels of the VQ-VAE's conv stages. On the demo scenes (64 px) 32 channels reconstruct better in 300 steps
+    than 64 (pixel MSE 0.010 vs 0.029) at 2.6x less time; larger images and real photos want more."""
     token_prob: float = 0.3
     """Probability of the token-span ([MASK]) objective per text step (GLM-10B 0.5). Only Part B carries a loss:
     a token-span step trains on ~mask_ratio of its tokens, a document step on ~60 %, so on a small budget the

@@ -165,7 +165,7 @@ def _image_pairs(settings: Settings, store: ObjectStore, slices: list[str]):
         try:
             report = vq.train_vq(store, slices, _cache_dir(settings), image_size=settings.ingest.image_size,
                                  codebook_size=settings.model.image_codebook_size, steps=settings.train.vq_steps,
-                                 seed=settings.train.seed)  # fmt: skip
+                                 hidden=settings.train.vq_hidden, seed=settings.train.seed)  # fmt: skip
         except vq.VQError as e:  # no images yet: text only this time
             print(f"no image tokenizer and {e}: training on text only", file=sys.stderr)
             return None
@@ -343,8 +343,9 @@ def run_eval_fid(settings: Settings, model: str, coco_uri: str, n: int | None = 
     """MS-COCO FID / KID (and FID-k) of `model`'s text -> image generation (see wudao/eval/fid.py).
 
     Generated PNGs, the sample grid and the report go to `eval/<mlflow_run_id or fid-<digest>>/fid/` in the platform
-    store. With `mlflow_run_id`, fid / kid_mean / kid_std (and fid_blur/<radius>) and the grid (`fid_samples`) are
-    logged to that run at `step`."""
+    store. Where the captions name a shape and a background colour (the demo scenes), `follows` says how often the
+    images show them (wudao/eval/follows.py). With `mlflow_run_id`, fid / kid_mean / kid_std (and fid_blur/<radius>,
+    follows/<figure>) and the grid (`fid_samples`) are logged to that run at `step`."""
     import hashlib
     import json
     import time
@@ -353,7 +354,9 @@ def run_eval_fid(settings: Settings, model: str, coco_uri: str, n: int | None = 
     import numpy as np
     import torch
 
+    from wudao.data.demo import SCENE_PALETTE
     from wudao.eval import fid
+    from wudao.eval.follows import follows_captions
     from wudao.storage import join_key
     from wudao.train import vq
 
@@ -371,25 +374,34 @@ def run_eval_fid(settings: Settings, model: str, coco_uri: str, n: int | None = 
     grid = settings.ingest.image_size // 2**vq_model.cfg.n_down
     k = candidates or ev.fid_candidates
 
+    drawn: tuple[list[str], list[np.ndarray]] = ([], [])  # for the colour probe
+
     def generate(captions: list[str], image_ids: list[int]) -> np.ndarray:
         # The model samples one caption at a time (its candidates as a batch); the VQ decodes the whole batch.
         codes = [gen.image_codes(c, grid=grid, codebook_size=vq_model.cfg.codebook_size, candidates=k,
                                  seed=zlib.crc32(f"{ev.fid_seed}:{i}".encode())) for c, i in zip(captions, image_ids)]  # fmt: skip
         with torch.no_grad():
             images = vq_model.decode(torch.from_numpy(np.stack(codes))).clamp(0, 1)
-        return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        images_NHWC = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        drawn[0].extend(captions)
+        drawn[1].extend(images_NHWC)
+        return images_NHWC
 
     cfg = fid.FIDConfig(n=n or ev.fid_n, resolution=ev.fid_resolution or settings.ingest.image_size, real_set=ev.fid_real,
                         split=ev.fid_split, blur_sigmas=tuple(ev.fid_blur_sigmas), seed=ev.fid_seed,
                         batch_size=ev.fid_batch_size, max_pixels=settings.ingest.image_max_pixels)  # fmt: skip
     eval_id = mlflow_run_id or "fid-" + hashlib.sha256(json.dumps([uri, coco_uri, repr(cfg), k]).encode()).hexdigest()[:12]
     report, grid_image = fid.evaluate_fid(coco, store, join_key("eval", eval_id, "fid"), weights, generate, cfg)
+    if follows := follows_captions(*drawn, SCENE_PALETTE):  # captions of plain-colour scenes (the demo's) only
+        report["follows"] = follows.to_dict()
+        store.put_json(join_key("eval", eval_id, "fid", "report.json"), report)
     if mlflow_run_id:
         from mlflow.entities import Metric
 
         c = registry.client(settings)
         values = {"fid": report["fid"], "kid_mean": report["kid_mean"], "kid_std": report["kid_std"],
-                  **{f"fid_blur/{r}": v for r, v in report.get("fid_blur", {}).items()}}  # fmt: skip
+                  **{f"fid_blur/{r}": v for r, v in report.get("fid_blur", {}).items()},
+                  **{f"follows/{name}": v for name, v in report.get("follows", {}).items()}}  # fmt: skip
         now = int(time.time() * 1000)
         if log_metrics:
             c.log_batch(mlflow_run_id, metrics=[Metric(name, float(v), now, step) for name, v in values.items()])

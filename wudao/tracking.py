@@ -167,7 +167,8 @@ def kg_chance(kg: dict[str, Any]) -> float | None:
 
 
 def evaluation_metrics(evaluation: dict[str, Any]) -> list[Metric]:
-    """Held-out loss per slice (forgetting), KG P@1/MRR by language and slice, claim rates, FID and KID."""
+    """Held-out loss per slice (forgetting), KG P@1/MRR by language and slice, claim rates, FID, KID and whether the
+    images follow their captions (`follows/*`)."""
     metrics = [Metric(f"heldout_loss/{s}", v, 0, 0) for s, v in evaluation["candidate"].items()]
     for s, v in (evaluation.get("parent") or {}).items():
         metrics.append(Metric(f"parent/heldout_loss/{s}", v, 0, 0))
@@ -183,6 +184,7 @@ def evaluation_metrics(evaluation: dict[str, Any]) -> list[Metric]:
     if fid := evaluation.get("fid"):
         metrics += [Metric(k, float(fid[k]), 0, 0) for k in ("fid", "kid_mean", "kid_std") if fid.get(k) is not None]
         metrics += [Metric(f"fid_blur/{k}", float(v), 0, 0) for k, v in (fid.get("fid_blur") or {}).items()]
+        metrics += [Metric(f"follows/{k}", float(v), 0, 0) for k, v in (fid.get("follows") or {}).items()]
     return metrics
 
 

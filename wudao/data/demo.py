@@ -211,6 +211,8 @@ _COLORS = {
     "yellow": ("黄色", (240, 210, 40)), "white": ("白色", (245, 245, 245)), "black": ("黑色", (20, 20, 20)),
 }  # fmt: skip
 _SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
+SCENE_PALETTE = {name: ((name, zh), rgb) for name, (zh, rgb) in _COLORS.items()}
+"""The scenes' colours as `wudao.eval.follows` reads them: name -> (caption names en + zh, RGB)."""
 
 
 def write_scenes(coco_dir: Path, *, n: int, seed: int, split: str = "val2017", size: int = 64) -> int:

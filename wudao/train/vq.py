@@ -28,13 +28,13 @@ class VQError(RuntimeError):
 
 
 def train_vq(store: ObjectStore, slice_ids: list[str], cache_dir: Path, *, image_size: int, codebook_size: int,
-             steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0) -> dict:  # fmt: skip
+             steps: int, hidden: int = 32, batch_size: int = 32, lr: float = 2e-3, seed: int = 0) -> dict:  # fmt: skip
     pairs = [p for s in slice_ids for p in load_slice_images(store, s, cache_dir)]
     if not pairs:
         raise VQError("no images in the committed slices: ingest image-caption pairs first")
     images = pngs_to_tensor([png for png, _ in pairs], image_size)
     n_down = max(1, (image_size // 8).bit_length() - 1)  # 64 -> 8x8 codes, 256 -> 32x32
-    cfg = VQConfig(codebook_size=codebook_size, n_down=n_down)
+    cfg = VQConfig(codebook_size=codebook_size, n_down=n_down, hidden=hidden)
     torch.manual_seed(seed)
     model = VQVAE(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
