@@ -57,6 +57,23 @@ def test_replay_share_and_slice_weights_are_observed():
     assert sample_indices(3, 8, 1, 2, 2) == [range(28, 30), range(30, 32)]
 
 
+def test_image_steps_use_their_own_row_length():
+    from wudao.data.glm import GLMObjective, SpecialIds
+    from wudao.train.data import IMAGE, ImagePairs
+
+    ids = SpecialIds(pad=0, eos=1, cls=2, mask=3, smask=4, gmask=5, sop=6, eop=7, boi=8, eoi=9, roi=10, base=11)
+    images = ImagePairs(captions=[list(range(20, 30))] * 4, codes_NHW=np.zeros((4, 8, 8), dtype=np.int64), code_offset=100)
+    tokens = SliceTokens("new", "v", np.arange(500, dtype=np.int64) % 50 + 20)
+    loader = MixtureLoader(tokens, [], ids=ids, sentence_ends=frozenset(), seq_len=32, seed=0, replay_fraction=0.0,
+                           slice_weights={}, objective=GLMObjective(), image_ratio=0.5, images=images, image_seq_len=96)  # fmt: skip
+    kinds = [loader.step_kind(s) for s in range(40)]
+    image_step, text_step = kinds.index(IMAGE), next(i for i, k in enumerate(kinds) if k != IMAGE)
+    image_batch, text_batch = loader.batch(image_step, range(4)), loader.batch(text_step, range(4))
+    assert image_batch.input_ids_BT.shape == (4, 96) and text_batch.input_ids_BT.shape == (4, 32)
+    assert (image_batch.input_ids_BT >= 100).sum(1).tolist() == [64] * 4, "every row holds all 64 codes"
+    assert loader.row_tokens(IMAGE) == 96 and loader.row_tokens(kinds[text_step]) == 32
+
+
 def test_train_from_scratch_then_continue(local_settings, demo_dir):
     run_ingest(local_settings, str(demo_dir / "corpus" / "slice-01"))
     first = run_train(local_settings, start="scratch")

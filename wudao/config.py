@@ -162,6 +162,10 @@ class TrainSettings(BaseModel):
     """Relative replay weight of earlier slices by id (others weigh 1)."""
     image_ratio: float = Field(0.0, ge=0.0, le=1.0)
     """Share of steps that train on image-caption pairs (the image tokenizer is trained on first use)."""
+    image_seq_len: int | None = Field(None, ge=16)
+    """Tokens per image-caption row (None: seq_len). A row holds all the image's codes (64 for 8x8) plus its
+    caption, so it needs more room than a text row; giving image steps their own length lets text steps stay
+    short (and fast) instead of padding every text row to the image length."""
     vq_steps: int = Field(300, ge=1)
     """Steps of the VQ-VAE image tokenizer, trained once (then frozen, like the text tokenizer) by the first
     training with `image_ratio` > 0 whose slices hold images; `wudao train-vq` retrains it by hand."""

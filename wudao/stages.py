@@ -172,9 +172,10 @@ def _image_pairs(settings: Settings, store: ObjectStore, slices: list[str]):
         print(f"trained the image tokenizer once: {report}", file=sys.stderr)
         model = vq.load_current(store)
     codes = (settings.ingest.image_size // 2**model.cfg.n_down) ** 2
-    if settings.train.seq_len < codes + 24:  # [ROI] caption [BASE] [BOI] codes [EOI] in one row
-        raise StageError(f"train.seq_len={settings.train.seq_len} cannot hold an image row ({codes} codes + its caption): "
-                         f"set train.seq_len to at least {codes + 24} (and model.max_seq_len with it), or image_ratio=0")  # fmt: skip
+    row_len = settings.train.image_seq_len or settings.train.seq_len
+    if row_len < codes + 24:  # [ROI] caption [BASE] [BOI] codes [EOI] in one row
+        raise StageError(f"train.image_seq_len (or seq_len)={row_len} cannot hold an image row ({codes} codes + its caption): "
+                         f"set train.image_seq_len to at least {codes + 24} (model.max_seq_len grows with it), or image_ratio=0")  # fmt: skip
     return vq.encode_slices(model, store, slices, _cache_dir(settings), settings.ingest.image_size, settings.model)
 
 

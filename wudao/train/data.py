@@ -89,7 +89,8 @@ class MixtureLoader:
 
     def __init__(self, new: SliceTokens, old: list[SliceTokens], *, ids: SpecialIds, sentence_ends: frozenset[int],
                  seq_len: int, seed: int, replay_fraction: float, slice_weights: dict[str, float],
-                 objective: GLMObjective, image_ratio: float = 0.0, images: ImagePairs | None = None):  # fmt: skip
+                 objective: GLMObjective, image_ratio: float = 0.0, images: ImagePairs | None = None,
+                 image_seq_len: int | None = None):  # fmt: skip
         old = [s for s in old if len(s.tokens) > 0]
         self.images = images if images is not None and len(images.captions) else None
         if len(new.tokens) == 0:
@@ -107,10 +108,15 @@ class MixtureLoader:
         self.old_p = weights / weights.sum() if len(weights) else weights
         self.objective = objective
         self.image_ratio = image_ratio if self.images is not None else 0.0
+        self.image_seq_len = image_seq_len or seq_len
         # Source rows leave room for the mask and [sop] tokens that GLM adds (2 per span, a span being
         # poisson_lambda tokens on average): 0.85 of seq_len at GLM's 15 %, shorter rows for larger mask ratios.
         share = min(0.85, 0.95 / (1 + 2 * objective.mask_ratio / objective.poisson_lambda))
         self.row_len = max(8, int(seq_len * share))
+
+    def row_tokens(self, kind: str) -> int:
+        """Length of every row of a step of `kind` (image steps may use their own length)."""
+        return self.image_seq_len if kind == IMAGE else self.seq_len
 
     def step_kind(self, step: int) -> str:
         rng = np.random.default_rng([self.seed, 1, step])
@@ -137,12 +143,12 @@ class MixtureLoader:
     def _image_row(self, index: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, 4, index])
         i = int(rng.integers(len(self.images.captions)))
-        budget = self.seq_len - self.images.codes_NHW[i].size - 8
+        budget = self.image_seq_len - self.images.codes_NHW[i].size - 8
         caption = self.images.captions[i][: max(1, budget)]
         # Both directions, as CogView: caption -> image, and image -> caption (used for self-reranking).
         tokens, span = cogview_layout(caption, self.images.codes_NHW[i], self.ids, self.images.code_offset,
                                       image_first=bool(rng.random() < 0.5))  # fmt: skip
-        return glm_sample(tokens, [span], self.ids.gmask, self.ids, self.seq_len, rng)
+        return glm_sample(tokens, [span], self.ids.gmask, self.ids, self.image_seq_len, rng)
 
     def batch(self, step: int, indices: range) -> GLMBatch:
         kind = self.step_kind(step)

@@ -192,9 +192,10 @@ def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, 
     if ckpt is not None and ckpt.manifest["tokenizer_version"] != tokenizer_version:
         raise TrainError(f"checkpoint {ckpt.uri} uses tokenizer {ckpt.manifest['tokenizer_version']} but the data uses "
                          f"{tokenizer_version}: start from scratch or re-ingest with the model's tokenizer")  # fmt: skip
-    model = ckpt.model if ckpt is not None else GLMModel(model_config(model_settings, tok.get_vocab_size(), cfg.seq_len))
-    if model.cfg.max_seq_len < cfg.seq_len:
-        raise TrainError(f"train.seq_len={cfg.seq_len} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+    longest = max(cfg.seq_len, cfg.image_seq_len or 0) if images is not None else cfg.seq_len
+    model = ckpt.model if ckpt is not None else GLMModel(model_config(model_settings, tok.get_vocab_size(), longest))
+    if model.cfg.max_seq_len < longest:
+        raise TrainError(f"train.seq_len / image_seq_len={longest} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
     device = dist.device()
     model.to(device)
     ddp_model = dist.wrap(model, cfg.parallel)
@@ -213,7 +214,7 @@ def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, 
             new, old, ids=ids, sentence_ends=sentence_end_ids(tok), seq_len=cfg.seq_len, seed=cfg.seed,
             replay_fraction=cfg.replay_fraction, slice_weights=cfg.slice_weights,
             objective=GLMObjective(token_prob=cfg.token_prob, sentence_prob=cfg.sentence_prob, mask_ratio=cfg.mask_ratio),
-            image_ratio=cfg.image_ratio, images=images,
+            image_ratio=cfg.image_ratio, images=images, image_seq_len=cfg.image_seq_len,
         )  # fmt: skip
     except ValueError as e:
         raise TrainError(str(e)) from None
@@ -276,7 +277,7 @@ def _fit(run: _Run, store: ObjectStore, catalog: Catalog | None, slice_ids: list
         if accepted:
             optimizer.step()
         step_seconds = time.perf_counter() - started
-        step_tokens = cfg.batch_size * cfg.seq_len
+        step_tokens = cfg.batch_size * run.loader.row_tokens(kind)
         tokens_done += step_tokens
         elapsed += step_seconds
         entry = {"step": step, "loss": loss, f"loss/{kind}": float(totals[1]), "lm_loss": float(totals[1]),
@@ -302,7 +303,8 @@ def _fit(run: _Run, store: ObjectStore, catalog: Catalog | None, slice_ids: list
     return TrainResult(
         run_id=run.run_id, checkpoint_uri=uri, resumed_from=run.init_uri, restarted_at_step=run.start_step,
         slice_ids=slice_ids, tokenizer_version=run.tokenizer_version, steps=cfg.steps,
-        tokens=cfg.steps * cfg.batch_size * cfg.seq_len, final_loss=final_loss, tokens_per_s=tokens_per_s,
+        tokens=sum(cfg.batch_size * run.loader.row_tokens(run.loader.step_kind(s)) for s in range(cfg.steps)),
+        final_loss=final_loss, tokens_per_s=tokens_per_s,
         skipped_steps=sum(h["skipped"] for h in run.history),
         mfu=(flops_per_token * tokens_per_s / (peak * 1e12 * world)) if peak else None, history=run.history,
     )  # fmt: skip
