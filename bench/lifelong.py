@@ -39,7 +39,8 @@ def run_setting(demo: Path, work: Path, replay: float, schedule: str, steps: int
         evaluation = run_evaluate(settings, checkpoint, None)
         kg = evaluation["kg"]["by_slice"]
         cycles.append({"heldout_loss": evaluation["candidate"], "kg_p_at_1": {s: v["p_at_1"] for s, v in kg.items()},
-                       "chance": {s: v.get("chance") for s, v in kg.items()}})  # fmt: skip
+                       "chance": {s: v.get("chance") for s, v in kg.items()},
+                       "by_language": {lang: v["p_at_1"] for lang, v in evaluation["kg"]["by_language"].items()}})  # fmt: skip
     first_kg, first_loss = "slice-01", "slice-00001"
     p1 = [c["kg_p_at_1"].get(first_kg) for c in cycles]
     loss = [c["heldout_loss"].get(first_loss) for c in cycles]
@@ -47,6 +48,8 @@ def run_setting(demo: Path, work: Path, replay: float, schedule: str, steps: int
         "replay": replay,
         "schedule": schedule,
         "new_slice_p_at_1": [c["kg_p_at_1"].get(f"slice-{i + 1:02d}") for i, c in enumerate(cycles)],
+        "chance": [c["chance"].get(f"slice-{i + 1:02d}") for i, c in enumerate(cycles)],
+        "p_at_1_by_language": [c["by_language"] for c in cycles],
         "slice1_p_at_1": p1,
         "slice1_p_at_1_drop": max(p1) - p1[-1],
         "slice1_heldout_loss": loss,
@@ -78,7 +81,8 @@ def main() -> None:
             if not args.json:
                 print(f"replay {replay:<5} {schedule:8s} new-slice P@1 {', '.join(f'{v:.2f}' for v in row['new_slice_p_at_1'])}"
                       f" | slice-1 P@1 drop {row['slice1_p_at_1_drop']:.2f}, held-out +{row['slice1_heldout_rise_pct']:.1f}%"
-                      f" | train {row['train_s']:.0f}s", flush=True)  # fmt: skip
+                      f" | train {row['train_s']:.0f}s | all slices by language {row['p_at_1_by_language'][-1]}", flush=True)  # fmt: skip
+            print(json.dumps(row), file=sys.stderr, flush=True)  # the whole row at once, in case a later setting fails
     if args.json:
         print(json.dumps({"settings": rows}))
 
