@@ -1,9 +1,10 @@
 """The default recipe learns: three lifelong cycles on the demo slices, each probed on the facts it taught.
 
 The platform's own stages (ingest -> train from the previous cycle -> evaluate) with a folder store and a SQLite
-catalog; model and training settings are the defaults a user gets. Knowledge must be far above both baselines
-(uniform chance and always-the-most-common-object), and slice 1 must stay above chance while slices 2 and 3
-are learned. Slow: about 3 minutes of training per cycle on 2 CPU cores.
+catalog; model and training settings are the defaults a user gets. Each new slice must be learned far above both
+baselines (uniform chance and always-the-most-common-object), and slice 1 must keep most of what it knew, in
+P@1 and in held-out loss, while slices 2 and 3 are learned. Slow: about 3 minutes of training per cycle on 2 CPU
+cores.
 """
 
 from __future__ import annotations
@@ -30,12 +31,17 @@ def test_three_cycles_learn_each_slice_and_keep_the_first_above_chance(tmp_path,
         cycles.append({"heldout": evaluation["candidate"], "kg": by_slice})
         new = by_slice[f"slice-{n:02d}"]
         print(json.dumps({"cycle": n, "new_slice": new, "heldout": evaluation["candidate"]}))
-        assert new["p_at_1"] >= 4 * new["chance"] and new["p_at_1"] >= new["majority"] + 0.1, \
+        # Issue #12's target is >= 0.6 on the slice just learned. Measured (seeded, CPU, default 25 % replay):
+        # 0.67 / 0.62 / 0.76 against chance 0.05 and majority 0.10-0.16; the bound leaves room for numeric drift.
+        assert new["p_at_1"] >= 0.55 and new["p_at_1"] >= new["majority"] + 0.3, \
             f"cycle {n} did not learn its slice's facts: {new}"  # fmt: skip
-    # Measured (seeded, CPU): slice-01 P@1 0.42 -> 0.17 -> 0.14 and held-out loss 2.66 -> 3.30 -> 2.95 with the
-    # default replay of 5 %: the first slice is still known above both baselines, but much is forgotten (issue
-    # #12 asks for P@1 within 0.05 of its best; not met yet). These bounds catch a collapse back to chance.
     first = [c["kg"]["slice-01"] for c in cycles]
-    assert first[-1]["p_at_1"] >= 2 * first[-1]["chance"], f"slice-01 P@1 per cycle {[f['p_at_1'] for f in first]}: forgotten"
     loss = [c["heldout"]["slice-00001"] for c in cycles]
-    assert loss[-1] <= 1.25 * min(loss), f"slice-00001 held-out loss per cycle {loss}: forgotten"
+    print(json.dumps({"slice-01_p_at_1": [f["p_at_1"] for f in first], "slice-00001_heldout": loss}))
+    # Measured: slice 1's P@1 0.67 -> 0.56 -> 0.50 and held-out loss 1.44 -> 1.26 -> 1.44 (1.14x its best). Issue
+    # #12 asks for P@1 within 0.05 of the best: not met (see the README). With 5 % replay the held-out loss went
+    # 1.44 -> 2.08 -> 2.53 (1.76x); these bounds fail on that.
+    best = max(f["p_at_1"] for f in first)
+    assert first[-1]["p_at_1"] >= 0.6 * best and first[-1]["p_at_1"] >= first[-1]["majority"] + 0.2, \
+        f"slice-01 P@1 per cycle {[f['p_at_1'] for f in first]}: forgotten"  # fmt: skip
+    assert loss[-1] <= 1.3 * min(loss), f"slice-00001 held-out loss per cycle {loss}: forgotten"
