@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import pydantic
+import pytest
+
 from wudao.config import Settings
+from wudao.model.glm import GLMModel
+from wudao.model.moe import MoE
+from wudao.train.loop import model_config
 
 
 def test_defaults_resolve_to_local_folders(tmp_path, monkeypatch):
@@ -37,3 +43,15 @@ def test_secrets_never_printed(monkeypatch):
     assert s.aws_secret_access_key.get_secret_value() == "very-secret-value"
     text = repr(s) + str(s) + str(s.public_dict())
     assert "very-secret-value" not in text and "AKIDSECRET" not in text
+
+
+def test_moe_settings_reach_every_moe_layer(monkeypatch):
+    monkeypatch.setenv("WUDAO_MODEL__CAPACITY_FACTOR", "1.25")
+    monkeypatch.setenv("WUDAO_MODEL__EVAL_CAPACITY_FACTOR", "2.5")
+    monkeypatch.setenv("WUDAO_MODEL__ROUTER_JITTER", "0.01")
+    s = Settings()
+    moes = [m for m in GLMModel(model_config(s.model, vocab_size=64, seq_len=32)).modules() if isinstance(m, MoE)]
+    assert moes and all((m.capacity_factor, m.eval_capacity_factor, m.router_jitter) == (1.25, 2.5, 0.01) for m in moes)
+    monkeypatch.setenv("WUDAO_MODEL__ROUTER_JITTER", "1.5")
+    with pytest.raises(pydantic.ValidationError, match="router_jitter"):
+        Settings()

@@ -220,3 +220,32 @@ def test_tiny_glm_learns_to_fill_in_fifty_capitals():
     print(f"steps={step + 1} loss={out.lm_loss.item():.4f} exact={exact:.2f} in {time.perf_counter() - start:.1f}s")
     assert tok.decode(answers[0]).strip() == facts[0][1], "the blank is exactly the capital's tokens"
     assert exact >= 0.9
+
+
+def test_moe_loss_does_not_depend_on_padding():
+    """The same row padded to 24 or to 60 tokens: with a capacity-limited MoE the loss, the expert load and the
+    dropped count are the same, because padding is not routed (GLMBatch.real_BT)."""
+    model = tiny(moe_every=1, n_experts=4, top_k=2, capacity_factor=1.0).train()
+    short, long = sample_row(24), sample_row(60)
+    out_short, out_long = model.loss(**short), model.loss(**long)
+    torch.testing.assert_close(out_long.lm_loss, out_short.lm_loss, atol=1e-6, rtol=0)
+    assert torch.equal(out_long.aux.tokens_per_expert_LE, out_short.aux.tokens_per_expert_LE)
+    real = int(short["real_BT"].sum())
+    assert int(out_long.aux.tokens_per_expert_LE.sum() + out_long.aux.dropped) == 2 * 2 * real  # layers x top-2
+    assert int(out_short.aux.dropped) > 0, "the example must exercise the capacity"
+    # Routing the padding (no mask) changes what real tokens get: capacity slots go to pads.
+    unmasked = model.loss(**{k: v for k, v in long.items() if k != "real_BT"})
+    assert int(unmasked.aux.tokens_per_expert_LE.sum() + unmasked.aux.dropped) == 2 * 2 * 60
+
+
+def test_aux_loss_is_summed_over_moe_layers():
+    model = tiny(moe_every=1, n_experts=4, top_k=2, aux_loss_weight=0.01, z_loss_weight=1e-3)
+    stats = []
+    hooks = [b.ffn.register_forward_hook(lambda m, i, o: stats.append(o[1])) for b in model.blocks]
+    out = model.loss(**sample_row())
+    for h in hooks:
+        h.remove()
+    assert len(stats) == 2
+    expected = sum(0.01 * s.load_balance_loss + 1e-3 * s.z_loss for s in stats)
+    torch.testing.assert_close(out.aux.aux_loss, expected)
+    torch.testing.assert_close(out.aux.load_balance_loss, (stats[0].load_balance_loss + stats[1].load_balance_loss) / 2)

@@ -98,3 +98,72 @@ def test_bf16_forward_backward_is_finite():
     assert y.dtype == torch.bfloat16 and stats.load_balance_loss.dtype == torch.float32  # router in fp32
     (y.float().square().sum() + stats.z_loss).backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_padding_is_not_routed_and_real_tokens_see_no_difference():
+    """Pads take no expert slot: with a capacity, the real tokens' output and statistics equal a run on the
+    real tokens alone; pads get 0 (the residual passes) and are in no count."""
+    torch.manual_seed(4)
+    moe = MoE(d_model=16, hidden=32, n_experts=4, top_k=2, capacity_factor=1.0)
+    with torch.no_grad():
+        moe.router.weight.normal_(std=1.0)
+    x_BTD = torch.randn(2, 12, 16)
+    real_BT = torch.arange(12).expand(2, 12) < torch.tensor([[9], [5]])  # 14 real tokens, 10 pads
+    y_BTD, stats = moe(x_BTD, real_BT)
+    y_alone, alone = moe(x_BTD[real_BT][None])
+    torch.testing.assert_close(y_BTD[real_BT], y_alone[0], atol=1e-6, rtol=0)
+    assert (y_BTD[~real_BT] == 0).all()
+    assert stats.tokens_per_expert_E.tolist() == alone.tokens_per_expert_E.tolist()
+    assert int(stats.tokens_per_expert_E.sum() + stats.dropped) == 2 * 14 and int(stats.routed_tokens) == 14
+    for name in ("load_balance_loss", "z_loss", "dropped"):
+        assert getattr(stats, name).item() == pytest.approx(getattr(alone, name).item(), rel=1e-6)
+    # Without the mask the same pads are routed and change what the real tokens get: the mask matters here.
+    y_unmasked, unmasked = moe(x_BTD)
+    assert int(unmasked.tokens_per_expert_E.sum() + unmasked.dropped) == 2 * 24
+    assert not torch.allclose(y_unmasked[real_BT], y_BTD[real_BT])
+
+
+def test_a_batch_of_padding_only_routes_nothing():
+    moe = MoE(d_model=8, hidden=16, n_experts=4, top_k=2)
+    x = torch.randn(1, 5, 8, requires_grad=True)
+    y, stats = moe(x, torch.zeros(1, 5, dtype=torch.bool))
+    assert (y == 0).all() and int(stats.tokens_per_expert_E.sum()) == 0 and int(stats.routed_tokens) == 0
+    assert float(stats.load_balance_loss) == 0 and float(stats.z_loss) == 0
+    (y.sum() + stats.load_balance_loss).backward()  # no NaN from empty means
+    assert torch.isfinite(x.grad).all()
+
+
+def test_router_is_fp32_under_cpu_bf16_autocast():
+    torch.manual_seed(5)
+    moe = MoE(d_model=16, hidden=32, n_experts=4, top_k=2)
+    x_ND = torch.randn(64, 16)
+    reference_NE = x_ND.double() @ moe.router.weight.double().T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_NE, probs_NE, gate_NK, _ = moe.route(x_ND)
+        assert F.linear(x_ND, moe.router.weight).dtype == torch.bfloat16, "autocast is on: a plain linear is bf16"
+        y, stats = moe(x_ND[None])
+    assert logits_NE.dtype == probs_NE.dtype == gate_NK.dtype == torch.float32
+    torch.testing.assert_close(logits_NE.double(), reference_NE, atol=1e-5, rtol=1e-5)
+    assert stats.load_balance_loss.dtype == stats.z_loss.dtype == torch.float32
+
+
+def test_router_jitter_only_in_training():
+    torch.manual_seed(6)
+    x_ND = torch.randn(32, 16)
+    moe = MoE(d_model=16, hidden=32, n_experts=4, top_k=2, router_jitter=0.1)
+    a, b = moe.route(x_ND)[0], moe.route(x_ND)[0]
+    assert not torch.equal(a, b), "training: each call draws new noise"
+    moe.eval()
+    torch.testing.assert_close(moe.route(x_ND)[0], x_ND @ moe.router.weight.T, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="router_jitter"):
+        MoE(d_model=16, hidden=32, n_experts=4, router_jitter=1.5)
+
+
+def test_eval_capacity_factor_applies_in_eval_mode_only():
+    torch.manual_seed(7)
+    moe = MoE(d_model=16, hidden=32, n_experts=4, top_k=2, capacity_factor=0.5, eval_capacity_factor=4.0)
+    with torch.no_grad():
+        moe.router.weight.normal_(std=1.0)
+    x = torch.randn(1, 24, 16)
+    assert int(moe(x)[1].dropped) > 0
+    assert int(moe.eval()(x)[1].dropped) == 0

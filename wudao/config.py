@@ -124,10 +124,14 @@ class ModelSettings(BaseModel):
     """Experts per token (1 = Switch, 2 = GShard)."""
     capacity_factor: float | None = None
     """Expert capacity factor with token dropping (GShard 1.2); None = dropless."""
+    eval_capacity_factor: float | None = None
+    """Capacity factor in evaluation and generation (GShard 2.4); None = same as `capacity_factor`."""
+    router_jitter: float = Field(0.0, ge=0.0, lt=1.0)
+    """Switch router jitter: router inputs scaled by U(1-ε, 1+ε) in training (exploration); 0 = off."""
     aux_loss_weight: float = 0.01
-    """Weight of the MoE load-balancing loss."""
+    """Weight of each MoE layer's load-balancing loss; layers' losses are summed (ST-MoE)."""
     z_loss_weight: float = 1e-3
-    """Weight of the router z-loss."""
+    """Weight of each MoE layer's router z-loss; layers' losses are summed (ST-MoE)."""
     image_codebook_size: int = 256
     """Image code ids appended after the text vocabulary (the VQ-VAE's codebook size must match)."""
 

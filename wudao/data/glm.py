@@ -130,10 +130,13 @@ class GLMBatch:
     """True on Part B positions (the only ones with a loss)."""
     sep_B: np.ndarray
     """Part A length per row: attention is bidirectional over [0, sep) and causal after."""
+    real_BT: np.ndarray
+    """False on [PAD] positions (row tails, and padding inside packed rows): MoE layers do not route them."""
     kind: Kind
 
     def tensors(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        names = ("input_ids_BT", "position_ids_BT", "block_position_ids_BT", "target_ids_BT", "loss_mask_BT", "sep_B")
+        names = ("input_ids_BT", "position_ids_BT", "block_position_ids_BT", "target_ids_BT", "loss_mask_BT", "sep_B",
+                 "real_BT")  # fmt: skip
         return {n: torch.from_numpy(getattr(self, n)).to(device) for n in names}
 
 
@@ -235,7 +238,8 @@ def glm_sample(tokens: np.ndarray, spans: Sequence[Span], mask_id: int, ids: Spe
         loss[at : at + n] = True
         at += n
     return {"input_ids_BT": row["input"], "position_ids_BT": row["position"], "block_position_ids_BT": row["block"],
-            "target_ids_BT": row["target"], "loss_mask_BT": loss, "sep_B": np.int64(sep)}  # fmt: skip
+            "target_ids_BT": row["target"], "loss_mask_BT": loss, "sep_B": np.int64(sep),
+            "real_BT": row["input"] != ids.pad}  # fmt: skip
 
 
 def choose_spans(

@@ -341,8 +341,9 @@ def _score_trie_rows(model: GLMModel, rows: list[tuple[Sequence[int], int, _Answ
     x_RTD = x_RTD + model.block_pos_emb(torch.from_numpy(block_RT).to(device))
     # GLMModel.hidden, with a tree mask in place of the Part A / causal one it builds from sep.
     mask_R1TT = torch.from_numpy(sees_RTT).to(device)[:, None]
+    real_RT = torch.from_numpy(np.arange(T) < (n_a + n_b)[:, None]).to(device)  # padding is not routed (MoE)
     for block in model.blocks:
-        x_RTD, _ = block(x_RTD, mask_R1TT, None)
+        x_RTD, _ = block(x_RTD, mask_R1TT, None, real_RT)
     h_RTD = model.ln_f(x_RTD)
     # Every node is scored (a leaf predicts [eop]): project each once, in slices of ~4M logits so that a large
     # vocabulary does not need a (nodes, V) tensor of the whole chunk.

@@ -59,10 +59,12 @@ class GLMConfig:
     """Expert capacity ⌈factor·N·K/E⌉ in training, overflow dropped (GShard 1.2); None = dropless."""
     eval_capacity_factor: float | None = None
     """Capacity factor in eval mode (GShard 2.4); None = same as capacity_factor."""
+    router_jitter: float = 0.0
+    """Switch router jitter: in training, router inputs are scaled by U(1-ε, 1+ε); 0 = off."""
     aux_loss_weight: float = 0.01
-    """Weight of the load-balancing loss, averaged over MoE layers (Switch 0.01; MegaBlocks 0.1)."""
+    """Weight of each MoE layer's load-balancing loss, summed over layers (ST-MoE; Switch 0.01, MegaBlocks 0.1)."""
     z_loss_weight: float = 1e-3
-    """Weight of the router z-loss, averaged over MoE layers (ST-MoE)."""
+    """Weight of each MoE layer's router z-loss, summed over layers (ST-MoE)."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -86,13 +88,16 @@ class GLMAux:
     """What a forward pass reports besides logits."""
 
     aux_loss: torch.Tensor
-    """Weighted MoE losses to add to the LM loss (0 for a dense model)."""
+    """Weighted MoE losses to add to the LM loss, summed over MoE layers as ST-MoE does, so that every layer's
+    router feels the same pull whatever the depth (0 for a dense model)."""
     load_balance_loss: torch.Tensor
-    """Mean over MoE layers of E·Σ f_e·P_e (1 = balanced)."""
+    """Mean over MoE layers of E·Σ f_e·P_e (1 = balanced): the mean, so the logged figure reads the same at any
+    depth."""
     z_loss: torch.Tensor
     """Mean over MoE layers of the router z-loss."""
     tokens_per_expert_LE: torch.Tensor
-    """Assignments each expert processed, one row per MoE layer; (0, E) for a dense model."""
+    """Assignments each expert processed, one row per MoE layer; (0, E) for a dense model. Padding is never
+    routed, so a row sums to at most top_k x the real tokens."""
     dropped: torch.Tensor
     """Assignments dropped by capacity, summed over layers."""
 
@@ -101,9 +106,10 @@ class GLMAux:
         if not stats:
             zero = torch.zeros((), device=device)
             return cls(zero, zero, zero, torch.zeros(0, cfg.n_experts, dtype=torch.long, device=device), zero.long())
-        lb = torch.stack([s.load_balance_loss for s in stats]).mean()
-        z = torch.stack([s.z_loss for s in stats]).mean()
-        return cls(cfg.aux_loss_weight * lb + cfg.z_loss_weight * z, lb, z,
+        lb_L = torch.stack([s.load_balance_loss for s in stats])
+        z_L = torch.stack([s.z_loss for s in stats])
+        aux = (cfg.aux_loss_weight * lb_L + cfg.z_loss_weight * z_L).sum()
+        return cls(aux, lb_L.mean(), z_L.mean(),
                    torch.stack([s.tokens_per_expert_E for s in stats]), sum(s.dropped for s in stats))  # fmt: skip
 
 
@@ -149,17 +155,17 @@ class Block(nn.Module):
         self.attn = GLMAttention(cfg.d_model, cfg.n_heads, cfg.pb_relax, cfg.pb_alpha)
         if cfg.is_moe(layer):
             self.ffn: nn.Module = MoE(cfg.d_model, cfg.moe_hidden or cfg.hidden, cfg.n_experts, cfg.top_k,
-                                      cfg.capacity_factor, cfg.eval_capacity_factor)  # fmt: skip
+                                      cfg.capacity_factor, cfg.eval_capacity_factor, cfg.router_jitter)  # fmt: skip
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.hidden)
 
     def forward(
-        self, x_BTD: torch.Tensor, mask_B1TS: torch.Tensor, cache: KVCache | None
+        self, x_BTD: torch.Tensor, mask_B1TS: torch.Tensor, cache: KVCache | None, real_BT: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, MoEStats | None]:
         h_BTD = x_BTD + self.ln_attn_out(self.attn(self.ln_attn_in(x_BTD), mask_B1TS, cache, self.layer))
         stats = None
         if isinstance(self.ffn, MoE):
-            f_BTD, stats = self.ffn(self.ln_ffn_in(h_BTD))
+            f_BTD, stats = self.ffn(self.ln_ffn_in(h_BTD), real_BT)
         else:
             f_BTD = self.ffn(self.ln_ffn_in(h_BTD))
         return h_BTD + self.ln_ffn_out(f_BTD), stats
@@ -206,8 +212,10 @@ class GLMModel(nn.Module):
         block_position_ids_BT: torch.Tensor | None = None,
         sep_B: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        real_BT: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, GLMAux]:
-        """Final-LN hidden states (B, T, D). Defaults: positions continue the cache, block 0, sep 0 (causal LM)."""
+        """Final-LN hidden states (B, T, D). Defaults: positions continue the cache, block 0, sep 0 (causal LM),
+        every token real. `real_BT` (bool) is False on padding, which MoE layers then do not route."""
         B, T = input_ids_BT.shape
         device = input_ids_BT.device
         start = kv_cache.length if kv_cache is not None else 0
@@ -223,7 +231,7 @@ class GLMModel(nn.Module):
         mask_B1TS = glm_attention_mask(sep_B, start, T, start + T)
         stats = []
         for block in self.blocks:
-            x_BTD, s = block(x_BTD, mask_B1TS, kv_cache)
+            x_BTD, s = block(x_BTD, mask_B1TS, kv_cache, real_BT)
             if s is not None:
                 stats.append(s)
         if kv_cache is not None:
@@ -241,8 +249,9 @@ class GLMModel(nn.Module):
         block_position_ids_BT: torch.Tensor | None = None,
         sep_B: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        real_BT: torch.Tensor | None = None,
     ) -> GLMOutput:
-        h_BTD, aux = self.hidden(input_ids_BT, position_ids_BT, block_position_ids_BT, sep_B, kv_cache)
+        h_BTD, aux = self.hidden(input_ids_BT, position_ids_BT, block_position_ids_BT, sep_B, kv_cache, real_BT)
         return GLMOutput(self.project(h_BTD), aux)
 
     def loss(
@@ -253,9 +262,10 @@ class GLMModel(nn.Module):
         sep_B: torch.Tensor,
         target_ids_BT: torch.Tensor,
         loss_mask_BT: torch.Tensor,
+        real_BT: torch.Tensor | None = None,
     ) -> GLMLoss:
         """GLM loss on Part B only; takes exactly the tensors of `GLMBatch.tensors()` as keywords."""
-        h_BTD, aux = self.hidden(input_ids_BT, position_ids_BT, block_position_ids_BT, sep_B)
+        h_BTD, aux = self.hidden(input_ids_BT, position_ids_BT, block_position_ids_BT, sep_B, real_BT=real_BT)
         keep_BT = loss_mask_BT.bool()
         # Project only the target positions: Part B is a small share of the row and V can be large.
         logits_NV = self.project(h_BTD[keep_BT])

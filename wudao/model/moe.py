@@ -28,9 +28,11 @@ class MoEStats:
     z_loss: torch.Tensor
     """mean over tokens of logsumexp(router logits)² (ST-MoE): keeps router logits small, bf16-friendly."""
     tokens_per_expert_E: torch.Tensor
-    """Assignments each expert actually processed (after capacity dropping), int64 (E,)."""
+    """Assignments each expert actually processed (after capacity dropping), int64 (E,). Real tokens only."""
     dropped: torch.Tensor
     """Assignments dropped because their expert was full (always 0 when dropless), int64 scalar."""
+    routed_tokens: torch.Tensor
+    """Tokens that went through the router: the real ones (padding never does), int64 scalar."""
 
 
 @dataclass
@@ -128,13 +130,16 @@ class MoE(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, n_experts: int, top_k: int = 2,
                  capacity_factor: float | None = None, eval_capacity_factor: float | None = None,
-                 backend: str = "auto"):  # fmt: skip
+                 router_jitter: float = 0.0, backend: str = "auto"):  # fmt: skip
         super().__init__()
         if top_k not in (1, 2) or top_k > n_experts:
             raise ValueError(f"top_k must be 1 or 2 and at most n_experts, got {top_k} with {n_experts} experts")
+        if not 0.0 <= router_jitter < 1.0:
+            raise ValueError(f"router_jitter must be in [0, 1), got {router_jitter}")
         self.n_experts, self.top_k = n_experts, top_k
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor if eval_capacity_factor is not None else capacity_factor
+        self.router_jitter = router_jitter
         self.backend = backend
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.w_in_EDH = nn.Parameter(torch.empty(n_experts, d_model, hidden))
@@ -143,25 +148,45 @@ class MoE(nn.Module):
         nn.init.normal_(self.w_out_EHD, std=0.02)
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router in fp32 (bf16 logits make top-k choices and the softmax noisy): logits, probs, gates, experts."""
-        logits_NE = F.linear(x_ND.float(), self.router.weight.float())
-        probs_NE = logits_NE.softmax(-1)
-        gate_NK, expert_NK = probs_NE.topk(self.top_k, dim=-1)
-        if self.top_k > 1:
-            # GShard renormalises the top-2 weights; Switch (top-1) keeps the raw probability, which is the
-            # router's only gradient path from the output.
-            gate_NK = gate_NK / gate_NK.sum(-1, keepdim=True)
+        """Router in fp32: logits, probs, gates, experts. bf16 logits make the top-k choices and the softmax
+        noisy, and autocast would recast an fp32 matmul to bf16, so autocast is switched off here."""
+        with torch.autocast(x_ND.device.type, enabled=False):
+            x_ND = x_ND.float()
+            if self.training and self.router_jitter > 0:
+                # Switch Transformer: multiplicative input noise in training only, so the router explores.
+                x_ND = x_ND * torch.empty_like(x_ND).uniform_(1 - self.router_jitter, 1 + self.router_jitter)
+            logits_NE = F.linear(x_ND, self.router.weight.float())
+            probs_NE = logits_NE.softmax(-1)
+            gate_NK, expert_NK = probs_NE.topk(self.top_k, dim=-1)
+            if self.top_k > 1:
+                # GShard renormalises the top-2 weights; Switch (top-1) keeps the raw probability, which is the
+                # router's only gradient path from the output.
+                gate_NK = gate_NK / gate_NK.sum(-1, keepdim=True)
         return logits_NE, probs_NE, gate_NK, expert_NK
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x_BTD: torch.Tensor, real_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """x_BTD -> (y_BTD, stats). `real_BT` (bool) marks real tokens; padding is not routed at all: it takes no
+        expert slot or capacity, adds nothing to f, P or the z-loss, and its output is 0 (the residual passes)."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
+        real_N = None if real_BT is None else real_BT.reshape(-1).bool()
+        if real_N is not None and not bool(real_N.all()):
+            token_R = real_N.nonzero().squeeze(-1)
+            y_RD, stats = self._routed(x_ND[token_R])
+            y_ND = x_ND.new_zeros(x_ND.shape, dtype=y_RD.dtype).index_copy_(0, token_R, y_RD)
+        else:
+            y_ND, stats = self._routed(x_ND)
+        return y_ND.view(B, T, D), stats
+
+    def _routed(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        """The MoE over N real tokens (N may be 0: then every statistic is 0)."""
         N, E = x_ND.size(0), self.n_experts
         logits_NE, probs_NE, gate_NK, expert_NK = self.route(x_ND)
-
-        f_E = torch.bincount(expert_NK.reshape(-1), minlength=E).float() / (N * self.top_k)
-        load_balance = E * (f_E * probs_NE.mean(0)).sum()
-        z_loss = torch.logsumexp(logits_NE, -1).square().mean()
+        # f_e counts all N·K assignments (Switch, torchtitan); GShard counts first choices only, which for top-2
+        # under-weights the second expert's load. Both are 1 at uniform routing.
+        f_E = torch.bincount(expert_NK.reshape(-1), minlength=E).float() / max(1, N * self.top_k)
+        load_balance = E * (f_E * probs_NE.sum(0) / max(1, N)).sum()
+        z_loss = torch.logsumexp(logits_NE, -1).square().sum() / max(1, N)
 
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         capacity = None if factor is None else capacity_for(N, self.top_k, E, factor)
@@ -177,6 +202,7 @@ class MoE(nn.Module):
         # 4. unpermute: weighted sum over each token's kept experts; dropped assignments add nothing, so a
         #    fully dropped token passes through the residual connection unchanged.
         weighted_AD = y_AD * dispatch.gate_A.unsqueeze(1).to(y_AD.dtype)
-        y_ND = torch.zeros_like(x_ND).index_add_(0, dispatch.token_A, weighted_AD)
-        stats = MoEStats(load_balance, z_loss, dispatch.counts_E, dispatch.dropped)
-        return y_ND.view(B, T, D), stats
+        # In the experts' dtype: under autocast that is bf16 while x_ND may be fp32 (index_add_ needs one dtype).
+        y_ND = x_ND.new_zeros(x_ND.shape, dtype=weighted_AD.dtype).index_add_(0, dispatch.token_A, weighted_AD)
+        stats = MoEStats(load_balance, z_loss, dispatch.counts_E, dispatch.dropped, torch.tensor(N))
+        return y_ND, stats
