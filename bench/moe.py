@@ -8,6 +8,10 @@
 at 8 and 64 experts; d_model 512, expert hidden 1024, 4096 tokens. Variants run round-robin so that load from
 other processes hits them alike; the median of the repeats is reported.
 
+`ep2_over_ep1` compares expert parallelism on the CPU: 2 gloo ranks of 1 thread, each holding half of the 8
+experts and half of the tokens (all-to-all dispatch), against 1 process of 2 threads holding all experts and
+all tokens; tokens/s of forward + backward, the two set-ups alternated three times (`--no-ep` skips it).
+
     .venv/bin/python bench/moe.py            # table
     .venv/bin/python bench/moe.py --json     # one JSON line
 """
@@ -18,9 +22,13 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from wudao.model.moe import MoE
@@ -45,7 +53,7 @@ class LoopMoE(nn.Module):
         for e, expert in enumerate(self.experts):
             token_A, slot_A = torch.where(expert_NK == e)
             if len(token_A):
-                y_ND.index_add_(0, token_A, expert(x_ND[token_A]) * gate_NK[token_A, slot_A, None])
+                y_ND.index_add_(0, token_A, expert(x_ND[token_A]) * gate_NK[token_A, slot_A, None].to(y_ND.dtype))
         return y_ND.view_as(x_BTD)
 
 
@@ -65,21 +73,28 @@ class Forced(nn.Module):
 
 
 def fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    if x.is_cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     out = module(x)
     y = out[0] if isinstance(out, tuple) else out
     y.backward(grad)
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
 def measure(n_experts: int, args) -> dict[str, float]:
     torch.manual_seed(0)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     moe = MoE(args.d_model, args.hidden, n_experts, top_k=args.top_k)
     dense = nn.Sequential(nn.Linear(args.d_model, args.top_k * args.hidden, bias=False), nn.GELU(),
                           nn.Linear(args.top_k * args.hidden, args.d_model, bias=False))  # fmt: skip
     loop = LoopMoE(moe, args.hidden)
-    x = torch.randn(1, args.tokens, args.d_model, requires_grad=True)
-    grad = torch.randn(1, args.tokens, args.d_model)
+    for m in (moe, dense, loop):
+        m.to(device, dtype)
+    x = torch.randn(1, args.tokens, args.d_model, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(1, args.tokens, args.d_model, device=device, dtype=dtype)
     variants = {"moe": moe, "grouped": Forced(moe, "grouped"), "bmm": Forced(moe, "bmm"), "dense": dense, "loop": loop}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for rep in range(args.warmup + args.repeats):
@@ -95,6 +110,50 @@ def measure(n_experts: int, args) -> dict[str, float]:
     return {**med, "max_over_mean_load": float(counts.max() / counts.mean())}
 
 
+def _ep_rank(rank: int, world: int, init_file: str, out_dir: str, args: dict) -> None:
+    """One rank of the expert-parallel measurement: median seconds of forward + backward on its tokens."""
+    from wudao.train import expert_parallel
+
+    torch.set_num_threads(args["threads"])
+    if world > 1:
+        torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.moe = MoE(args["d_model"], args["hidden"], args["experts"], top_k=args["top_k"])
+    if world > 1:
+        expert_parallel.shard_experts(holder, expert_parallel.make_groups(world))
+    tokens = args["tokens"] // world
+    x = torch.randn(1, tokens, args["d_model"], generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    grad = torch.randn(1, tokens, args["d_model"])
+    times = []
+    for rep in range(args["warmup"] + args["repeats"]):
+        if world > 1:
+            torch_dist.barrier()  # ranks start together: the slower one sets the pace, as in training
+        t = fwd_bwd(holder.moe, x, grad)
+        holder.zero_grad(set_to_none=True)
+        if rep >= args["warmup"]:
+            times.append(t)
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(statistics.median(times)))
+    if world > 1:
+        torch_dist.destroy_process_group()
+
+
+def measure_expert_parallel(args) -> dict[str, float]:
+    """tokens/s of EP=2 (2 ranks x 1 thread) over EP=1 (1 process x 2 threads), alternated three times."""
+    cfg = dict(d_model=args.d_model, hidden=args.hidden, experts=8, top_k=args.top_k, tokens=args.tokens,
+               warmup=args.warmup, repeats=args.repeats)  # fmt: skip
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(3):
+        for world in (1, 2):
+            with tempfile.TemporaryDirectory(prefix="wudao-bench-ep-") as tmp:
+                mp.spawn(_ep_rank, args=(world, str(Path(tmp) / "init"), tmp, {**cfg, "threads": 2 // world}),
+                         nprocs=world, join=True)  # fmt: skip
+                seconds = max(json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world))
+            rates[world].append(args.tokens / seconds)
+    ep1, ep2 = statistics.median(rates[1]), statistics.median(rates[2])
+    return {"ep2_over_ep1": round(ep2 / ep1, 3), "ep1_tokens_per_s": round(ep1), "ep2_tokens_per_s": round(ep2)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON line")
@@ -106,6 +165,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--no-ep", action="store_true", help="skip the expert-parallel measurement (2 gloo ranks)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu.sh)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights and activations (the grouped GEMM path on CUDA needs bfloat16 on sm90+)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,7 +184,10 @@ def main() -> None:
         result[f"grouped_over_dense{suffix}"] = round(r["grouped"] / r["dense"], 3)
         result[f"bmm_over_dense{suffix}"] = round(r["bmm"] / r["dense"], 3)
     result.update(tokens=args.tokens, d_model=args.d_model, hidden=args.hidden, top_k=args.top_k,
-                  threads=torch.get_num_threads(), grouped_mm=hasattr(torch, "_grouped_mm"))  # fmt: skip
+                  threads=torch.get_num_threads(), grouped_mm=hasattr(torch, "_grouped_mm"), device=args.device,
+                  dtype=args.dtype)  # fmt: skip
+    if not args.no_ep:
+        result.update(measure_expert_parallel(args))
     if args.json:
         print(json.dumps(result))
         return
@@ -133,6 +199,9 @@ def main() -> None:
     for e, r in rows.items():
         ratios = f"{r['moe'] / r['dense']:>10.2f} {r['loop'] / r['moe']:>9.2f} {r['max_over_mean_load']:>14.2f}"
         print(f"{e:>8} " + " ".join(f"{1e3 * r[c]:>10.1f}" for c in cols) + " " + ratios)
+    if not args.no_ep:
+        print(f"expert parallel, 8 experts: 2 ranks x 1 thread {result['ep2_tokens_per_s']} tokens/s, 1 process x 2 "
+              f"threads {result['ep1_tokens_per_s']} tokens/s: ep2/ep1 {result['ep2_over_ep1']}")  # fmt: skip
 
 
 if __name__ == "__main__":

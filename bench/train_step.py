@@ -1,6 +1,7 @@
-"""Training-step throughput and MFU at two model sizes. MFU = model FLOPs per second / peak FLOPs, with model FLOPs
-per token = 6 * N_active + 12 * layers * d_model * seq_len (attention), and the peak measured in the same run by
-a large matmul on this device (no vendor number for a CPU), or the table value for known GPUs.
+"""Training-step throughput and MFU at two model sizes, each as MoE (every 2nd FFN, 8 experts, top-2) and as the
+dense model of the same shape (`<size>_dense`). MFU = model FLOPs per second / peak FLOPs, with model FLOPs per
+token = 6 * N_active + 12 * layers * d_model * seq_len (attention), and the peak measured in the same run by a
+large matmul on this device (bf16 on CUDA, where steps run under bf16 autocast as training does).
 
     .venv/bin/python bench/train_step.py [--steps 5] [--json]
 """
@@ -8,6 +9,7 @@ a large matmul on this device (no vendor number for a CPU), or the table value f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -26,7 +28,9 @@ SIZES = {"small": dict(d_model=128, n_layers=4, n_heads=4), "medium": dict(d_mod
 
 
 def measured_peak_flops(device: torch.device, n: int = 2048) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 8192 if device.type == "cuda" else n
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     t = time.perf_counter()
     for _ in range(5):
@@ -48,14 +52,18 @@ def main() -> None:
                            seed=0, replay_fraction=0.0, slice_weights={}, objective=GLMObjective())  # fmt: skip
     peak = measured_peak_flops(device)
     result: dict = {"device": device.type, "peak_tflops_measured": peak / 1e12}
-    for name, shape in SIZES.items():
-        model = GLMModel(GLMConfig(vocab_size=vocab, max_seq_len=cfg.seq_len, moe_every=2, n_experts=8, top_k=2, **shape)).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    variants = {f"{size}{suffix}": (shape, moe) for size, shape in SIZES.items() for suffix, moe in (("", 2), ("_dense", 0))}
+    for name, (shape, moe_every) in variants.items():
+        model = GLMModel(GLMConfig(vocab_size=vocab, max_seq_len=cfg.seq_len, moe_every=moe_every, n_experts=8, top_k=2,
+                                   **shape)).to(device)  # fmt: skip
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         batches = [loader.batch(s, sample_indices(s, cfg.batch_size, 0, 1, cfg.micro_batch_size)[0]).tensors(device) for s in range(args.steps + 1)]
         times = []
         for i, batch in enumerate(batches):
             t = time.perf_counter()
-            out = model.loss(**batch)
+            with autocast:
+                out = model.loss(**batch)
             opt.zero_grad()
             out.loss.backward()
             opt.step()

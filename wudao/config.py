@@ -206,6 +206,10 @@ class TrainSettings(BaseModel):
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: `ddp` replicates the model; `fsdp` (FSDP2) shards weights, gradients and optimizer state
     for models that do not fit one device."""
+    expert_parallel: int = Field(1, ge=1)
+    """Under torchrun with `ddp`: ranks per expert-parallel group. Each rank holds n_experts / expert_parallel
+    experts of every MoE layer and tokens travel to their experts by all-to-all (FastMoE); 1 = every rank holds
+    all experts. Must divide the ranks and `model.n_experts`. Checkpoints are full, so any value resumes any run."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device for the MFU estimate (None: looked up for known GPUs, else no MFU)."""
     launcher: Literal["inprocess", "torchrun"] = "inprocess"

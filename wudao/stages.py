@@ -143,8 +143,8 @@ def _run_id(slices: list[str], init_uri: str | None, settings: Settings) -> str:
     import json
 
     # How the run is launched does not change what it computes: two ranks with half the micro-batches each
-    # train the same model, so a rerun under another launcher resumes the same run.
-    train = settings.train.model_dump(exclude={"launcher", "nproc_per_node", "threads"})
+    # train the same model, and so do experts split over ranks, so a rerun under another launcher resumes it.
+    train = settings.train.model_dump(exclude={"launcher", "nproc_per_node", "threads", "expert_parallel"})
     key = json.dumps([slices, init_uri, settings.model.model_dump(), train], sort_keys=True)
     return f"{slices[-1]}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 

@@ -5,13 +5,17 @@ choices per token (top-k), M = N·K token-expert assignments, A kept assignments
 
 Dispatch follows FastMoE / MegaBlocks: sort assignments by expert (permute), run each expert on its
 contiguous slice with one grouped matmul, then scatter the results back weighted by the gate (unpermute).
-No Python loop over tokens or experts on the hot path.
+No Python loop over tokens or experts on the hot path. With expert parallelism (FastMoE's all-to-all) a layer
+holds only its rank's experts and an `ExpertExchange` moves the sorted rows to their experts' ranks and back;
+the exchange is plugged in by the training code (`wudao.train.expert_parallel`), so this file stays free of
+process groups.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +47,25 @@ class Dispatch:
     gate_A: torch.Tensor
     counts_E: torch.Tensor
     dropped: torch.Tensor
+
+
+class ExpertExchange(Protocol):
+    """Moves expert rows between the ranks of an expert-parallel group (each rank holds a contiguous block of
+    `n_experts / size` experts). Both calls are collectives: every rank of the group makes them, in step."""
+
+    size: int
+    """Ranks in the expert-parallel group."""
+    rank: int
+    """This rank's place in the group: it holds experts [rank·E/size, (rank+1)·E/size)."""
+
+    def send(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Rows sorted by (global) expert, `counts_E` each -> (rows for this rank's experts, sorted by local
+        expert; their counts (E/size,); a handle for `receive`)."""
+        ...
+
+    def receive(self, y_LD: torch.Tensor, handle: Any) -> torch.Tensor:
+        """The experts' outputs for `send`'s rows, back on their own ranks in the original order (A, D)."""
+        ...
 
 
 def capacity_for(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
@@ -141,6 +164,7 @@ class MoE(nn.Module):
         self.eval_capacity_factor = eval_capacity_factor if eval_capacity_factor is not None else capacity_factor
         self.router_jitter = router_jitter
         self.backend = backend
+        self.exchange: ExpertExchange | None = None  # set by expert parallelism; the weights are then local
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.w_in_EDH = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         self.w_out_EHD = nn.Parameter(torch.empty(n_experts, hidden, d_model))
@@ -194,12 +218,16 @@ class MoE(nn.Module):
 
         # 1. permute: rows grouped by expert.
         x_AD = x_ND[dispatch.token_A]
-        # 2. expert parallelism goes here: an all-to-all sends each expert's rows (`counts_E` per expert) to the
-        #    rank that owns it, and the experts below are that rank's local shard; a second all-to-all after
-        #    the compute brings the rows back in this order.
-        # 3. expert compute.
-        y_AD = grouped_ffn(x_AD, self.w_in_EDH, self.w_out_EHD, dispatch.counts_E, self.backend)
-        # 4. unpermute: weighted sum over each token's kept experts; dropped assignments add nothing, so a
+        if self.exchange is None:
+            # 2. expert compute.
+            y_AD = grouped_ffn(x_AD, self.w_in_EDH, self.w_out_EHD, dispatch.counts_E, self.backend)
+        else:
+            # 2. expert parallelism: an all-to-all sends each expert's rows to the rank that holds it, the
+            #    local experts run, and a second all-to-all brings the results back in this order.
+            x_LD, counts_local, handle = self.exchange.send(x_AD, dispatch.counts_E)
+            y_LD = grouped_ffn(x_LD, self.w_in_EDH, self.w_out_EHD, counts_local, self.backend)
+            y_AD = self.exchange.receive(y_LD, handle)
+        # 3. unpermute: weighted sum over each token's kept experts; dropped assignments add nothing, so a
         #    fully dropped token passes through the residual connection unchanged.
         weighted_AD = y_AD * dispatch.gate_A.unsqueeze(1).to(y_AD.dtype)
         # In the experts' dtype: under autocast that is bf16 while x_ND may be fp32 (index_add_ needs one dtype).

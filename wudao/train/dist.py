@@ -57,7 +57,9 @@ class LossModule(nn.Module):
         return self.model.loss(**loss_inputs)
 
 
-def wrap(model: nn.Module, parallel: str = "ddp") -> nn.Module:
+def wrap(model: nn.Module, parallel: str = "ddp", ignore: list[str] | None = None) -> nn.Module:
+    """DDP or FSDP2 under torchrun; `ignore` names parameters DDP must neither broadcast nor reduce (experts
+    sharded by expert parallelism, which reduces their gradients itself)."""
     if world_size() == 1:
         return model
     if parallel == "fsdp":
@@ -71,8 +73,11 @@ def wrap(model: nn.Module, parallel: str = "ddp") -> nn.Module:
         fully_shard(root, mesh=mesh)
         return root
     ids = [device().index] if device().type == "cuda" else None
+    root = LossModule(model)
+    if ignore:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, [f"model.{n}" for n in ignore])
     # Dropless MoE may leave an expert without tokens in a micro-batch: its weights then get no gradient.
-    return nn.parallel.DistributedDataParallel(LossModule(model), device_ids=ids, find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(root, device_ids=ids, find_unused_parameters=True)
 
 
 def no_sync(module: nn.Module):

@@ -26,7 +26,7 @@ from wudao.data.glm import GLMObjective, SpecialIds, sentence_end_ids
 from wudao.data.tokenizer import load_tokenizer, tokenizer_key
 from wudao.model import GLMConfig, GLMModel
 from wudao.storage import ObjectStore
-from wudao.train import dist
+from wudao.train import dist, expert_parallel
 from wudao.train.checkpoint import checkpoint_prefix, complete_steps, load_checkpoint, prune, save_checkpoint
 from wudao.train.data import ImagePairs, MixtureLoader, load_slice_tokens, sample_indices
 
@@ -139,6 +139,10 @@ class _Run:
     tokenizer_version: str
     init_uri: str | None
     device: torch.device
+    flops_per_token: float
+    """Model FLOPs per trained token (6 x active parameters + attention), taken before experts are split."""
+    experts: expert_parallel.ExpertGroups | None
+    """The expert-parallel groups when `train.expert_parallel` > 1, else None."""
 
 
 def train(
@@ -196,9 +200,18 @@ def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, 
     model = ckpt.model if ckpt is not None else GLMModel(model_config(model_settings, tok.get_vocab_size(), longest))
     if model.cfg.max_seq_len < longest:
         raise TrainError(f"train.seq_len / image_seq_len={longest} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+    moe_layers = sum(model.cfg.is_moe(i) for i in range(model.cfg.n_layers))
+    why = expert_parallel.check(cfg.expert_parallel, dist.world_size(), model.cfg.n_experts, moe_layers, cfg.parallel)
+    if why:
+        raise TrainError(why)
+    flops_per_token = 6 * active_params(model) + 12 * model.cfg.n_layers * model.cfg.d_model * cfg.seq_len
     device = dist.device()
     model.to(device)
-    ddp_model = dist.wrap(model, cfg.parallel)
+    experts, local_experts = None, []
+    if cfg.expert_parallel > 1:
+        experts = expert_parallel.make_groups(cfg.expert_parallel)
+        local_experts = expert_parallel.shard_experts(model, experts)
+    ddp_model = dist.wrap(model, cfg.parallel, ignore=local_experts)
     # The optimizer state is reset every cycle (new data, re-warmed LR); a resumed run restores it exactly.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -206,7 +219,10 @@ def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, 
                                   lr=cfg.lr, betas=(0.9, 0.95))  # fmt: skip
     start_step, history, recent = 0, [], []
     if resume_steps:
-        dist.load_optimizer_state(model, optimizer, ckpt.optimizer_state)
+        state = ckpt.optimizer_state
+        if experts is not None:
+            state = expert_parallel.local_optimizer_state(state, model, experts)
+        dist.load_optimizer_state(model, optimizer, state)
         torch.set_rng_state(ckpt.rng_state)
         start_step, history, recent = ckpt.train_state["step"], ckpt.train_state["history"], ckpt.train_state["guard_recent"]
     try:
@@ -227,7 +243,7 @@ def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, 
             else:
                 row.status = "running"
     return _Run(run_id, model, ddp_model, optimizer, loader, start_step, _SpikeGuard(cfg, recent), history,
-                tokenizer_version, init_uri, device)  # fmt: skip
+                tokenizer_version, init_uri, device, flops_per_token, experts)  # fmt: skip
 
 
 def _autocast(cfg: TrainSettings, device: torch.device):
@@ -238,7 +254,7 @@ def _autocast(cfg: TrainSettings, device: torch.device):
 def _fit(run: _Run, store: ObjectStore, catalog: Catalog | None, slice_ids: list[str], cfg: TrainSettings) -> TrainResult:
     model, optimizer = run.model, run.optimizer
     world, rank = dist.world_size(), dist.rank()
-    flops_per_token = 6 * active_params(model) + 12 * model.cfg.n_layers * model.cfg.d_model * cfg.seq_len
+    flops_per_token = run.flops_per_token
     peak = _peak_tflops(cfg, run.device)
     manifest_base = {"run_id": run.run_id, "tokenizer_version": run.tokenizer_version, "slice_ids": slice_ids,
                      "parent_checkpoint_uri": run.init_uri}  # fmt: skip
@@ -272,7 +288,11 @@ def _fit(run: _Run, store: ObjectStore, catalog: Catalog | None, slice_ids: list
             # behaviour (decay, moments) the same whether the step ran on one process, DDP or FSDP2.
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grad_norm = float(dist.full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)))
+        if run.experts is not None:
+            expert_parallel.reduce_expert_grads(model, run.experts)
+            grad_norm = float(expert_parallel.clip_grad_norm_(model, cfg.clip_grad, run.experts))
+        else:
+            grad_norm = float(dist.full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)))
         accepted = run.guard.accept(loss, kind) and math.isfinite(grad_norm)
         if accepted:
             optimizer.step()
@@ -321,6 +341,9 @@ def _loss(run: _Run, batch):
 def _save(run: _Run, store: ObjectStore, step: int, manifest_base: dict, cfg: TrainSettings) -> str:
     uri = store.url(checkpoint_prefix(run.run_id, step))
     model_state, optimizer_state = dist.full_state(run.model, run.optimizer)  # every rank takes part
+    if run.experts is not None:  # full experts, so that the checkpoint loads at any expert_parallel
+        model_state = expert_parallel.gather_full(model_state, run.model, run.experts)
+        optimizer_state = expert_parallel.gather_full_optimizer(optimizer_state, run.model, run.optimizer, run.experts)
     if dist.is_main():
         losses = [h["loss"] for h in run.history if not h["skipped"]]
         manifest = {**manifest_base, "step": step, "final_loss": losses[-1] if losses else None}
