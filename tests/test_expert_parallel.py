@@ -54,16 +54,17 @@ def _reference() -> dict:
         layer.moe.router.weight.normal_(std=1.0)
     x_RBTD, real_RBT, w_RBTD = _data()
     x_RBTD.requires_grad_(True)
-    ys, total = [], 0.0
+    ys, losses, total = [], [], 0.0
     for r in range(WORLD):
         loss, y, _ = _loss(layer, x_RBTD[r], real_RBT[r], w_RBTD[r])
         ys.append(y.detach())
+        losses.append(loss.detach())
         total = total + loss / WORLD
     total.backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
     opt.step()
-    return {"y": torch.stack(ys), "grads": grads, "x_grad": x_RBTD.grad, "after": {n: p.detach().clone() for n, p in layer.named_parameters()}}
+    return {"y": torch.stack(ys), "loss": losses, "grads": grads, "x_grad": x_RBTD.grad, "after": {n: p.detach().clone() for n, p in layer.named_parameters()}}
 
 
 def _rank(rank: int, init_file: str, out_dir: str) -> None:
@@ -102,7 +103,7 @@ def _rank(rank: int, init_file: str, out_dir: str) -> None:
         roundtrip = all(torch.equal(back["state"][n]["exp_avg"], opt.state[p]["exp_avg"])
                         for n, p in layer.named_parameters() if n in local_names)  # fmt: skip
         # The reference differentiates the mean of the ranks' losses: its input gradients carry a 1/WORLD.
-        torch.save({"y": y_BTD.detach(), "x_grad": x_BTD.grad / WORLD, "grads": grads, "local_names": local_names,
+        torch.save({"y": y_BTD.detach(), "loss": loss.detach(), "x_grad": x_BTD.grad / WORLD, "grads": grads, "local_names": local_names,
                     "received": received, "gathered": gathered, "full_before": full_before, "after": after,
                     "opt_roundtrip": roundtrip, "routed": int(stats.routed_tokens)},
                    Path(out_dir) / f"rank{rank}.pt")  # fmt: skip
@@ -116,6 +117,7 @@ def test_two_expert_parallel_ranks_equal_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     _, real_RBT, _ = _data()
     for r, out in enumerate(ranks):
+        torch.testing.assert_close(out["loss"], ref["loss"][r], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out["y"], ref["y"][r], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out["x_grad"], ref["x_grad"][r], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out["grads"]["moe.router.weight"], ref["grads"]["moe.router.weight"], atol=1e-5, rtol=1e-5)
