@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pydantic
 import pytest
 
@@ -9,6 +15,8 @@ from wudao.config import Settings
 from wudao.model.glm import GLMModel
 from wudao.model.moe import MoE
 from wudao.train.loop import model_config
+
+WUDAO = str(Path(sys.executable).parent / "wudao")
 
 
 def test_defaults_resolve_to_local_folders(tmp_path, monkeypatch):
@@ -55,3 +63,21 @@ def test_moe_settings_reach_every_moe_layer(monkeypatch):
     monkeypatch.setenv("WUDAO_MODEL__ROUTER_JITTER", "1.5")
     with pytest.raises(pydantic.ValidationError, match="router_jitter"):
         Settings()
+
+
+def test_passwords_inside_urls_are_masked_wherever_settings_are_shown(tmp_path, monkeypatch):
+    from wudao.config import hide_password
+
+    assert hide_password("postgresql+psycopg://wudao:pg-s3cret@db:5432/wudao") == "postgresql+psycopg://wudao:***@db:5432/wudao"
+    assert hide_password("http://admin:p@ss:w@127.0.0.1:5000/") == "http://admin:***@127.0.0.1:5000/"
+    for unchanged in ("sqlite:////tmp/catalog.db", "s3://bucket/prefix", "http://user@host/", "/a/b:c@d", "plain"):
+        assert hide_password(unchanged) == unchanged
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "MLFLOW_", "AWS_", "PREFECT_"))}
+    env.update(WUDAO_HOME=str(tmp_path), WUDAO_CATALOG_URL="postgresql+psycopg://wudao:pg-s3cret@127.0.0.1:5432/wudao",
+               MLFLOW_TRACKING_URI="http://admin:ml-s3cret@127.0.0.1:5999")  # fmt: skip
+    for args in (["config"], ["config", "--json"]):
+        p = subprocess.run([WUDAO, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert "s3cret" not in p.stdout + p.stderr and "wudao:***@127.0.0.1" in p.stdout
+    monkeypatch.setenv("WUDAO_CATALOG_URL", env["WUDAO_CATALOG_URL"])
+    assert "pg-s3cret" not in json.dumps(Settings().public_dict()), "MLflow params come from public_dict"

@@ -73,6 +73,34 @@ def test_missing_weights_is_the_documented_error(tmp_path):
     assert last.startswith("error: no Inception weights configured") and "pt_inception-2015-12-05-6726825d.pth" in last
 
 
+class _Payload:
+    """A pickle that runs code when loaded without weights_only: it creates the file it names."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_crafted_weights_file_is_refused_and_runs_no_code(weights, tmp_path):
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "crafted.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": _Payload(marker)}, crafted)
+    with pytest.raises(fid.FIDError, match="weights_only"):
+        fid.InceptionFeatures(crafted)
+    assert not marker.exists(), "loading FID weights ran code from the file"
+    # A plain file of tensors that is not Inception is refused by name, and the real thing still loads.
+    other = tmp_path / "other.pth"
+    torch.save({"w": torch.zeros(1)}, other)
+    with pytest.raises(fid.FIDError, match="not an Inception-v3 state dict"):
+        fid.InceptionFeatures(other)
+    net = fid.InceptionFeatures(weights).net
+    state = torch.load(weights, weights_only=True)
+    key = "Conv2d_1a_3x3.conv.weight"
+    assert torch.equal(net.state_dict()[key], state[key].float()) and net.state_dict()[key].dtype == torch.float32
+
+
 def test_s3_weights_are_copied_once_into_the_cache(tmp_path):
     bucket = LocalStore(tmp_path / "bucket")
     bucket.put_bytes("models/w.pth", b"weights")

@@ -406,7 +406,8 @@ class Settings(BaseSettings):
         return self.model_copy(update=updates)
 
     def public_dict(self) -> dict[str, Any]:
-        """Flat `section.field -> value` view for logging (MLflow params); secrets are left out."""
+        """Flat `section.field -> value` view for printing and logging (MLflow params): secrets are left out and
+        a password inside any URL (`postgresql://user:pw@host/db`) is replaced by `***`."""
         flat: dict[str, Any] = {}
 
         def walk(prefix: str, obj: BaseModel) -> None:
@@ -416,11 +417,25 @@ class Settings(BaseSettings):
                     continue
                 if isinstance(value, BaseModel):
                     walk(f"{prefix}{name}.", value)
+                elif isinstance(value, str):
+                    flat[f"{prefix}{name}"] = hide_password(value)
                 else:
                     flat[f"{prefix}{name}"] = str(value) if isinstance(value, Path) else value
 
         walk("", self)
         return flat
+
+
+def hide_password(url: str) -> str:
+    """`scheme://user:***@host/...` for a URL that carries a password; anything else unchanged."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
 
 
 OVERRIDES_ENV = "WUDAO_OVERRIDES"

@@ -21,7 +21,7 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from wudao.config import Settings
+from wudao.config import Settings, hide_password
 from wudao.registry import CHAMPION, RegistryError
 from wudao.tracking import KG_SLICES_TAG, TrackingError, client, kg_chance, log_table_once
 
@@ -223,11 +223,11 @@ def read_versions(settings: Settings) -> list[VersionRecord]:
         versions = sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     except MlflowException as e:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
-            raise RegistryError(f"no registered model {name!r} at {settings.mlflow_tracking_uri}: run a cycle first "
+            raise RegistryError(f"no registered model {name!r} at {hide_password(settings.mlflow_tracking_uri)}: run a cycle first "
                                 "(`wudao cycle SOURCE`)") from None  # fmt: skip
-        raise TrackingError(f"cannot read model {name!r} from MLflow at {settings.mlflow_tracking_uri}: {e.message}") from None
+        raise TrackingError(f"cannot read model {name!r} from MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message}") from None
     except Exception as e:  # connection refused and friends surface as requests/urllib3 errors
-        raise TrackingError(f"cannot reach MLflow at {settings.mlflow_tracking_uri} ({type(e).__name__}): run `wudao stack up`") from None
+        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`") from None
     if not versions:
         raise RegistryError(f"model {name!r} has no versions yet: run a cycle first (`wudao cycle SOURCE`)")
     aliases: dict[str, list[str]] = {}

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 import wudao
 from wudao import gates
-from wudao.config import Settings
+from wudao.config import Settings, hide_password
 from wudao.tracking import TrackingError, client, log_table_once, run_url
 
 CHAMPION, CANDIDATE = "champion", "candidate"
@@ -62,9 +62,9 @@ def alias_version(settings: Settings, alias: str) -> Champion | None:
     except MlflowException as e:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
             return None
-        raise TrackingError(f"cannot read @{alias} from MLflow at {settings.mlflow_tracking_uri}: {e.message}") from None
+        raise TrackingError(f"cannot read @{alias} from MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message}") from None
     except Exception as e:
-        raise TrackingError(f"cannot reach MLflow at {settings.mlflow_tracking_uri} ({type(e).__name__}): run `wudao stack up`") from None
+        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`") from None
     return Champion(mv.version, mv.tags["wudao.checkpoint_uri"], mv.tags["wudao.tokenizer_version"])
 
 
@@ -241,7 +241,7 @@ def register_cycle(
     current = champion(settings)
     if passed and (current is None or current.version != version):  # a retry does not record the move twice
         _set_champion(c, name, version, f"gate: {reason}")
-    base = settings.mlflow_tracking_uri.rstrip("/")
+    base = hide_password(settings.mlflow_tracking_uri).rstrip("/")
     return Registration(
         mlflow_run_id=cycle_run_id,
         run_url=run_url(settings, cycle_run_id),

@@ -19,7 +19,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from wudao.config import Settings
+from wudao.config import Settings, hide_password
 
 PARENT_TAG = "mlflow.parentRunId"  # what the UI uses to nest runs under their cycle
 # MLflow 3 opens an experiment in its model-training view (runs, metrics, models) only when this tag says so;
@@ -42,9 +42,9 @@ def experiment_id(c: MlflowClient, settings: Settings) -> str:
     try:
         exp = c.get_experiment_by_name(settings.registry.experiment)
     except MlflowException as e:
-        raise TrackingError(f"cannot reach MLflow at {settings.mlflow_tracking_uri}: {e.message.splitlines()[0]}") from None
+        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message.splitlines()[0]}") from None
     except Exception as e:  # connection refused and friends surface as requests/urllib3 errors
-        raise TrackingError(f"cannot reach MLflow at {settings.mlflow_tracking_uri} ({type(e).__name__}): run `wudao stack up`") from None
+        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`") from None
     if exp is not None:
         if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag existed (or by hand): set it once
             c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
@@ -59,7 +59,7 @@ def experiment_id(c: MlflowClient, settings: Settings) -> str:
 
 def run_url(settings: Settings, run_id: str) -> str:
     c = client(settings)
-    base = settings.mlflow_tracking_uri.rstrip("/")
+    base = hide_password(settings.mlflow_tracking_uri).rstrip("/")
     return f"{base}/#/experiments/{c.get_run(run_id).info.experiment_id}/runs/{run_id}"
 
 

@@ -111,15 +111,9 @@ def write_random_inception_weights(path: Path, seed: int = 0) -> Path:
     (PyTorch's default init shrinks activations ~1e-8 through the net, which would make every FID about 0)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    class Untrained(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the fresh init
-            return None
-
     gen = torch.Generator().manual_seed(seed)
-    with tempfile.TemporaryDirectory(prefix="wudao-fid-") as tmp, torch.random.fork_rng(devices=[]):
-        empty = Path(tmp) / "empty.pth"
-        torch.save({}, empty)  # a path, so torch-fidelity never reaches for its download URL
-        net = Untrained("inception-v3-compat", [str(FEATURE_DIM)], feature_extractor_weights_path=str(empty))
+    with torch.random.fork_rng(devices=[]):
+        net = _unloaded(FeatureExtractorInceptionV3, [str(FEATURE_DIM)])  # keeps its fresh init
     for module in net.modules():
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu", generator=gen)
@@ -135,19 +129,49 @@ def write_random_inception_weights(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def _unloaded(cls: type, features: list[str], **kwargs: Any) -> torch.nn.Module:
+    """A torch-fidelity Inception network of class `cls` that has loaded nothing.
+
+    Given a weights path, torch-fidelity unpickles it with `weights_only=False`, so a crafted file runs code. We
+    hand it a placeholder (an empty dict we write ourselves, so it never reaches for its download URL either)
+    and skip that load; the caller loads a state dict read with `weights_only=True`."""
+
+    class Unloaded(cls):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            if not state_dict:  # torch-fidelity's own call, with the placeholder
+                return None
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    with tempfile.TemporaryDirectory(prefix="wudao-fid-") as tmp:
+        placeholder = Path(tmp) / "placeholder.pth"
+        torch.save({}, placeholder)
+        return Unloaded(name="inception-v3-compat", features_list=features,
+                        feature_extractor_weights_path=str(placeholder), **kwargs)  # fmt: skip
+
+
 class InceptionFeatures:
     """2048-d pool3 features of uint8 images: torchmetrics' `NoTrainInceptionV3` (torch-fidelity's network), built
-    exactly as `FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=…, antialias=False)` builds it."""
+    as `FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=…, antialias=False)` builds it, but
+    with the weights read by `torch.load(weights_only=True)`: a file that is not a plain state dict is refused."""
 
     def __init__(self, weights: Path, batch_size: int = 32):
         from torchmetrics.image.fid import NoTrainInceptionV3
 
         try:
-            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(FEATURE_DIM)],
-                                          feature_extractor_weights_path=str(weights), antialias=False)  # fmt: skip
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise FIDError(f"{weights} is not a plain Inception-v3 state dict (refused by torch.load(weights_only=True): "
+                           f"{first}): {_HOW}") from None  # fmt: skip
+        try:
+            self.net = _unloaded(NoTrainInceptionV3, [str(FEATURE_DIM)], antialias=False)
+            if not isinstance(state, dict) or not state:
+                raise ValueError(f"it holds a {type(state).__name__}, not a state dict")
+            self.net.load_state_dict(state)
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise FIDError(f"{weights} is not an Inception-v3 state dict for torch-fidelity ({first}): {_HOW}") from None
+        self.net.to(torch.float32).requires_grad_(False).eval()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.net.to(self.device)
         self.batch_size = batch_size
