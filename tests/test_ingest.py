@@ -99,7 +99,7 @@ def test_bad_corpus_counts_every_reason(ingest_settings, tmp_path):
     assert r["quarantine_reasons"] == {
         "invalid_utf8": 1, "malformed_json": 1, "missing_text": 2, "empty": 1, "low_quality": 1,
         "unsupported_type": 1, "corrupt_archive": 2, "corrupt_image": 1, "image_too_large": 1,
-        "missing_image": 1, "missing_caption": 1,
+        "missing_image": 1, "missing_caption": 1, "skipped_link": 1,
     }  # fmt: skip
     assert r["quarantined"] == sum(r["quarantine_reasons"].values())
     assert r["duplicates_exact"] == 1
@@ -107,7 +107,7 @@ def test_bad_corpus_counts_every_reason(ingest_settings, tmp_path):
     assert r["languages"] == {"en": 36, "zh": 11}
     assert r["low_quality_rules"] == {"en_word_count": 1}
     assert r["images_accepted"] == 2 and r["captions"] == 2
-    assert r["objects_seen"] == r["objects_new"] == 18, "the symlink is not listed"
+    assert r["objects_seen"] == r["objects_new"] == 19, "the symlink is counted (never followed)"
 
     store = platform_store(ingest_settings)
     manifest = store.read_manifest("slices/slice-00001")
@@ -125,6 +125,41 @@ def test_bad_corpus_counts_every_reason(ingest_settings, tmp_path):
 
     again = run_ingest(ingest_settings, str(src))
     assert again["objects_new"] == 0 and again["slice_id"] is None and again["quarantined"] == 0
+
+
+def test_hostile_input_is_quarantined_by_name_never_a_crash(ingest_settings, tmp_path):
+    src = tmp_path / "raw"
+    src.mkdir()
+    (src / "good.txt").write_text(EN_DOC, encoding="utf-8")
+    deep = "[" * 200_000 + "]" * 200_000  # json.loads: RecursionError
+    lines = [deep, json.dumps({"text": "fine until \ud800 here"}), json.dumps({"text": _en(1)})]
+    (src / "hostile.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (src / os.fsdecode(b"name-\xff\xfe.txt")).write_text(EN_DOC.replace("river", "lake"), encoding="utf-8")
+    (src / ".DS_Store").write_bytes(b"\x00\x01")
+    coco = src / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    (coco / "val").mkdir()
+    _png(coco / "val" / "1.png")
+    _png(coco / "val" / "one.png", color=(0, 0, 200))
+    (coco / "annotations" / "captions_val.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "1.png"}, {"id": "one", "file_name": "one.png"}, {"id": 3, "file_name": 3}],
+        "annotations": [{"image_id": 1, "caption": "a red square"}, {"image_id": "one", "caption": "a blue square"},
+                        {"image_id": 1, "caption": "bad \ud800 caption"}],
+    }))  # mixed id types, a file name that is not a string, a lone surrogate  # fmt: skip
+    (src / "deep" / "annotations").mkdir(parents=True)
+    (src / "deep" / "annotations" / "captions_val.json").write_text(deep)
+
+    r = run_ingest(ingest_settings, str(src))
+    assert r["slice_id"] == "slice-00001" and r["images_accepted"] == 2
+    assert r["quarantine_reasons"] == {"malformed_json": 3, "invalid_unicode": 2, "invalid_name": 1, "hidden_file": 1}
+    assert r["documents_accepted"] == 2
+    with catalog(ingest_settings).session() as s:
+        assert s.query(QuarantineRecord).count() == r["quarantined"] == 7
+        names = {q.object_key for q in s.query(QuarantineRecord).filter_by(reason="invalid_name")}
+    assert names == {"name-\\udcff\\udcfe.txt"}, "the bad bytes are named, not lost"
+    again = run_ingest(ingest_settings, str(src))
+    assert again["slice_id"] is None and again["objects_new"] == 0
+    assert again["quarantine_reasons"] == {"invalid_name": 1}, "a name that cannot be stored is reported every time"
 
 
 def _all_text(store, manifest) -> str:

@@ -60,6 +60,18 @@ def test_bad_lines_are_counted_not_fatal():
                                  "malformed_template_line": 1}  # fmt: skip
 
 
+def test_hostile_lines_are_counted_not_fatal():
+    deep = "[" * 200_000 + "]" * 200_000  # json.loads: RecursionError
+    facts = "\n".join([deep, '{"subject": "Fr\\ud800nce", "relation": "capital", "object": "Paris", "lang": "en"}',
+                       '{"subject": "Peru", "relation": "capital", "object": "Lima", "lang": "en"}'])  # fmt: skip
+    templates = "\n".join([deep, '{"relation": "capital", "lang": "en", "template": "The capital of [X] is [Y]."}',
+                           '{"relation": "capital", "lang": "en", "template": "Bad \\udfff [X] [Y]"}',
+                           '{"relation": ["a"], "lang": "en", "template": "[X] [Y]"}'])  # fmt: skip
+    kg = parse_kg(facts, templates)
+    assert [f.subject for f in kg.facts] == ["Peru"]
+    assert dict(kg.problems) == {"malformed_fact_line": 1, "invalid_unicode": 2, "malformed_template_line": 2}
+
+
 @pytest.mark.parametrize("variant", [{}, {"layer_order": "sandwich", "pb_relax": True}])
 def test_batched_scorer_equals_naive(kg_and_tokenizer, variant):
     """All prompts of both languages in one call, with budgets small enough to force several forwards and answer

@@ -225,7 +225,8 @@ class LocalStore(ObjectStore):
         st = path.stat()
         return ObjectInfo(key=key, size=st.st_size, etag=f"{st.st_mtime_ns}-{st.st_size}")
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def _walk(self, prefix: str) -> Iterator[tuple[str, list[str], list[str]]]:
+        """os.walk below `prefix` (links not followed), skipping the checksum folder; dirnames sorted in place."""
         base = self.root / prefix.rstrip("/") if prefix else self.root
         start = base if base.is_dir() else base.parent
         for dirpath, dirnames, filenames in os.walk(start, followlinks=False):
@@ -234,6 +235,10 @@ class LocalStore(ObjectStore):
                 dirnames[:] = []
                 continue
             dirnames[:] = sorted(d for d in dirnames if not (rel_dir == Path(".") and d == self.META_DIR))
+            yield dirpath, dirnames, filenames
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for dirpath, _, filenames in self._walk(prefix):
             for name in sorted(filenames):
                 path = Path(dirpath) / name
                 if name.startswith(".") or path.is_symlink():
@@ -241,6 +246,20 @@ class LocalStore(ObjectStore):
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     yield self._info(key, path)
+
+    def skipped(self, prefix: str = "") -> Iterator[tuple[ObjectInfo, str]]:
+        """What `list` leaves out, with why: dot-files (`hidden_file`) and symbolic links to files or folders
+        (`skipped_link`, never followed: they may point outside the root). The etag comes from the entry
+        itself (lstat), so an ingest can record them as seen and count them once."""
+        for dirpath, dirnames, filenames in self._walk(prefix):
+            links = [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
+            for name in sorted(links + filenames):
+                path = Path(dirpath) / name
+                reason = "skipped_link" if path.is_symlink() else "hidden_file" if name.startswith(".") else None
+                key = path.relative_to(self.root).as_posix()
+                if reason and key.startswith(prefix):
+                    st = path.lstat()
+                    yield ObjectInfo(key=key, size=0, etag=f"{reason}-{st.st_mtime_ns}-{st.st_size}"), reason
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -46,6 +46,21 @@ class Rejected:
     detail: str = ""
 
 
+def encodable(text: str) -> bool:
+    """False for a string that no UTF-8 consumer accepts: a lone surrogate, from a JSON `"\\ud800"` escape or
+    from a file name that is not UTF-8 (Python keeps its bytes as surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable_key(key: str) -> str:
+    """A key that can be stored and shown even when the file name is not UTF-8 (bad bytes as `\\udcff`)."""
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class WorkItem:
     """One unit of reading: a text object, an image with its caption file, or one COCO image with its captions."""
@@ -103,26 +118,38 @@ def plan(listing: list[ObjectInfo], is_new, store: ObjectStore, rejected: list[R
 def _coco_items(ann, by_key, is_new, store, rejected, claimed) -> list[WorkItem]:
     split = COCO_CAPTIONS.search(ann.key).group(1)
     root = ann.key[: COCO_CAPTIONS.search(ann.key).start()].rstrip("/")
+    ann_new = is_new(ann)
     try:
         index = json.loads(store.get_bytes(ann.key))
         images = {img["id"]: img["file_name"] for img in index["images"]}
         captions: dict[int, list[str]] = {}
         for a in index["annotations"]:
-            captions.setdefault(a["image_id"], []).append(str(a["caption"]))
-    except (ValueError, KeyError, TypeError, StorageError) as e:
-        if is_new(ann):
-            rejected.append(Rejected(ann.key, None, "malformed_json", f"not a COCO captions file: {e}"[:200]))
+            caption = str(a["caption"])
+            if encodable(caption):
+                captions.setdefault(a["image_id"], []).append(caption)
+            elif ann_new:
+                rejected.append(Rejected(ann.key, _record(a["image_id"]), "invalid_unicode",
+                                         f"caption of image {a['image_id']!r} holds a lone surrogate escape"[:200]))  # fmt: skip
+    except (ValueError, KeyError, TypeError, StorageError, RecursionError) as e:
+        if ann_new:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            rejected.append(Rejected(ann.key, None, "malformed_json", f"not a COCO captions file: {why}"[:200]))
             return [WorkItem("unsupported", ann.key, [ann])]
         return []
     items = []
-    ann_new = is_new(ann)
-    for image_id, file_name in sorted(images.items()):
+    # Ids of mixed types (1 and "1") cannot be compared: order by type name, then value, which is stable.
+    for image_id, file_name in sorted(images.items(), key=lambda kv: (type(kv[0]).__name__, str(kv[0]))):
+        if not isinstance(file_name, str) or not encodable(file_name):
+            if ann_new:
+                rejected.append(Rejected(ann.key, _record(image_id), "malformed_json",
+                                         f"image {image_id!r}: file_name {file_name!r} is not a string"[:200]))  # fmt: skip
+            continue
         key = posixpath.join(root, split, file_name) if root else posixpath.join(split, file_name)
         claimed.add(key)
         obj = by_key.get(key)
         if obj is None:
             if ann_new:
-                rejected.append(Rejected(ann.key, image_id, "missing_image", key))
+                rejected.append(Rejected(ann.key, _record(image_id), "missing_image", key))
             continue
         if not captions.get(image_id):
             if ann_new or is_new(obj):
@@ -133,6 +160,11 @@ def _coco_items(ann, by_key, is_new, store, rejected, claimed) -> list[WorkItem]
     if ann_new:
         items.append(WorkItem("unsupported", ann.key, [ann]))  # the index itself: only recorded as seen
     return items
+
+
+def _record(image_id) -> int | None:
+    """A COCO image id as a quarantine record number (ids that are not integers are named in the detail)."""
+    return image_id if isinstance(image_id, int) and not isinstance(image_id, bool) and abs(image_id) < 2**62 else None
 
 
 def read_text_item(store: ObjectStore, item: WorkItem, max_document_bytes: int) -> Iterator[TextRecord | Rejected]:
@@ -190,9 +222,15 @@ def _json_line(key: str, lineno: int, line: bytes) -> Iterator[TextRecord | Reje
     except json.JSONDecodeError as e:
         yield Rejected(key, lineno, "malformed_json", str(e)[:200])
         return
+    except RecursionError:
+        yield Rejected(key, lineno, "malformed_json", "nested too deeply")
+        return
     text = row.get("text") if isinstance(row, dict) else None
     if not isinstance(text, str):
         yield Rejected(key, lineno, "missing_text", "no string field 'text'")
+        return
+    if not encodable(text):
+        yield Rejected(key, lineno, "invalid_unicode", "'text' holds a lone surrogate escape (not valid Unicode)")
         return
     yield TextRecord(key, lineno, text)
 
@@ -231,7 +269,7 @@ def _parquet_rows(key: str, path) -> Iterator[TextRecord | Rejected]:
                     yield TextRecord(key, row, value)
                 else:
                     yield Rejected(key, row, "missing_text", "null or non-string 'text'")
-    except (pa.ArrowException, OSError) as e:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # a string column holding invalid UTF-8
         yield Rejected(key, row + 1, "corrupt_archive", str(e)[:200])
 
 

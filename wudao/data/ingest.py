@@ -31,11 +31,12 @@ from wudao.catalog import Catalog, QuarantineRecord, SeenObject, Shard, Slice, S
 from wudao.config import IngestSettings
 from wudao.data.clean import Cleaner
 from wudao.data.dedup import Candidate, DedupIndex, MinHasher, exact_hash
-from wudao.data.formats import ImageRecord, Rejected, TextRecord, WorkItem, plan, read_image_item, read_text_item
+from wudao.data.formats import (ImageRecord, Rejected, TextRecord, WorkItem, encodable, plan, printable_key,
+                                read_image_item, read_text_item)  # fmt: skip
 from wudao.data.images import ImageRejected, normalize_image
 from wudao.data.shards import token_dtype, write_shard
 from wudao.data.tokenizer import EOS, load_tokenizer, tokenizer_key, tokenizer_version, train_tokenizer
-from wudao.storage import ObjectInfo, ObjectStore, StorageError, join_key
+from wudao.storage import LocalStore, ObjectInfo, ObjectStore, StorageError, join_key
 
 SLICE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
 
@@ -455,10 +456,23 @@ def prepare(source: str, *, source_store: ObjectStore, catalog: Catalog, slice_n
         listing = sorted(source_store.list(), key=lambda o: o.key)
     except StorageError as e:
         raise IngestError(f"cannot list source {source_uri}: {e}") from None
-    report = IngestReport(source=source_uri, objects_seen=len(listing))
+    skipped = list(source_store.skipped()) if isinstance(source_store, LocalStore) else []
+    report = IngestReport(source=source_uri, objects_seen=len(listing) + len(skipped))
     rejected: list[Rejected] = []
-    items = plan(listing, lambda o: (o.key, o.etag) not in seen, source_store, rejected)
-    report.objects_new = len({o.key for item in items for o in item.objects if (o.key, o.etag) not in seen})
+    # A file name that is not UTF-8 cannot be a key anywhere (catalog, S3, JSON): name it and never read it.
+    # It is not recorded as seen (its name cannot be stored), so every ingest counts it again.
+    for o in (o for o in listing if not encodable(o.key)):
+        rejected.append(Rejected(printable_key(o.key), None, "invalid_name", "the file name is not valid UTF-8"))
+    listing = [o for o in listing if encodable(o.key)]
+    is_new = lambda o: (o.key, o.etag) not in seen  # noqa: E731
+    items = plan(listing, is_new, source_store, rejected)
+    for obj, reason in skipped:  # dot-files and links: recorded as seen with their reason, like unsupported types
+        if encodable(obj.key) and is_new(obj):
+            rejected.append(Rejected(obj.key, None, reason, "links are never followed" if reason == "skipped_link" else "a dot-file"))
+            items.append(WorkItem("unsupported", obj.key, [obj]))
+    report.objects_new = len({o.key for item in items for o in item.objects if is_new(o)})
+    report.quarantined = len(rejected)
+    report.quarantine_reasons = dict(sorted(Counter(q.reason for q in rejected).items()))
     return IngestPlan(source_uri, source_id, slice_name or f"slice-{seq:05d}", seq, tokenizer_row, items, rejected, report)
 
 

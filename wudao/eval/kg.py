@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from wudao.data.formats import encodable
 from wudao.data.glm import SpecialIds
 from wudao.model import GLMModel, continue_text
 from wudao.model.generation import cloze_scores_many
@@ -58,8 +59,12 @@ def parse_kg(facts_text: str, templates_text: str) -> KG:
         try:
             row = json.loads(line)
             template, key = row["template"], (row["relation"], row["lang"])
-        except (ValueError, KeyError, TypeError):
+            hash(key)
+        except (ValueError, KeyError, TypeError, RecursionError):
             problems["malformed_template_line"] += 1
+            continue
+        if not all(encodable(v) for v in (template, *key) if isinstance(v, str)):
+            problems["invalid_unicode"] += 1
             continue
         if not isinstance(template, str) or template.count("[X]") != 1 or template.count("[Y]") != 1:
             problems["template_without_x_and_y"] += 1
@@ -73,8 +78,11 @@ def parse_kg(facts_text: str, templates_text: str) -> KG:
             row = json.loads(line)
             fact = Fact(str(row["subject"]), str(row["relation"]), str(row["object"]), str(row["lang"]),
                         [str(a) for a in row.get("aliases") or []], row.get("first_slice"))  # fmt: skip
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             problems["malformed_fact_line"] += 1
+            continue
+        if not all(encodable(v) for v in (fact.subject, fact.relation, fact.object, fact.lang, *fact.aliases)):
+            problems["invalid_unicode"] += 1
             continue
         if (fact.relation, fact.lang) not in templates:
             problems["relation_without_template"] += 1
