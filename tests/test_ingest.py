@@ -283,3 +283,61 @@ def test_text_without_letters_is_other_language_every_time():
     cleaner = Cleaner(CleanSettings())
     assert cleaner.languages(["...", "!!", "#### ....", "12345"]) == ["other"] * 4
     assert cleaner.languages([EN_DOC, ZH_DOC]) == ["en", "zh"]
+
+
+def _fresh_pg_db(postgres_url: str, name: str) -> str:
+    from sqlalchemy import create_engine, text
+
+    from wudao.catalog import upgrade
+
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    return url
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_ingests_of_different_sources_at_once_both_land_whole(backend, tmp_path, request):
+    """Two ingests started together: one waits for the other (catalog lock); both slices are whole and each
+    holds its own source's text (before, they shared a slice id and one overwrote the other's shards)."""
+    words = {"a": "amber", "b": "cobalt"}
+    texts = {"a": lambda i: f"{_en(i)} The amber lantern number {i} glowed all night.",
+             "b": lambda i: f"Report {i}: the cobalt engineers measured {i * 7 + 3} bridges across the northern valley, "
+                            f"and every crossing went into ledger {i}."}  # fmt: skip
+    for name in words:
+        (tmp_path / name).mkdir()
+        rows = [json.dumps({"text": texts[name](i)}) for i in range(60)]
+        (tmp_path / name / "docs.jsonl").write_text("\n".join(rows) + "\n")
+    env = _env(tmp_path / "home", tmp_path / "objects")
+    if backend == "postgresql":
+        env["WUDAO_CATALOG_URL"] = _fresh_pg_db(request.getfixturevalue("postgres_url"), f"wudao_race_{os.getpid()}")
+    wudao = str(Path(sys.executable).parent / "wudao")
+    procs = [subprocess.Popen([wudao, "ingest", str(tmp_path / n), "--json"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for n in words]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert any("waiting for another ingest" in err for _, err in outs), "the two really overlapped"
+    reports = {n: json.loads(out) for n, (out, _) in zip(words, outs)}
+    assert sorted(r["slice_id"] for r in reports.values()) == ["slice-00001", "slice-00002"]
+    from wudao.storage import LocalStore
+
+    store = LocalStore(tmp_path / "objects")
+    for name, r in reports.items():
+        manifest = store.read_manifest(f"slices/{r['slice_id']}")
+        assert manifest["source"] == r["source"] == str((tmp_path / name).resolve())
+        text = _all_text(store, manifest)
+        other = words["b" if name == "a" else "a"]
+        assert words[name] in text and other not in text, "a slice holds its own source's documents only"
+        assert r["documents_accepted"] + r["duplicates_near"] == 60 and r["duplicates_exact"] == 0
+
+
+def test_a_missing_s3_source_leaves_no_trace_in_the_catalog(s3_settings):
+    from wudao.catalog import Source
+
+    with pytest.raises(IngestError, match="cannot list source s3://no-such-bucket-wudao"):
+        run_ingest(s3_settings, "s3://no-such-bucket-wudao/raw")
+    with catalog(s3_settings).session() as s:
+        assert s.query(Source).count() == 0

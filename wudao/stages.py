@@ -6,6 +6,7 @@ stages never hand each other in-memory objects.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,11 @@ def run_ingest(settings: Settings, source: str, slice_name: str | None = None, p
     store = platform_store(settings)
     cat = catalog(settings)
     try:
+        def waiting() -> None:
+            print("waiting for another ingest to finish (catalog lock)", file=sys.stderr, flush=True)
+
         return ingest(source, source_store=source_store, store=store, catalog=cat, settings=settings.ingest,
-                      slice_name=slice_name, progress=progress).to_dict()  # fmt: skip
+                      slice_name=slice_name, progress=progress, on_wait=waiting).to_dict()  # fmt: skip
     finally:
         cat.close()
 

@@ -5,7 +5,8 @@ SQLite by default, PostgreSQL in production; the schema is owned by the Alembic 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -92,6 +93,29 @@ def _safe(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+@contextmanager
+def _sqlite_lock(url: str, name: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """An OS file lock beside a SQLite catalog file (released by the OS when its holder dies)."""
+    db = url.removeprefix("sqlite:///")
+    if not url.startswith("sqlite:///") or not db or db == ":memory:":
+        yield  # an in-memory DB belongs to one process
+        return
+    import fcntl
+
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.{name}.lock", "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Catalog:
     """A connection to the catalog DB; use `session()` for a unit of work that commits or rolls back whole."""
 
@@ -101,7 +125,8 @@ class Catalog:
         if auto_upgrade is None:
             auto_upgrade = url.startswith("sqlite")
         if auto_upgrade:
-            upgrade(url)
+            with _sqlite_lock(url, "migrate"):  # two processes opening a new file must not both create tables
+                upgrade(url)
         self.engine = _engine(url)
         try:
             at = current_revision(self.engine)
@@ -115,6 +140,29 @@ class Catalog:
     def session(self) -> Iterator[Session]:
         with self._sessions.begin() as s:
             yield s
+
+    @contextmanager
+    def exclusive(self, name: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold the catalog-wide lock `name` while inside (every process that uses this catalog, any machine
+        for PostgreSQL); when another holder has it, call `on_wait` once and block until it is free. The lock
+        dies with its holder, so `kill -9` never leaves a stale one: a PostgreSQL advisory lock on its own
+        connection, or an OS file lock beside a SQLite file."""
+        if self.url.startswith("sqlite"):
+            with _sqlite_lock(self.url, name, on_wait):
+                yield
+            return
+        key = int.from_bytes(hashlib.sha256(f"wudao:{name}".encode()).digest()[:8], "big", signed=True)
+        with self.engine.connect() as conn:
+            if not conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar():
+                if on_wait:
+                    on_wait()
+                conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                conn.commit()
 
     def close(self) -> None:
         self.engine.dispose()

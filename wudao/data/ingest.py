@@ -39,6 +39,9 @@ from wudao.data.tokenizer import EOS, load_tokenizer, tokenizer_key, tokenizer_v
 from wudao.storage import LocalStore, ObjectInfo, ObjectStore, StorageError, join_key
 
 SLICE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
+INGEST_LOCK = "ingest"
+"""Catalog lock held from planning to commit: slice ids, sequence numbers, the first slice's tokenizer and the
+dedup history are claimed by one ingest at a time (two at once overwrote each other's shards)."""
 
 
 class IngestError(RuntimeError):
@@ -440,7 +443,13 @@ def prepare(source: str, *, source_store: ObjectStore, catalog: Catalog, slice_n
     source_uri = canonical_source(source)
     if slice_name is not None and not SLICE_NAME.match(slice_name):
         raise IngestError(f"invalid slice name {slice_name!r}: use 1-48 of a-z 0-9 . _ - (starting with a letter or digit)")
+    try:  # first: a source that cannot be listed leaves no trace in the catalog
+        listing = sorted(source_store.list(), key=lambda o: o.key)
+    except StorageError as e:
+        raise IngestError(f"cannot list source {source_uri}: {e}") from None
     with catalog.session() as s:
+        if slice_name and s.get(Slice, slice_name) is not None:
+            raise IngestError(f"slice {slice_name} already exists: choose another --slice name")
         src = s.scalar(select(Source).where(Source.uri == source_uri))
         if src is None:
             src = Source(uri=source_uri)
@@ -450,12 +459,6 @@ def prepare(source: str, *, source_store: ObjectStore, catalog: Catalog, slice_n
         seen = {(k, e) for k, e in s.execute(select(SeenObject.key, SeenObject.etag).where(SeenObject.source_id == source_id))}
         tokenizer_row = s.scalars(select(Tokenizer).order_by(Tokenizer.created_at)).first()
         seq = (s.scalar(select(func.max(Slice.seq))) or 0) + 1
-        if slice_name and s.get(Slice, slice_name) is not None:
-            raise IngestError(f"slice {slice_name} already exists: choose another --slice name")
-    try:
-        listing = sorted(source_store.list(), key=lambda o: o.key)
-    except StorageError as e:
-        raise IngestError(f"cannot list source {source_uri}: {e}") from None
     skipped = list(source_store.skipped()) if isinstance(source_store, LocalStore) else []
     report = IngestReport(source=source_uri, objects_seen=len(listing) + len(skipped))
     rejected: list[Rejected] = []
@@ -494,6 +497,10 @@ def batches(items: list[WorkItem], max_objects: int, max_bytes: int) -> list[lis
 
 
 def builder_for(p: IngestPlan, *, store: ObjectStore, catalog: Catalog, settings: IngestSettings) -> SliceBuilder:
+    """The reduce side for plan `p`; call under the ingest lock. Whatever a dead ingest left under the slice's
+    prefix (no manifest, so never visible) is removed first, so the new slice holds only its own shards."""
+    if store.read_manifest(f"slices/{p.slice_id}") is None:
+        store.delete_prefix(f"slices/{p.slice_id}/")
     builder = SliceBuilder(store=store, catalog=catalog, settings=settings, source_id=p.source_id, slice_id=p.slice_id,
                            seq=p.seq, tokenizer_row=p.tokenizer_row, report=p.report)  # fmt: skip
     builder.rejected.extend(p.planning_rejects)
@@ -509,21 +516,24 @@ def ingest(
     settings: IngestSettings,
     slice_name: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> IngestReport:
-    """Ingest the new objects of `source` (read through `source_store`) into a new slice in `store`."""
-    p = prepare(source, source_store=source_store, catalog=catalog, slice_name=slice_name)
-    if not p.items:
-        return p.report
-    builder = builder_for(p, store=store, catalog=catalog, settings=settings)
-    work = batches(p.items, settings.batch_objects, settings.batch_bytes)
-    for n, (batch, parts) in enumerate(_read_batches(work, source_store, settings), start=1):
-        objects = [o for item in batch for o in item.objects]
-        for part in parts:
-            builder.add(objects, part)
-            objects = []  # each object is recorded once, with the first part of its batch
-        if progress:
-            progress(n, len(work))
-    return builder.commit()
+    """Ingest the new objects of `source` (read through `source_store`) into a new slice in `store`; one ingest
+    at a time per catalog (`on_wait` is called once if another one holds the lock)."""
+    with catalog.exclusive(INGEST_LOCK, on_wait):
+        p = prepare(source, source_store=source_store, catalog=catalog, slice_name=slice_name)
+        if not p.items:
+            return p.report
+        builder = builder_for(p, store=store, catalog=catalog, settings=settings)
+        work = batches(p.items, settings.batch_objects, settings.batch_bytes)
+        for n, (batch, parts) in enumerate(_read_batches(work, source_store, settings), start=1):
+            objects = [o for item in batch for o in item.objects]
+            for part in parts:
+                builder.add(objects, part)
+                objects = []  # each object is recorded once, with the first part of its batch
+            if progress:
+                progress(n, len(work))
+        return builder.commit()
 
 
 def _read_batches(work: list[list[WorkItem]], source_store: ObjectStore, settings: IngestSettings):
