@@ -54,6 +54,19 @@ class Registration:
         return asdict(self)
 
 
+REQUIRED_TAGS = ("wudao.checkpoint_uri", "wudao.tokenizer_version")
+"""Tags without which a version is not the platform's (an old, partial or foreign registration)."""
+
+
+def _complete(mv) -> Champion:
+    """The version as a Champion, or a RegistryError naming what it lacks (never a KeyError)."""
+    missing = [t for t in REQUIRED_TAGS if not mv.tags.get(t)]
+    if missing:
+        raise RegistryError(f"model {mv.name} version {mv.version} was not registered completely (no {', '.join(missing)} "
+                            "tag): it cannot be used; promote another version or run a cycle")  # fmt: skip
+    return Champion(mv.version, mv.tags["wudao.checkpoint_uri"], mv.tags["wudao.tokenizer_version"])
+
+
 def alias_version(settings: Settings, alias: str) -> Champion | None:
     """The version holding `alias` (champion, candidate) and its checkpoint, or None when no version holds it."""
     c = client(settings)
@@ -65,7 +78,7 @@ def alias_version(settings: Settings, alias: str) -> Champion | None:
         raise TrackingError(f"cannot read @{alias} from MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message}") from None
     except Exception as e:
         raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`") from None
-    return Champion(mv.version, mv.tags["wudao.checkpoint_uri"], mv.tags["wudao.tokenizer_version"])
+    return _complete(mv)
 
 
 def champion(settings: Settings) -> Champion | None:
@@ -104,7 +117,7 @@ def checkpoint_of(settings: Settings, model_uri: str) -> str:
             mv = c.get_model_version(name, version)
     except (MlflowException, ValueError) as e:
         raise RegistryError(f"no model version {model_uri}: {e}") from None
-    return mv.tags["wudao.checkpoint_uri"]
+    return _complete(mv).checkpoint_uri
 
 
 HISTORY_TAG = "wudao.champion_history"
@@ -126,10 +139,13 @@ def promote(settings: Settings, version: str) -> dict[str, Any]:
     """Make `version` the champion by hand (recorded in the champion history and on the version)."""
     c, name = client(settings), settings.registry.model_name
     try:
-        c.get_model_version(name, version)
+        _complete(c.get_model_version(name, version))
     except MlflowException:
         raise RegistryError(f"model {name} has no version {version}") from None
-    previous = champion(settings)
+    try:
+        previous = champion(settings)
+    except RegistryError:  # the champion alias points at an incomplete version: promoting replaces it
+        previous = None
     _set_champion(c, name, version, "promoted by hand")
     c.set_model_version_tag(name, version, "wudao.promoted_by_hand", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return {"model": name, "champion": version, "previous": previous.version if previous else None}
@@ -172,9 +188,10 @@ def _existing_version(c: MlflowClient, name: str, cycle_run_id: str) -> str | No
     return str(max(int(v.version) for v in found)) if found else None
 
 
-def _log_model(settings: Settings, store, train_result: dict[str, Any], cycle_run_id: str) -> str:
-    """Log the checkpoint as a pyfunc LoggedModel in the cycle's run and register it. MLflow registers only after
-    every artefact is uploaded, so a failure here leaves no version without its files."""
+def _log_model(settings: Settings, store, train_result: dict[str, Any], cycle_run_id: str, tags: dict[str, str]) -> str:
+    """Log the checkpoint as a pyfunc LoggedModel in the cycle's run, then register it with all its tags in one
+    call: a version never exists without its files or without the `wudao.*` tags every reader needs (a kill
+    between a registration and tags set afterwards left versions that broke promote, generate and the cycle)."""
     from wudao.data.tokenizer import tokenizer_key
     from wudao.pyfunc import PARAMS, WudaoLM, model_artifacts
 
@@ -189,9 +206,15 @@ def _log_model(settings: Settings, store, train_result: dict[str, Any], cycle_ru
                 pip_requirements=[f"wudao=={wudao.__version__}"],
                 # Declares the request params, so serving accepts them (params absent from the signature are dropped).
                 signature=infer_signature(["The capital of France is [MASK]."], ["The capital of France is Paris."], params=PARAMS),
-                registered_model_name=settings.registry.model_name,
             )
-    return str(info.registered_model_version)
+    c, name = client(settings), settings.registry.model_name
+    try:
+        c.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    mv = c.create_model_version(name, source=info.model_uri, run_id=cycle_run_id, tags=tags, model_id=info.model_id)
+    return str(mv.version)
 
 
 def register_cycle(
@@ -215,7 +238,6 @@ def register_cycle(
     for run_id in {cycle_run_id, stage_run_id or cycle_run_id}:
         log_table_once(c, run_id, table, "gates.json")  # a retry does not list the gates twice
 
-    version = _existing_version(c, name, cycle_run_id) or _log_model(settings, store, train_result, cycle_run_id)
     tags = {
         "wudao.checkpoint_uri": train_result["checkpoint_uri"],
         "wudao.tokenizer_version": train_result["tokenizer_version"],
@@ -234,8 +256,13 @@ def register_cycle(
         tags["wudao.eval.fid_key"] = str(fid.get("key", ""))
     if prefect_flow_run_id:
         tags["wudao.prefect_flow_run_id"] = prefect_flow_run_id
+    version = _existing_version(c, name, cycle_run_id)
+    if version is None:
+        version = _log_model(settings, store, train_result, cycle_run_id, tags)
+    else:  # a retry: the earlier attempt's version gets this attempt's tags (idempotent)
+        for k, v in tags.items():
+            c.set_model_version_tag(name, version, k, v)
     for k, v in tags.items():
-        c.set_model_version_tag(name, version, k, v)
         c.set_tag(cycle_run_id, k, v)
     c.set_registered_model_alias(name, CANDIDATE, version)
     current = champion(settings)
