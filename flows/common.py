@@ -76,12 +76,37 @@ def training_slot(settings: Settings) -> Iterator[float]:
     started = time.monotonic()
     held = ExitStack()
     try:
-        held.enter_context(concurrency(o.training_limit, occupy=1, timeout_seconds=timeout, strict=True))
+        # The lease is what frees the slot when its holder is killed: the server takes it back once the holder
+        # stops renewing it (Prefect's minimum, 60 s, unless set longer).
+        held.enter_context(concurrency(o.training_limit, occupy=1, timeout_seconds=timeout, strict=True,
+                                       lease_duration=o.slot_lease_s))  # fmt: skip
     except TimeoutError:
         waited = f"after waiting {o.busy_timeout_s:g} s" if o.when_busy == "wait" else "(orchestration.when_busy = refuse)"
         raise TrainingBusy(f"another training holds the global slot {o.training_limit!r} {waited}") from None
     with held:
         yield time.monotonic() - started
+
+
+def mark_crashed(flow_run_ids: list[str], why: str) -> list[str]:
+    """Set these Prefect flow runs CRASHED when they are still RUNNING (their process is known to be dead);
+    returns the ids that were changed."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    changed = []
+    with get_client(sync_client=True) as client:
+        for run_id in flow_run_ids:
+            try:
+                run = client.read_flow_run(UUID(run_id))
+            except (ObjectNotFound, ValueError):
+                continue
+            if run.state is not None and run.state.is_running():
+                client.set_flow_run_state(run.id, Crashed(message=why), force=True)
+                changed.append(run_id)
+    return changed
 
 
 def ensure_server_setup(settings: Settings) -> dict[str, str]:

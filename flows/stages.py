@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.common import IO_RETRIES, IO_RETRY_DELAYS_S, io, settings_from, training_slot, transient
+from flows.common import IO_RETRIES, IO_RETRY_DELAYS_S, io, mark_crashed, settings_from, training_slot, transient
 from flows.results import PERSIST
 from wudao import stages, tracking
 
@@ -34,14 +34,26 @@ def with_steps(overrides: dict[str, Any] | None, steps: int | None) -> dict[str,
 # ---- I/O tasks (MLflow, object store): retried with backoff ----
 
 
+def _flow_run_id() -> str | None:
+    return str(flow_run.id) if flow_run.id else None
+
+
 @task(name="begin-cycle-run", **IO)
 def begin_cycle_task(name: str, overrides: dict[str, Any] | None = None) -> str:
-    return tracking.begin_cycle(settings_from(overrides), name)
+    return tracking.begin_cycle(settings_from(overrides), name, prefect_flow_run_id=_flow_run_id())
 
 
 @task(name="begin-stage-run", **IO)
 def begin_stage_task(parent_run_id: str | None, stage: str, overrides: dict[str, Any] | None = None) -> str:
-    return tracking.begin_stage(settings_from(overrides), parent_run_id, stage)
+    return tracking.begin_stage(settings_from(overrides), parent_run_id, stage, prefect_flow_run_id=_flow_run_id())
+
+
+@task(name="fail-dead-runs", **IO)
+def fail_dead_runs_task(overrides: dict[str, Any] | None = None) -> list[dict[str, str]]:
+    """Runs of earlier cycles whose process died: MLflow runs FAILED, their Prefect flow runs CRASHED."""
+    dead = tracking.fail_dead_runs(settings_from(overrides))
+    mark_crashed([d["prefect_flow_run_id"] for d in dead if d["prefect_flow_run_id"]], "its process died (found by a later cycle)")
+    return dead
 
 
 @task(name="end-run", **IO)

@@ -297,11 +297,14 @@ def cycle_cmd(
 def _render_cycle(result: dict[str, Any]) -> None:
     ing = result["ingest"]
     typer.echo(f"ingest:   {ing['objects_new']} new object(s), {ing['documents_accepted']} documents -> {ing['slice_id'] or 'no new slice'}")
+    if resumed := result.get("resumed_slice"):
+        typer.echo(f"resume:   slice {resumed} was never learned (an earlier cycle stopped): learning it now")
     if result["status"] != "registered":
         typer.echo("nothing new to learn: no training this cycle")
     else:
         t, r = result["train"], result["registration"]
-        typer.echo(f"train:    {t['steps']} steps, final loss {t['final_loss']:.3f}, from {t['resumed_from'] or 'scratch'}")
+        restarted = f" (resumed at step {t['restarted_at_step']})" if t.get("restarted_at_step") else ""
+        typer.echo(f"train:    {t['steps']} steps, final loss {t['final_loss']:.3f}, from {t['resumed_from'] or 'scratch'}{restarted}")
         typer.echo(f"evaluate: held-out loss {json.dumps({k: round(v, 3) for k, v in result['evaluation']['candidate'].items()})}")
         if fid := result["evaluation"].get("fid"):
             typer.echo(f"          FID {fid['fid']:.2f}, KID {fid['kid_mean']:.4f} ± {fid['kid_std']:.4f} over {fid['n_images']} captions")

@@ -308,6 +308,9 @@ class OrchestrationSettings(BaseModel):
     """A training that finds the slot taken waits for it, or fails at once with a one-line reason."""
     busy_timeout_s: float | None = None
     """With `wait`: give up after this many seconds (None = wait as long as it takes)."""
+    slot_lease_s: float = Field(60.0, ge=60.0)
+    """Lease of the training slot, renewed while the training runs: a killed training frees the slot after at
+    most this long (Prefect's minimum is 60 s)."""
     io_retries: int = 3
     """Retries of I/O tasks (object store, MLflow) after a transient failure, with the delays below."""
     io_retry_delays_s: list[float] = [5.0, 20.0, 60.0]

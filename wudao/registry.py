@@ -104,6 +104,18 @@ def version_of_checkpoint(settings: Settings, checkpoint_uri: str | None) -> Cha
     return Champion(mv.version, checkpoint_uri, mv.tags["wudao.tokenizer_version"])
 
 
+def learned_slices(settings: Settings) -> set[str]:
+    """Every slice some complete version was trained on (its `wudao.slices`), champion or not."""
+    c = client(settings)
+    try:
+        versions = c.search_model_versions(f"name='{settings.registry.model_name}'")
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return set()
+        raise
+    return {s for v in versions if all(v.tags.get(t) for t in REQUIRED_TAGS) for s in json.loads(v.tags.get("wudao.slices", "[]"))}
+
+
 def checkpoint_of(settings: Settings, model_uri: str) -> str:
     """The checkpoint behind `models:/name/version` or `models:/name@alias`."""
     c = client(settings)

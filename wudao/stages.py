@@ -68,6 +68,16 @@ def committed_slices(settings: Settings) -> list[str]:
         cat.close()
 
 
+def unlearned_slice(settings: Settings) -> str | None:
+    """The newest committed slice when no registered version has learned it yet (a cycle that died after its
+    ingest, or a standalone `wudao ingest`), else None. Training it replays every earlier slice, so the newest
+    is the only one to resume."""
+    slices = committed_slices(settings)
+    if not slices or slices[-1] in registry.learned_slices(settings):
+        return None
+    return slices[-1]
+
+
 def resolve_checkpoint(settings: Settings, ref: str | None) -> str | None:
     """A model reference -> checkpoint URI: `champion` / `candidate` (None when there is none yet), `scratch` or
     None (None), `models:/name/version` or `models:/name@alias`, or a checkpoint URI as is."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,25 +65,71 @@ def run_url(settings: Settings, run_id: str) -> str:
     return f"{base}/#/experiments/{c.get_run(run_id).info.experiment_id}/runs/{run_id}"
 
 
-def begin_cycle(settings: Settings, name: str, kind: str = "lifelong-cycle") -> str:
+HOST_TAG, PID_TAG, PREFECT_RUN_TAG = "wudao.host", "wudao.pid", "wudao.prefect_flow_run_id"
+
+
+def _owner_tags(prefect_flow_run_id: str | None) -> dict[str, str]:
+    """Which process runs this MLflow run (so a later cycle can tell that it died) and its Prefect flow run."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    if prefect_flow_run_id:
+        tags[PREFECT_RUN_TAG] = prefect_flow_run_id
+    return tags
+
+
+def begin_cycle(settings: Settings, name: str, kind: str = "lifelong-cycle", prefect_flow_run_id: str | None = None) -> str:
     """The cycle's parent run, created before training so it shows in the UI while the cycle runs. Its params
     are the resolved config (no secrets)."""
     c = client(settings)
-    run_id = c.create_run(experiment_id(c, settings), run_name=name, tags={"wudao.kind": kind}).info.run_id
+    tags = {"wudao.kind": kind, **_owner_tags(prefect_flow_run_id)}
+    run_id = c.create_run(experiment_id(c, settings), run_name=name, tags=tags).info.run_id
     params = [Param(k, str(v)[:500]) for k, v in settings.public_dict().items()]
     for i in range(0, len(params), 100):
         c.log_batch(run_id, params=params[i : i + 100])
     return run_id
 
 
-def begin_stage(settings: Settings, parent_run_id: str | None, stage: str) -> str:
+def begin_stage(settings: Settings, parent_run_id: str | None, stage: str, prefect_flow_run_id: str | None = None) -> str:
     """A run for one stage, nested under its cycle's run (or a top-level run when the stage runs alone)."""
     if parent_run_id is None:
-        return begin_cycle(settings, stage, kind=stage)
+        return begin_cycle(settings, stage, kind=stage, prefect_flow_run_id=prefect_flow_run_id)
     c = client(settings)
     parent = c.get_run(parent_run_id)
-    tags = {PARENT_TAG: parent_run_id, "wudao.kind": stage}
+    tags = {PARENT_TAG: parent_run_id, "wudao.kind": stage, **_owner_tags(prefect_flow_run_id)}
     return c.create_run(parent.info.experiment_id, run_name=stage, tags=tags).info.run_id
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def fail_dead_runs(settings: Settings) -> list[dict[str, str]]:
+    """Mark FAILED the RUNNING runs whose process died (kill -9, OOM, a lost machine's reboot): they would stay
+    RUNNING in the UI for ever. Only runs started on this host are judged (a pid means nothing elsewhere).
+    Returns each one's run id and Prefect flow run id, so the caller can mark those crashed too."""
+    c = client(settings)
+    try:
+        exp = c.get_experiment_by_name(settings.registry.experiment)
+    except MlflowException:
+        return []
+    if exp is None:
+        return []
+    host = socket.gethostname()
+    dead = []
+    runs = c.search_runs([exp.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+                         max_results=1000)  # fmt: skip
+    for run in runs:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            c.set_tag(run.info.run_id, "wudao.end_reason", f"the process that ran it (pid {pid} on {host}) died")
+            c.set_terminated(run.info.run_id, "FAILED")
+            dead.append({"run_id": run.info.run_id, "prefect_flow_run_id": run.data.tags.get(PREFECT_RUN_TAG, "")})
+    return dead
 
 
 @contextmanager
