@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import free_stack_settings
 from tests.test_cli import run
+from wudao import stack
 
 
 
@@ -79,3 +80,26 @@ def test_port_in_use_is_one_clear_error_and_starts_nothing(tmp_path):
     assert f"port {cfg.mlflow_port}" in p.stderr and "WUDAO_STACK__MLFLOW_PORT" in p.stderr
     status = json.loads(run("stack", "status", "--json", env=env, cwd=tmp_path).stdout)
     assert not any(s["running"] for s in status["services"].values())
+
+
+def test_seaweedfs_own_ports_refuse_requests_without_the_stack_keys(local_stack):
+    """The filer and volume HTTP ports sit beside S3 on loopback: without JWT keys they listed, wrote and deleted
+    the whole bucket for anyone on the machine, past S3's credentials."""
+    import urllib.error
+    import urllib.request
+
+    home, cfg = local_stack
+    security = home / "stack" / stack.WEED_SECURITY
+    assert security.stat().st_mode & 0o777 == 0o600
+    filer = f"http://127.0.0.1:{cfg.master_port + stack.WEED_OFFSETS['filer']}"
+    volume = f"http://127.0.0.1:{cfg.master_port + stack.WEED_OFFSETS['volume']}"
+    requests = [
+        urllib.request.Request(f"{filer}/buckets/{cfg.bucket}/?pretty=y"),  # list the bucket
+        urllib.request.Request(f"{filer}/buckets/{cfg.bucket}/planted.txt", data=b"x", method="PUT"),  # write
+        urllib.request.Request(f"{filer}/buckets/{cfg.bucket}/", method="DELETE"),  # delete it all
+        urllib.request.Request(f"{volume}/1,01637037d6", data=b"x", method="PUT"),  # write a blob directly
+    ]
+    for req in requests:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)
+        assert refused.value.code == 401, (req.method, req.full_url, refused.value.code)

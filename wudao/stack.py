@@ -148,6 +148,21 @@ def _ensure_s3_credentials(home: Path) -> tuple[str, str]:
     return read_s3_credentials(home)
 
 
+WEED_SECURITY = "security.toml"
+
+
+def _ensure_weed_security(home: Path) -> None:
+    """SeaweedFS's own HTTP ports (filer, volume) answer without credentials: anyone on the machine could list,
+    read, overwrite and delete the whole bucket past S3's keys. JWT keys in `security.toml` (weed reads it from
+    its working directory, the 0600 state dir) make those ports refuse unsigned requests; the S3 gateway, in the
+    same process, signs its own. Generated once, kept with the S3 credentials."""
+    path = _state_dir(home) / WEED_SECURITY
+    if path.exists():
+        return
+    sections = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
+    _write_private(path, "".join(f'[{name}]\nkey = "{secrets.token_urlsafe(32)}"\n' for name in sections))
+
+
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -240,8 +255,10 @@ def _start(name: str, home: Path, cfg: StackSettings) -> int:
     (home / "mlflow").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **extra_env}
     with open(log_path, "ab") as log:
+        # weed runs in the state dir, where its security.toml is; the others in home.
+        cwd = _state_dir(home) if name == "seaweedfs" else home
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=home
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=cwd
         )
     (_state_dir(home) / f"{name}.pid").write_text(str(proc.pid))
     return proc.pid
@@ -263,6 +280,7 @@ def up(home: Path, cfg: StackSettings) -> StackStatus:
     home = home.resolve()
     _state_dir(home).mkdir(parents=True, exist_ok=True)
     _ensure_s3_credentials(home)
+    _ensure_weed_security(home)
     recorded = _recorded_urls(home)
     urls = _urls(cfg)
     # A running service keeps the endpoint it was started with, even if the settings changed since.
