@@ -59,6 +59,7 @@ def test_json_mode_prints_exactly_one_object(tmp_path):
                                           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}, "cannot reach the S3 endpoint"),
         (["train", "--json"], {}, "no committed slices"),
         (["rollback", "--json"], {}, "has no champion"),
+        (["trigger", "lifelong-cycle", "--param", "source=/tmp", "--json"], {}, "no Prefect server to trigger on"),
     ],
 )  # fmt: skip
 def test_failures_are_one_line_with_exit_1(tmp_path, args, env, needle):

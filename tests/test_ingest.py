@@ -333,6 +333,16 @@ def test_two_ingests_of_different_sources_at_once_both_land_whole(backend, tmp_p
         assert words[name] in text and other not in text, "a slice holds its own source's documents only"
         assert r["documents_accepted"] + r["duplicates_near"] == 60 and r["duplicates_exact"] == 0
 
+    # The same source twice at once: one ingests it, the other finds nothing new (before: a raw IntegrityError).
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "c.txt").write_text(ZH_DOC, encoding="utf-8")
+    procs = [subprocess.Popen([wudao, "ingest", str(tmp_path / "c"), "--json"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    same = sorted((json.loads(out)["objects_new"], json.loads(out)["slice_id"] or "") for out, _ in outs)
+    assert same == [(0, ""), (1, "slice-00003")]
+
 
 def test_a_missing_s3_source_leaves_no_trace_in_the_catalog(s3_settings):
     from wudao.catalog import Source

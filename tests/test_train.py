@@ -120,6 +120,33 @@ def test_incomplete_checkpoint_is_never_loaded_nor_resumed(local_settings, demo_
     assert resumed["restarted_at_step"] == 2, "resumes from the newest complete checkpoint"
 
 
+def test_prune_removes_what_a_kill_mid_save_left(local_settings, demo_dir):
+    """A kill during a save leaves `.optim.pt.<random>` temporaries and step folders without a manifest: list()
+    never shows them, so before they were never pruned."""
+    settings = local_settings.model_copy(update={"train": local_settings.train.model_copy(update={"steps": 6, "checkpoint_every": 2, "keep_last": 1})})
+    run_ingest(settings, str(demo_dir / "corpus" / "slice-01"))
+    result = run_train(settings, start="scratch")
+    store = platform_store(settings)
+    run_dir = Path(store.uri) / "checkpoints" / result["run_id"]
+    for step in (2, 4, 7):
+        (run_dir / f"step-{step:08d}").mkdir(exist_ok=True)
+    (run_dir / "step-00000004" / ".optim.pt.k1ll3d").write_bytes(b"half")
+    (run_dir / "step-00000002" / "model.safetensors").write_bytes(b"no manifest: never complete")
+    (run_dir / "step-00000006" / ".rng.pt.x9").write_bytes(b"half")
+    settings2 = settings.model_copy(update={"train": settings.train.model_copy(update={"steps": 8})})
+    run_train(settings2, start="scratch", run_id=result["run_id"])  # continues, saves 8 and prunes
+    left = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+    assert all(p.startswith("step-00000008/") for p in left), left
+
+
+def test_run_id_is_validated_before_anything_runs(local_settings, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "AWS_", "MLFLOW_"))}
+    env.update(WUDAO_HOME=str(tmp_path / "home"), WUDAO_STORAGE_URI=str(tmp_path / "objects"))
+    for bad in ("a/b", "../../etc", ".hidden", ""):
+        p = subprocess.run([WUDAO, "train", "--run-id", bad], env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1 and f"invalid run id {bad!r}" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
 def test_nan_loss_is_skipped_and_counted(local_settings, demo_dir, monkeypatch):
     run_ingest(local_settings, str(demo_dir / "corpus" / "slice-01"))
     real_loss, calls = GLMModel.loss, {"n": 0}

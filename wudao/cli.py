@@ -383,9 +383,16 @@ def trigger_cmd(
     from flows.deploy import parse_params, trigger
 
     def work():
+        from wudao.stack import StackError
+
+        from prefect.settings import get_current_settings
+
         settings = _settings()
-        if settings.prefect_api_url:
-            os.environ["PREFECT_API_URL"] = settings.prefect_api_url
+        api_url = settings.prefect_api_url or get_current_settings().api.url  # env / stack, else the Prefect profile
+        if not api_url:  # else Prefect starts a throwaway server that knows no deployment
+            raise StackError("no Prefect server to trigger on: start the stack (`wudao stack up`, then `wudao deploy`) "
+                             "or set PREFECT_API_URL")  # fmt: skip
+        os.environ["PREFECT_API_URL"] = api_url
         return trigger(settings, flow, parse_params(param or []), wait=wait, timeout_s=timeout)
 
     _run(json_out, work, _render_trigger)

@@ -6,6 +6,7 @@ stages never hand each other in-memory objects.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ from wudao.catalog import Catalog, Slice
 from wudao.config import Settings
 from wudao.data.ingest import canonical_source, ingest
 from wudao.storage import ObjectStore, S3Store, open_store, store_from_settings
+
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+"""A training run id: one path segment of `checkpoints/<run_id>/` (no '/', no '..')."""
 
 
 class StageError(RuntimeError):
@@ -104,6 +109,8 @@ def run_train(settings: Settings, slice_id: str | None = None, start: str = "cha
     """
     from wudao.train.loop import train
 
+    if run_id is not None and not RUN_ID.match(run_id):
+        raise StageError(f"invalid run id {run_id!r}: use 1-96 of A-Z a-z 0-9 . _ - (starting with a letter or digit)")
     slices = committed_slices(settings)
     if not slices:
         raise StageError("no committed slices: ingest data first (`wudao ingest SOURCE`)")

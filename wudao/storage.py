@@ -268,6 +268,15 @@ class LocalStore(ObjectStore):
         self._path(key).unlink(missing_ok=True)
         self._meta(key).unlink(missing_ok=True)
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix`, and the temporaries (`.name.xxxx`) a write killed mid-way left
+        there: `list` never shows them, so nothing else would ever remove them."""
+        n = super().delete_prefix(prefix)
+        for obj, reason in list(self.skipped(prefix)):
+            if reason == "hidden_file":
+                (self.root / obj.key).unlink(missing_ok=True)
+        return n
+
 
 class _BodyReader(io.RawIOBase):
     """botocore's StreamingBody as a real raw stream, so gzip and TextIOWrapper can read it incrementally."""

@@ -24,9 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wudao.model import GLMConfig, GLMModel
-from wudao.storage import MANIFEST, ObjectStore, StorageError, join_key, key_in_store
+from wudao.storage import MANIFEST, LocalStore, ObjectStore, StorageError, join_key, key_in_store
 
 _STEP_DIR = re.compile(r"^checkpoints/([^/]+)/step-(\d{8})/manifest\.json$")
+_ANY_STEP = re.compile(r"^step-(\d{8})/")
 
 
 class CheckpointError(RuntimeError):
@@ -123,11 +124,22 @@ def complete_steps(store: ObjectStore, run_id: str) -> list[int]:
 
 
 def prune(store: ObjectStore, run_id: str, keep_last: int) -> list[int]:
-    """Delete all but the newest `keep_last` complete checkpoints (and any incomplete older ones)."""
+    """Delete all but the newest `keep_last` complete checkpoints, and every incomplete one older than the newest
+    complete (what a kill mid-save left: files without a manifest, never loaded). Returns the complete steps
+    deleted."""
     steps = complete_steps(store, run_id)
     doomed = steps[:-keep_last] if keep_last else steps
     for step in doomed:
         prefix = checkpoint_prefix(run_id, step)
         store.delete(join_key(prefix, MANIFEST))  # first: from here on it no longer counts as complete
         store.delete_prefix(prefix + "/")
+    if steps:
+        run_prefix = f"checkpoints/{run_id}/"
+        keys = [o.key for o in store.list(run_prefix)]
+        if isinstance(store, LocalStore):  # a folder may also hold only the temporaries of a killed write
+            keys += [o.key for o, _ in store.skipped(run_prefix)]
+        present = {int(m.group(1)) for k in keys if (m := _ANY_STEP.match(k.removeprefix(run_prefix)))}
+        for step in sorted(present - set(steps)):
+            if step < steps[-1]:
+                store.delete_prefix(checkpoint_prefix(run_id, step) + "/")
     return doomed
