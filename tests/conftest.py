@@ -56,6 +56,20 @@ def free_stack_settings() -> StackSettings:
     )
 
 
+def stack_env(s: Settings, prefect_api_url: str | None) -> dict[str, str]:
+    """The environment of a `wudao` subprocess that uses the services of settings `s` (the test's own stack
+    settings, nothing inherited from the caller's WUDAO_/AWS_/MLFLOW_/PREFECT_ variables)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "MLFLOW_", "PREFECT_", "AWS_"))}
+    env.update({
+        "WUDAO_HOME": str(s.home), "WUDAO_STORAGE_URI": s.storage_uri, "WUDAO_S3_ENDPOINT_URL": s.s3_endpoint_url,
+        "AWS_ACCESS_KEY_ID": s.aws_access_key_id.get_secret_value(),
+        "AWS_SECRET_ACCESS_KEY": s.aws_secret_access_key.get_secret_value(),
+        "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, "PREFECT_API_URL": prefect_api_url or "",
+        "WUDAO_REGISTRY__MODEL_NAME": s.registry.model_name, "WUDAO_REGISTRY__EXPERIMENT": s.registry.experiment,
+    })  # fmt: skip
+    return env
+
+
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory):
     """A running stack under a temporary home; yields (home, StackSettings)."""

@@ -17,22 +17,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sqlalchemy import select
 
+from tests.conftest import stack_env
+
 pytestmark = pytest.mark.slow
 
 WUDAO = str(Path(sys.executable).parent / "wudao")
 
 
 def _env(s, api: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "MLFLOW_", "PREFECT_", "AWS_"))}
-    env.update({
-        "WUDAO_HOME": str(s.home), "WUDAO_STORAGE_URI": s.storage_uri, "WUDAO_S3_ENDPOINT_URL": s.s3_endpoint_url,
-        "AWS_ACCESS_KEY_ID": s.aws_access_key_id.get_secret_value(),
-        "AWS_SECRET_ACCESS_KEY": s.aws_secret_access_key.get_secret_value(),
-        "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, "PREFECT_API_URL": api,
-        "WUDAO_REGISTRY__MODEL_NAME": s.registry.model_name, "WUDAO_REGISTRY__EXPERIMENT": s.registry.experiment,
-        "WUDAO_TRAIN__STEPS": "4", "WUDAO_MODEL__D_MODEL": "32", "WUDAO_MODEL__N_LAYERS": "1",
-    })  # fmt: skip
-    return env
+    return {**stack_env(s, api), "WUDAO_TRAIN__STEPS": "4", "WUDAO_MODEL__D_MODEL": "32", "WUDAO_MODEL__N_LAYERS": "1"}
 
 
 def test_deployments_through_the_api(local_stack, s3_settings, demo_dir, tmp_path):

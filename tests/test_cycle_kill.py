@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from tests.conftest import stack_env
 from wudao.stages import platform_store
 
 pytestmark = pytest.mark.slow
@@ -27,19 +28,11 @@ WUDAO = str(Path(sys.executable).parent / "wudao")
 
 
 def _env(s, limit: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "AWS_", "MLFLOW_", "PREFECT_"))}
-    env.update({
-        "WUDAO_HOME": str(s.home), "WUDAO_STORAGE_URI": s.storage_uri, "WUDAO_S3_ENDPOINT_URL": s.s3_endpoint_url,
-        "AWS_ACCESS_KEY_ID": s.aws_access_key_id.get_secret_value(),
-        "AWS_SECRET_ACCESS_KEY": s.aws_secret_access_key.get_secret_value(),
-        "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, "PREFECT_API_URL": s.prefect_api_url,
-        "WUDAO_REGISTRY__EXPERIMENT": s.registry.experiment, "WUDAO_REGISTRY__MODEL_NAME": s.registry.model_name,
-        "WUDAO_ORCHESTRATION__TRAINING_LIMIT": limit, "WUDAO_TRAIN__STEPS": "400", "WUDAO_TRAIN__CHECKPOINT_EVERY": "10",
-        "WUDAO_TRAIN__BATCH_SIZE": "4", "WUDAO_TRAIN__MICRO_BATCH_SIZE": "4", "WUDAO_TRAIN__THREADS": "1",
-        "WUDAO_TRAIN__IMAGE_RATIO": "0", "WUDAO_MODEL__D_MODEL": "32", "WUDAO_MODEL__N_LAYERS": "2",
-        "WUDAO_MODEL__N_HEADS": "2", "WUDAO_INGEST__VOCAB_SIZE": "600",
-    })  # fmt: skip
-    return env
+    return {**stack_env(s, s.prefect_api_url), "WUDAO_ORCHESTRATION__TRAINING_LIMIT": limit,
+            "WUDAO_TRAIN__STEPS": "400", "WUDAO_TRAIN__CHECKPOINT_EVERY": "10", "WUDAO_TRAIN__BATCH_SIZE": "4",
+            "WUDAO_TRAIN__MICRO_BATCH_SIZE": "4", "WUDAO_TRAIN__THREADS": "1", "WUDAO_TRAIN__IMAGE_RATIO": "0",
+            "WUDAO_MODEL__D_MODEL": "32", "WUDAO_MODEL__N_LAYERS": "2", "WUDAO_MODEL__N_HEADS": "2",
+            "WUDAO_INGEST__VOCAB_SIZE": "600"}  # fmt: skip
 
 
 def test_cycle_killed_mid_training_is_resumed_by_the_next_cycle(local_stack, s3_settings, demo_dir):

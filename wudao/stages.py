@@ -144,7 +144,6 @@ def run_train_torchrun(settings: Settings, overrides: dict[str, Any] | None, sli
     import json
     import os
     import subprocess
-    import sys
 
     from wudao.config import OVERRIDES_ENV
 
@@ -173,8 +172,6 @@ def _run_id(slices: list[str], init_uri: str | None, settings: Settings) -> str:
 def _image_pairs(settings: Settings, store: ObjectStore, slices: list[str]):
     """Caption ids and VQ codes of the slices' images (training the image tokenizer first when there is none
     yet and the slices hold images), or None when there are no images to learn from."""
-    import sys
-
     from wudao.train import vq
 
     model = vq.load_current(store)
@@ -230,8 +227,6 @@ def run_evaluate(settings: Settings, checkpoint_uri: str, parent_checkpoint_uri:
 def _cycle_fid(settings: Settings, checkpoint_uri: str, mlflow_run_id: str | None) -> dict[str, Any] | None:
     """FID/KID of a cycle's candidate (grid logged to the evaluate run; metrics are logged with the rest of the
     evaluation). Without an image tokenizer there is nothing to draw with: FID is skipped, and the FID gate says so."""
-    import sys
-
     from wudao.train import vq
 
     if not platform_store(settings).exists(vq.CURRENT):  # run_eval_fid loads the model itself
@@ -326,8 +321,6 @@ def generator_for(settings: Settings, model: str):
 
 def _newest_trained(settings: Settings) -> str | None:
     """Before anything is registered, `champion` means the newest finished training run (said on stderr)."""
-    import sys
-
     from wudao.catalog import TrainingRun
 
     cat = catalog(settings)

@@ -149,6 +149,10 @@ def _unloaded(cls: type, features: list[str], **kwargs: Any) -> torch.nn.Module:
                         feature_extractor_weights_path=str(placeholder), **kwargs)  # fmt: skip
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 class InceptionFeatures:
     """2048-d pool3 features of uint8 images: torchmetrics' `NoTrainInceptionV3` (torch-fidelity's network), built
     as `FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=…, antialias=False)` builds it, but
@@ -160,7 +164,7 @@ class InceptionFeatures:
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = _first_line(e)
             raise FIDError(f"{weights} is not a plain Inception-v3 state dict (refused by torch.load(weights_only=True): "
                            f"{first}): {_HOW}") from None  # fmt: skip
         try:
@@ -169,7 +173,7 @@ class InceptionFeatures:
                 raise ValueError(f"it holds a {type(state).__name__}, not a state dict")
             self.net.load_state_dict(state)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = _first_line(e)
             raise FIDError(f"{weights} is not an Inception-v3 state dict for torch-fidelity ({first}): {_HOW}") from None
         self.net.to(torch.float32).requires_grad_(False).eval()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

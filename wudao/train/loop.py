@@ -80,7 +80,7 @@ def active_params(model: GLMModel) -> int:
     cfg = model.cfg
     total = 0
     for name, p in model.named_parameters():
-        share = cfg.top_k / cfg.n_experts if name.endswith(("w_in_EDH", "w_out_EHD")) else 1.0
+        share = cfg.top_k / cfg.n_experts if expert_parallel.is_expert_param(name) else 1.0
         total += int(p.numel() * share)
     return total
 
