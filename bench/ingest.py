@@ -1,17 +1,23 @@
-"""Ingest throughput against datatrove on the same generated bilingual corpus, and peak memory at two sizes.
+"""Ingest throughput against datatrove on the same generated bilingual corpus, scaling with worker processes, the
+ingest flow on a Dask cluster, and peak memory at two sizes.
 
-Ours: the whole `wudao ingest` pipeline in one process (read -> NFKC/clean -> language id (lingua) -> quality
-rules -> PII -> exact + MinHash dedup against the catalog -> tokenize -> shards -> commit), on a second slice:
-the tokenizer was trained on a small first slice, as in steady-state lifelong operation. datatrove 0.10 doing the equivalent offline work on the same files: JsonlReader ->
-MinhashDedupSignature -> Buckets -> Cluster -> Filter -> DocumentTokenizer with our tokenizer file. Its
-LanguageFilter needs a fastText model from a hub, which these machines cannot reach, so datatrove does no language
-id or quality filtering here (ours does: the comparison favours datatrove). Both use 14 x 8 MinHash bands over
-word 5-grams (character 5-grams for Chinese, through the same word splitter), and the same number of worker
-processes (BENCH_WORKERS, default 1: both single-process; the JSON says which under "workers"). Peak RSS is the
-main process's; with BENCH_WORKERS > 1 the reading processes are not counted in it.
+Ours: the whole `wudao ingest` pipeline (read -> NFKC/clean -> language id (lingua) -> quality rules -> PII ->
+MinHash -> tokenize in the workers; exact + near dedup against the catalog -> shards -> commit in the main process),
+on a second slice: the tokenizer was trained on a small first slice, as in steady-state lifelong operation.
+datatrove 0.10 doing the equivalent offline work on the same files: JsonlReader -> MinhashDedupSignature -> Buckets
+-> Cluster -> Filter -> DocumentTokenizer with our tokenizer file. Its LanguageFilter needs a fastText model from a
+hub, which these machines cannot reach, so datatrove does no language id or quality filtering here (ours does: the
+comparison favours datatrove). Both use 14 x 8 MinHash bands over word 5-grams (character 5-grams for Chinese,
+through the same word splitter).
 
-    .venv/bin/pip install datatrove      # bench-only (pyproject extra "bench")
-    .venv/bin/python bench/ingest.py [--mb 200] [--small-mb 50] [--json]
+For each worker count W in --workers, ours runs with `ingest.workers = W` and datatrove with W tasks, each whole
+run pinned to W cores (sched_setaffinity, inherited by every process it starts): W is cores, not just processes, so
+multi-threaded Rust parts (tokenizers, lingua) cannot borrow idle cores on either side. The Dask run is the `ingest`
+flow with prefect-dask's DaskTaskRunner (W worker processes, one thread each, cluster start included in its time)
+on the largest W. Peak RSS is the main process's (workers are reported separately).
+
+    .venv/bin/pip install -e '.[bench]'      # datatrove (bench-only extra)
+    .venv/bin/python bench/ingest.py [--mb 200] [--small-mb 50] [--workers 1,2] [--json]
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ _EN_WORDS = ("the of and to in is was for on that with as by at from it an be th
              "they you were their one all we can her has there been if more when will would who so no time people year "
              "water day way city river house work world school life family night morning story garden window road "
              "bridge market village mountain teacher student music book letter friend summer winter boat field").split()  # fmt: skip
-WORKERS = int(os.environ.get("BENCH_WORKERS", "1"))
 _HAN = [chr(c) for c in range(0x4E00, 0x4E00 + 1500)]
 
 
@@ -68,25 +73,63 @@ def make_corpus(root: Path, megabytes: int, seed: int = 0) -> int:
     return n_docs
 
 
-def run_ours(corpus: Path, work: Path) -> dict:
+def _settings(work: Path, workers: int):
     from wudao.config import Settings
+
+    return Settings(home=work / "home", storage_uri=str(work / "objects"), ingest={"workers": workers}).resolved()
+
+
+def _warm_up(settings, work: Path) -> None:
+    """The steady state of a lifelong platform: the tokenizer was trained (and frozen) on an earlier slice."""
     from wudao.stages import run_ingest
 
-    settings = Settings(home=work / "home", storage_uri=str(work / "objects"), ingest={"workers": WORKERS}).resolved()
-    # The steady state of a lifelong platform: the tokenizer was trained (and frozen) on an earlier slice.
     make_corpus(work / "warmup", 2, seed=2)
-    run_ingest(settings, str(work / "warmup"))
+    report = run_ingest(settings, str(work / "warmup"))
+    (work / "tokenizer.json").write_bytes((work / "objects" / "tokenizer" / report["tokenizer_version"] / "tokenizer.json").read_bytes())
+
+
+def _peaks() -> dict:
+    """Peak RSS and CPU seconds of this process and of the processes it started (CPU time does not drift with a
+    noisy neighbour the way wall time does: it shows where the work went)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"max_rss_mb": me.ru_maxrss / 1024, "worker_max_rss_mb": children.ru_maxrss / 1024,
+            "main_cpu_s": me.ru_utime + me.ru_stime, "worker_cpu_s": children.ru_utime + children.ru_stime}  # fmt: skip
+
+
+def run_ours(corpus: Path, work: Path, workers: int) -> dict:
+    from wudao.stages import run_ingest
+
+    settings = _settings(work, workers)
+    _warm_up(settings, work)
     start = time.perf_counter()
     report = run_ingest(settings, str(corpus))
-    seconds = time.perf_counter() - start
-    (work / "tokenizer.json").write_bytes(
-        (work / "objects" / "tokenizer" / report["tokenizer_version"] / "tokenizer.json").read_bytes()
-    )
+    return {"seconds": time.perf_counter() - start, "documents": report["documents_accepted"], "near": report["duplicates_near"],
+            "exact": report["duplicates_exact"], "tokens": report["tokens"], **_peaks()}  # fmt: skip
+
+
+def run_dask(corpus: Path, work: Path, workers: int) -> dict:
+    from prefect.testing.utilities import prefect_test_harness
+    from prefect_dask import DaskTaskRunner
+
+    from flows.common import ensure_server_setup
+    from flows.ingest import ingest_flow
+
+    # Dask's worker processes inherit this: one core's work each, as the platform's own worker processes do.
+    os.environ.update({"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    settings = _settings(work, workers)
+    _warm_up(settings, work)
+    overrides = {"home": str(settings.home), "storage_uri": settings.storage_uri, "catalog_url": settings.catalog_url}
+    with prefect_test_harness(server_startup_timeout=180):
+        ensure_server_setup(settings)
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "processes": True, "threads_per_worker": 1})
+        start = time.perf_counter()
+        report = ingest_flow.with_options(task_runner=runner)(source=str(corpus), overrides=overrides)
+        seconds = time.perf_counter() - start
     return {"seconds": seconds, "documents": report["documents_accepted"], "near": report["duplicates_near"],
-            "exact": report["duplicates_exact"], "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+            "exact": report["duplicates_exact"], "tokens": report["tokens"], **_peaks()}  # fmt: skip
 
 
-def run_datatrove(corpus: Path, work: Path, tokenizer_file: Path) -> dict:
+def run_datatrove(corpus: Path, work: Path, workers: int, tokenizer_file: Path) -> dict:
     import re
 
     from datatrove.executor import LocalPipelineExecutor
@@ -122,58 +165,84 @@ def run_datatrove(corpus: Path, work: Path, tokenizer_file: Path) -> dict:
          DocumentTokenizer(output_folder=tokens, tokenizer_name_or_path=str(tokenizer_file), eos_token="[EOS]")],
     ]  # fmt: skip
     for n, pipeline in enumerate(stages):
-        tasks = {0: WORKERS, 1: config.num_buckets, 2: 1, 3: WORKERS}[n]  # clustering runs as a single task
-        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(tasks, WORKERS), logging_dir=f"{logs}/{n}").run()
-    return {"seconds": time.perf_counter() - start, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        tasks = {0: workers, 1: config.num_buckets, 2: 1, 3: workers}[n]  # clustering runs as a single task
+        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(tasks, workers), logging_dir=f"{logs}/{n}").run()
+    return {"seconds": time.perf_counter() - start, **_peaks()}
 
 
-def _child(mode: str, corpus: Path, work: Path) -> dict:
-    """Each pipeline in a fresh process, so peak RSS and imports are its own."""
-    out = subprocess.run([sys.executable, __file__, "--_child", mode, str(corpus), str(work)], capture_output=True, text=True)
+def _child(mode: str, corpus: Path, work: Path, workers: int) -> dict:
+    """Each pipeline in a fresh process pinned to `workers` cores, so peak RSS, imports and cores are its own."""
+    out = subprocess.run([sys.executable, __file__, "--_child", mode, str(corpus), str(work), str(workers)], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
+    print(f"{mode} ({workers} worker(s)): {out.stdout.strip().splitlines()[-1]}", file=sys.stderr, flush=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _pin(workers: int) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    if workers > len(cores):
+        raise SystemExit(f"--workers {workers}: only {len(cores)} core(s) here")
+    os.sched_setaffinity(0, cores[:workers])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=int, default=200, help="corpus size for the throughput comparison")
     ap.add_argument("--small-mb", type=int, default=50, help="second size for the peak-memory ratio")
+    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts (= cores) to compare")
+    ap.add_argument("--no-dask", action="store_true", help="skip the ingest flow on a Dask cluster")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
-        mode, corpus, work = args._child
-        result = run_ours(Path(corpus), Path(work)) if mode == "ours" else run_datatrove(Path(corpus), Path(work), Path(work).parent / "ours-large" / "tokenizer.json")
+        mode, corpus, work, workers = args._child
+        _pin(int(workers))
+        run = {"ours": run_ours, "dask": run_dask}.get(mode)
+        result = run(Path(corpus), Path(work), int(workers)) if run else run_datatrove(Path(corpus), Path(work), int(workers), Path(work).parent / "ours-1" / "tokenizer.json")
         print(json.dumps(result))
         return
+    counts = sorted({int(w) for w in args.workers.split(",")})
+    most = counts[-1]
+    ours, theirs = {}, {}
     with tempfile.TemporaryDirectory(prefix="wudao-bench-ingest-") as tmp:
         tmp = Path(tmp)
         docs = make_corpus(tmp / "large", args.mb)
         make_corpus(tmp / "small", args.small_mb, seed=1)
-        ours = _child("ours", tmp / "large", tmp / "ours-large")
-        small = _child("ours", tmp / "small", tmp / "ours-small")
-        theirs = _child("datatrove", tmp / "large", tmp / "datatrove")
+        for w in counts:  # side by side at each core count (the machine is shared: neighbours in time compare best)
+            ours[w] = _child("ours", tmp / "large", tmp / f"ours-{w}", w)
+            theirs[w] = _child("datatrove", tmp / "large", tmp / f"datatrove-{w}", w)
+        small = _child("ours", tmp / "small", tmp / f"ours-small-{most}", most)
+        dask = None if args.no_dask else _child("dask", tmp / "large", tmp / f"dask-{most}", most)
+    same = {(o["documents"], o["exact"], o["near"], o["tokens"]) for o in ours.values()}
     result = {
-        "ours_over_datatrove": theirs["seconds"] / ours["seconds"],
-        "rss_ratio": ours["max_rss_mb"] / small["max_rss_mb"],
-        "workers": WORKERS,
+        "ours_over_datatrove": {str(w): theirs[w]["seconds"] / ours[w]["seconds"] for w in counts},
+        "rss_ratio": ours[most]["max_rss_mb"] / small["max_rss_mb"],
+        "workers": counts,
         "corpus_mb": args.mb,
         "documents": docs,
-        "ours_docs_per_s": docs / ours["seconds"],
-        "ours_mb_per_s": args.mb / ours["seconds"],
-        "datatrove_docs_per_s": docs / theirs["seconds"],
-        "ours_seconds": ours["seconds"],
-        "datatrove_seconds": theirs["seconds"],
-        "ours_max_rss_mb": {f"{args.small_mb}MB": small["max_rss_mb"], f"{args.mb}MB": ours["max_rss_mb"]},
-        "datatrove_max_rss_mb": theirs["max_rss_mb"],
-        "ours_duplicates": {"exact": ours["exact"], "near": ours["near"]},
+        "same_result_every_worker_count": len(same) == 1,
+        "ours_docs_per_s": {str(w): docs / ours[w]["seconds"] for w in counts},
+        "ours_mb_per_s": {str(w): args.mb / ours[w]["seconds"] for w in counts},
+        "datatrove_docs_per_s": {str(w): docs / theirs[w]["seconds"] for w in counts},
+        "ours_max_rss_mb": {f"{args.small_mb}MB": small["max_rss_mb"], f"{args.mb}MB": ours[most]["max_rss_mb"]},
+        "ours_worker_max_rss_mb": ours[most]["worker_max_rss_mb"],
+        "datatrove_max_rss_mb": theirs[most]["max_rss_mb"],
+        "ours_duplicates": {"exact": ours[most]["exact"], "near": ours[most]["near"]},
+        "ours_cpu_s": {str(w): {"main": ours[w]["main_cpu_s"], "workers": ours[w]["worker_cpu_s"]} for w in counts},
     }
+    if len(counts) > 1:
+        result[f"scaling_{most}_over_{counts[0]}"] = ours[counts[0]]["seconds"] / ours[most]["seconds"]
+        result[f"datatrove_scaling_{most}_over_{counts[0]}"] = theirs[counts[0]]["seconds"] / theirs[most]["seconds"]
+    if dask is not None:
+        result["dask_docs_per_s"] = docs / dask["seconds"]
+        result["dask_over_ours"] = ours[most]["seconds"] / dask["seconds"]
+        result["dask_same_result"] = (dask["documents"], dask["exact"], dask["near"], dask["tokens"]) in same
     if args.json:
         print(json.dumps(result))
     else:
         for k, v in result.items():
-            print(f"{k:22s} {v:.2f}" if isinstance(v, float) else f"{k:22s} {v}")
+            print(f"{k:32s} {v:.2f}" if isinstance(v, float) else f"{k:32s} {v}")
 
 
 if __name__ == "__main__":

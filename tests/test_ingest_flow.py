@@ -1,5 +1,5 @@
-"""The ingest flow: batches as Prefect tasks on the default runner and, unchanged, on a Dask cluster; both give
-the same slice as the in-process ingest."""
+"""The ingest flow: batches as Prefect tasks on the default runner and, unchanged, on a Dask or a Ray cluster; each
+gives the same slice as the in-process ingest."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def _overrides(settings, objects):
             "ingest": {"batch_objects": 2, "image_max_pixels": 1_000_000, "vocab_size": 600}}  # fmt: skip
 
 
-@pytest.mark.parametrize("runner", ["default", "dask"])
+@pytest.mark.parametrize("runner", ["default", "dask", "ray"])
 def test_flow_matches_in_process_ingest(prefect_harness, local_settings, tmp_path, runner):
     from flows.ingest import ingest_flow
 
@@ -29,6 +29,10 @@ def test_flow_matches_in_process_ingest(prefect_harness, local_settings, tmp_pat
 
         flow_fn = ingest_flow.with_options(task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": 2, "processes": True,
                                                                                       "threads_per_worker": 1}))  # fmt: skip
+    if runner == "ray":
+        from prefect_ray import RayTaskRunner
+
+        flow_fn = ingest_flow.with_options(task_runner=RayTaskRunner(init_kwargs={"num_cpus": 2, "include_dashboard": False}))
     got = flow_fn(source=str(src), overrides=_overrides(local_settings, runner))
     for report in (expected, got):
         report.pop("manifest_uri")

@@ -82,11 +82,15 @@ class IngestSettings(BaseModel):
     """Images declaring more pixels are refused as `image_too_large` before decoding (decompression bombs)."""
     batch_objects: int = 64
     """Most objects per batch task (the unit of retries and of parallelism in the ingest flow)."""
-    batch_bytes: int = 32 * 1024 * 1024
-    """About this much input per batch task (a larger single object makes a batch of its own)."""
-    workers: int = Field(1, ge=1)
-    """Processes that read and clean batches in parallel in `wudao ingest` (the ingest flow uses its task runner
-    instead). Each loads its own language models (about 0.5 GB)."""
+    batch_bytes: int = 8 * 1024 * 1024
+    """About this much input per batch task (a larger single object makes a batch of its own). Small enough that
+    batches spread evenly over workers (the last round leaves cores idle), large enough that the per-task overhead
+    (a Prefect task run, a process hop) stays a few percent."""
+    workers: int | None = Field(None, ge=1)
+    """Worker processes that read, clean, MinHash and tokenize batches in parallel in `wudao ingest` (the ingest
+    flow uses its task runner instead); each is one core's work and loads its own language models (~0.5 GB).
+    None = one per core this process may use, as many as available memory holds (1 GB each); 1 = read in this
+    process. The slice is the same whatever the number."""
     tokenizer_sample_bytes: int = 64 * 1024 * 1024
     """Text the first slice's tokenizer is trained on (the first documents up to this size)."""
     minhash_ngram_en: int = 5

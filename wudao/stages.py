@@ -16,7 +16,7 @@ from sqlalchemy import select
 from wudao import registry
 from wudao.catalog import Catalog, Slice
 from wudao.config import Settings
-from wudao.data.ingest import canonical_source, ingest
+from wudao.data.ingest import Readers, canonical_source, ingest
 from wudao.storage import ObjectStore, S3Store, open_store, store_from_settings
 
 
@@ -49,8 +49,10 @@ def source_store_for(settings: Settings, source: str) -> ObjectStore:
     return store_from_settings(settings, source) if source.startswith("s3://") else open_store(source)
 
 
-def run_ingest(settings: Settings, source: str, slice_name: str | None = None, progress=None) -> dict[str, Any]:
-    """New objects of `source` -> a committed slice (or no slice when nothing new arrived)."""
+def run_ingest(settings: Settings, source: str, slice_name: str | None = None, progress=None, readers: Readers | None = None,
+               on_wait=None) -> dict[str, Any]:  # fmt: skip
+    """New objects of `source` -> a committed slice (or no slice when nothing new arrived). Batches are read by
+    `readers` (the ingest flow's Prefect tasks), else in this process or `ingest.workers` worker processes."""
     source_store = source_store_for(settings, source)
     store = platform_store(settings)
     cat = catalog(settings)
@@ -59,7 +61,7 @@ def run_ingest(settings: Settings, source: str, slice_name: str | None = None, p
             print("waiting for another ingest to finish (catalog lock)", file=sys.stderr, flush=True)
 
         return ingest(source, source_store=source_store, store=store, catalog=cat, settings=settings.ingest,
-                      slice_name=slice_name, progress=progress, on_wait=waiting).to_dict()  # fmt: skip
+                      slice_name=slice_name, progress=progress, on_wait=on_wait or waiting, readers=readers).to_dict()  # fmt: skip
     finally:
         cat.close()
 

@@ -335,6 +335,15 @@ class S3Store(ObjectStore):
             config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=5, read_timeout=60),
         )
         self.transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=max(multipart_threshold, 5 * 1024 * 1024))
+        # What rebuilds this store in another process (ingest workers): a boto3 client itself cannot be pickled.
+        self._init_args = {"uri": uri, "endpoint_url": endpoint_url, "access_key_id": access_key_id, "secret_access_key": secret_access_key,
+                           "region": region, "multipart_threshold": multipart_threshold, "max_attempts": max_attempts}  # fmt: skip
+
+    def __getstate__(self) -> dict:
+        return self._init_args
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
     def _key(self, key: str) -> str:
         return join_key(self.prefix, validate_key(key)) if self.prefix else validate_key(key)
