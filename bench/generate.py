@@ -42,7 +42,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = GLMConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.d_model // 64,
-                    max_seq_len=args.prompt + args.new_tokens + 2)  # fmt: skip
+                    max_seq_len=args.prompt + args.new_tokens + 2, moe_every=0)  # fmt: skip
     model = GLMModel(cfg).eval()
     prompt = [*torch.randint(10, args.vocab, (args.prompt,)).tolist(), Ids.gmask]
 

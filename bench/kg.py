@@ -76,7 +76,7 @@ def main() -> None:
     tok = train_tokenizer(texts, args.vocab)
     ids = SpecialIds.from_tokenizer(tok)
     torch.manual_seed(0)
-    model = GLMModel(GLMConfig(vocab_size=tok.get_vocab_size())).eval()  # d_model 64, 2 layers: the defaults
+    model = GLMModel(GLMConfig(vocab_size=tok.get_vocab_size(), d_model=64, n_layers=2, moe_every=0)).eval()
 
     spaces, encoded, probes = answer_spaces(kg), {}, []  # probes: (fact index, Part A, candidates)
     for k, fact in enumerate(kg.facts):

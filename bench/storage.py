@@ -32,11 +32,10 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="wudao-bench-") as tmp:
         home, cfg = Path(tmp) / "home", free_stack_settings()
-        stack._state_dir(home).mkdir(parents=True)
-        stack._ensure_s3_credentials(home)
-        pid = stack._start("seaweedfs", home, cfg)
+        stack.prepare(home)
+        pid = stack.start_service(stack.OBJECT_STORE, home, cfg)
         try:
-            stack._wait_healthy("seaweedfs", f"http://127.0.0.1:{cfg.s3_port}", home, cfg, pid)
+            stack.wait_healthy(stack.OBJECT_STORE, home, cfg, pid)
             key_id, secret = stack.read_s3_credentials(home)
             store = S3Store(f"s3://{cfg.bucket}/bench", endpoint_url=f"http://127.0.0.1:{cfg.s3_port}",
                             access_key_id=key_id, secret_access_key=secret)  # fmt: skip
@@ -57,7 +56,7 @@ def main() -> None:
                 store.get_file(f"ours-{i}", Path(tmp) / "ours.out")
                 ours_get.append(time.perf_counter() - t)
         finally:
-            stack._stop(home, "seaweedfs")
+            stack.stop_service(home, stack.OBJECT_STORE)
     mib = args.mib
     result = {
         "mib": mib,

@@ -9,13 +9,14 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from wudao.config import OrchestrationSettings, Settings, load_settings
+from wudao.errors import WudaoError
 
 # The default I/O retry policy (decorators need one at import); flows apply the configured one with `io(task, settings)`.
 IO_RETRIES = OrchestrationSettings().io_retries
 IO_RETRY_DELAYS_S = OrchestrationSettings().io_retry_delays_s
 
 
-class TrainingBusy(RuntimeError):
+class TrainingBusy(WudaoError):
     """Another training holds the global training slot and this one was told not to wait."""
 
 
@@ -80,9 +81,9 @@ def training_slot(settings: Settings) -> Iterator[float]:
         # stops renewing it (Prefect's minimum, 60 s, unless set longer).
         held.enter_context(concurrency(o.training_limit, occupy=1, timeout_seconds=timeout, strict=True,
                                        lease_duration=o.slot_lease_s))  # fmt: skip
-    except TimeoutError:
+    except TimeoutError as e:
         waited = f"after waiting {o.busy_timeout_s:g} s" if o.when_busy == "wait" else "(orchestration.when_busy = refuse)"
-        raise TrainingBusy(f"another training holds the global slot {o.training_limit!r} {waited}") from None
+        raise TrainingBusy(f"another training holds the global slot {o.training_limit!r} {waited}") from e
     with held:
         yield time.monotonic() - started
 

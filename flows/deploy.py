@@ -9,12 +9,14 @@ import json
 from typing import Any
 
 from wudao.config import Settings
+from wudao.errors import WudaoError
+from wudao.results import StageResult
 
 DEPLOYMENT = "default"
 FLOW_NAMES = ("lifelong-cycle", "ingest", "train", "evaluate", "register")
 
 
-class TriggerError(RuntimeError):
+class TriggerError(WudaoError):
     pass
 
 
@@ -70,9 +72,9 @@ def trigger(settings: Settings, flow: str, params: dict[str, Any], *, wait: bool
     name = flow if "/" in flow else f"{flow}/{DEPLOYMENT}"
     try:
         run = run_deployment(name, parameters=params, timeout=(timeout_s if wait else 0))
-    except ObjectNotFound:
+    except ObjectNotFound as e:
         raise TriggerError(f"no deployment {name} on {settings.prefect_api_url or 'the Prefect server'}: run `wudao deploy` "
-                           f"(flows: {', '.join(FLOW_NAMES)})") from None  # fmt: skip
+                           f"(flows: {', '.join(FLOW_NAMES)})") from e  # fmt: skip
     state = run.state
     out: dict[str, Any] = {"flow_run_id": str(run.id), "flow_run_name": run.name, "deployment": name,
                            "state": state.type.value if state else None, "parameters": params}  # fmt: skip
@@ -80,7 +82,8 @@ def trigger(settings: Settings, flow: str, params: dict[str, Any], *, wait: bool
         out["url"] = f"{settings.prefect_api_url.rstrip('/').removesuffix('/api')}/runs/flow-run/{run.id}"
     if wait and state is not None:
         if state.is_completed():
-            out["result"] = state.result()
+            result = state.result()
+            out["result"] = result.to_dict() if isinstance(result, StageResult) else result
         elif state.is_final():
             raise TriggerError(f"flow run {run.name} ({run.id}) ended {state.type.value}: {(state.message or '').strip()}")
         else:

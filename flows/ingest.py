@@ -20,6 +20,7 @@ from flows.results import PERSIST
 from wudao.data.formats import WorkItem
 from wudao.data.ingest import Readers
 from wudao.data.read import Part, read_batch
+from wudao.results import IngestResult
 from wudao.stages import run_ingest, source_store_for
 
 
@@ -31,7 +32,7 @@ def read_batch_task(items: list[WorkItem], source: str, tokenizer_json: str | No
 
 @flow(name="ingest", **PERSIST)
 def ingest_flow(source: str, slice_name: str | None = None, overrides: dict[str, Any] | None = None,
-                max_in_flight: int = 4) -> dict[str, Any]:  # fmt: skip
+                max_in_flight: int = 4) -> IngestResult:  # fmt: skip
     """Ingest the new objects of `source` into one slice; returns the ingest report. At most `max_in_flight`
     batches are read at once (memory does not grow with the source)."""
     logger = get_run_logger()
@@ -39,9 +40,9 @@ def ingest_flow(source: str, slice_name: str | None = None, overrides: dict[str,
     report = run_ingest(settings_from(overrides), source, slice_name, readers=readers,
                         progress=lambda done, total: logger.info("batch %d/%d reduced", done, total),
                         on_wait=lambda: logger.info("waiting for another ingest to finish (catalog lock)"))  # fmt: skip
-    if report["slice_id"]:
-        logger.info("slice %s: %d documents, %d images, %d quarantined", report["slice_id"], report["documents_accepted"],
-                    report["images_accepted"], report["quarantined"])  # fmt: skip
+    if report.slice_id:
+        logger.info("slice %s: %d documents, %d images, %d quarantined", report.slice_id, report.documents_accepted,
+                    report.images_accepted, report.quarantined)  # fmt: skip
     else:
-        logger.info("no new slice from %s (%d new objects)", report["source"], report["objects_new"])
+        logger.info("no new slice from %s (%d new objects)", report.source, report.objects_new)
     return report

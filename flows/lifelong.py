@@ -19,6 +19,7 @@ from flows.ingest import ingest_flow
 from flows.stages import (IO, PERSIST, begin_cycle_task, begin_stage_task, end_run_task, evaluate_flow, fail_dead_runs_task,
                           register_flow, train_flow)  # fmt: skip
 from wudao import stages, tracking
+from wudao.results import IngestResult
 
 
 @task(name="unlearned-slice", **IO)
@@ -27,7 +28,7 @@ def unlearned_slice_task(overrides: dict[str, Any] | None = None) -> str | None:
 
 
 @task(name="log-ingest", **IO)
-def log_ingest_task(run_id: str, report: dict[str, Any], overrides: dict[str, Any] | None = None) -> None:
+def log_ingest_task(run_id: str, report: IngestResult, overrides: dict[str, Any] | None = None) -> None:
     settings = settings_from(overrides)
     tracking.log_ingest(settings, run_id, stages.platform_store(settings), report)
 
@@ -39,9 +40,9 @@ def lifelong_cycle(source: str, overrides: dict[str, Any] | None = None) -> dict
     settings = settings_from(overrides)
     for dead in io(fail_dead_runs_task, settings)(overrides):
         logger.warning("MLflow run %s of an earlier cycle: its process died; marked FAILED", dead["run_id"])
-    report = ingest_flow(source, overrides=overrides)  # a subflow: its batches show up as tasks
-    result: dict[str, Any] = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "ingest": report}
-    slice_id = report["slice_id"]
+    report = IngestResult.model_validate(ingest_flow(source, overrides=overrides))  # a subflow: its batches show up as tasks
+    result: dict[str, Any] = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "ingest": report.to_dict()}
+    slice_id = report.slice_id
     if not slice_id:
         slice_id = io(unlearned_slice_task, settings)(overrides)
         if slice_id is None:
@@ -53,16 +54,17 @@ def lifelong_cycle(source: str, overrides: dict[str, Any] | None = None) -> dict
     cycle_run_id = io(begin_cycle_task, settings)(f"cycle-{slice_id}", overrides)
     ok = False
     try:
-        if report["slice_id"]:
+        if report.slice_id:
             ingest_run_id = io(begin_stage_task, settings)(cycle_run_id, "ingest", overrides)
             io(log_ingest_task, settings)(ingest_run_id, report, overrides)
             io(end_run_task, settings)(ingest_run_id, True, overrides)
         trained = train_flow(slice_id, "champion", mlflow_parent_run_id=cycle_run_id, overrides=overrides)
-        parent_uri = stages.baseline_checkpoint(settings, trained["resumed_from"])
-        evaluation = evaluate_flow(trained["checkpoint_uri"], parent_uri, mlflow_parent_run_id=cycle_run_id, overrides=overrides)
-        registration = register_flow(trained["checkpoint_uri"], evaluation, mlflow_parent_run_id=cycle_run_id, overrides=overrides)
+        parent_uri = stages.baseline_checkpoint(settings, trained.resumed_from)
+        evaluation = evaluate_flow(trained.checkpoint_uri, parent_uri, mlflow_parent_run_id=cycle_run_id, overrides=overrides)
+        registration = register_flow(trained.checkpoint_uri, evaluation, mlflow_parent_run_id=cycle_run_id, overrides=overrides)
         ok = True
     finally:
         io(end_run_task, settings)(cycle_run_id, ok, overrides)
-    logger.info("registered version %s (%s)", registration["model_version"], registration["gate"])
-    return {**result, "status": "registered", "train": trained, "evaluation": evaluation, "registration": registration}
+    logger.info("registered version %s (%s)", registration.model_version, registration.gate)
+    return {**result, "status": "registered", "train": trained.to_dict(), "evaluation": evaluation.to_dict(),
+            "registration": registration.to_dict()}  # fmt: skip

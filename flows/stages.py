@@ -2,8 +2,8 @@
 
 Each runs alone (its own deployment, `wudao trigger train`) or as a subflow of `lifelong-cycle`; each logs into
 its own MLflow run, nested under the cycle's run when it has one. Flows only orchestrate: the work is in
-`wudao.stages` and `wudao.tracking`, called from tasks that exchange URIs, ids and small JSON dicts. Results are
-persisted (JSON) to the platform object store. I/O tasks retry transient failures with backoff; training is not
+`wudao.stages` and `wudao.tracking`, called from tasks that exchange URIs, ids and the typed stage results of
+`wudao.results`. Results are persisted (JSON) to the platform object store. I/O tasks retry transient failures with backoff; training is not
 retried blindly (a rerun resumes from its newest checkpoint instead).
 """
 
@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 from flows.common import IO_RETRIES, IO_RETRY_DELAYS_S, io, mark_crashed, settings_from, training_slot, transient
 from flows.results import PERSIST
 from wudao import stages, tracking
+from wudao.results import Evaluation, Registration, Trained, TrainResult
 
 IO: dict[str, Any] = {"retries": IO_RETRIES, "retry_delay_seconds": IO_RETRY_DELAYS_S, "retry_condition_fn": transient,
                       "cache_policy": NO_CACHE}  # fmt: skip
@@ -67,45 +68,45 @@ def resolve_task(ref: str | None, overrides: dict[str, Any] | None = None) -> st
 
 
 @task(name="log-train", **IO)
-def log_train_task(run_id: str, result: dict[str, Any], overrides: dict[str, Any] | None = None) -> None:
+def log_train_task(run_id: str, result: TrainResult, overrides: dict[str, Any] | None = None) -> None:
     settings = settings_from(overrides)
     tracking.log_train(settings, run_id, stages.platform_store(settings), result)
 
 
 @task(name="log-evaluation", **IO)
-def log_evaluation_task(run_ids: list[str], evaluation: dict[str, Any], overrides: dict[str, Any] | None = None) -> None:
+def log_evaluation_task(run_ids: list[str], evaluation: Evaluation, overrides: dict[str, Any] | None = None) -> None:
     for run_id in run_ids:
         tracking.log_evaluation(settings_from(overrides), run_id, evaluation)
 
 
 @task(name="read-training", **IO, **PERSIST)
-def train_result_task(checkpoint_uri: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_result_task(checkpoint_uri: str, overrides: dict[str, Any] | None = None) -> Trained:
     return stages.train_result_of(settings_from(overrides), checkpoint_uri)
 
 
 @task(name="register-version", **IO, **PERSIST)
-def register_task(train_result: dict[str, Any], evaluation: dict[str, Any], cycle_run_id: str, stage_run_id: str | None,
-                  flow_run_id: str | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    return stages.run_register(settings_from(overrides), train_result, evaluation, cycle_run_id, stage_run_id, flow_run_id)
+def register_task(trained: Trained, evaluation: Evaluation, cycle_run_id: str, stage_run_id: str | None,
+                  flow_run_id: str | None, overrides: dict[str, Any] | None = None) -> Registration:  # fmt: skip
+    return stages.run_register(settings_from(overrides), trained, evaluation, cycle_run_id, stage_run_id, flow_run_id)
 
 
 # ---- compute tasks ----
 
 
 @task(name="train-model", cache_policy=NO_CACHE, **PERSIST)
-def train_model_task(slice_id: str, start_uri: str | None, run_id: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_model_task(slice_id: str, start_uri: str | None, run_id: str, overrides: dict[str, Any] | None = None) -> TrainResult:
     settings = settings_from(overrides)
     with training_slot(settings) as waited_s, tracking.system_metrics(settings, run_id):
         if settings.train.launcher == "torchrun":
             result = stages.run_train_torchrun(settings, overrides, slice_id, start_uri)
         else:
             result = stages.run_train(settings, slice_id, start_uri or "scratch")
-    result["waited_for_slot_s"] = round(waited_s, 3)
+    result.waited_for_slot_s = round(waited_s, 3)
     return result
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE, **PERSIST)
-def evaluate_model_task(checkpoint_uri: str, parent_uri: str | None, run_id: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate_model_task(checkpoint_uri: str, parent_uri: str | None, run_id: str, overrides: dict[str, Any] | None = None) -> Evaluation:
     return stages.run_evaluate(settings_from(overrides), checkpoint_uri, parent_uri, mlflow_run_id=run_id)
 
 
@@ -114,7 +115,7 @@ def evaluate_model_task(checkpoint_uri: str, parent_uri: str | None, run_id: str
 
 @flow(name="train", **PERSIST)
 def train_flow(slice_id: str = "latest", start: str = "champion", steps: int | None = None,
-               mlflow_parent_run_id: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+               mlflow_parent_run_id: str | None = None, overrides: dict[str, Any] | None = None) -> TrainResult:  # fmt: skip
     """Continue pre-training on a slice (default: the newest) from `start` (champion, scratch, a checkpoint URI or
     models:/…), with replay of every earlier slice. Holds the global training slot while it trains."""
     overrides = with_steps(overrides, steps)
@@ -128,13 +129,13 @@ def train_flow(slice_id: str = "latest", start: str = "champion", steps: int | N
         ok = True
     finally:
         io(end_run_task, settings)(run_id, ok, overrides)
-    result.pop("history", None)  # logged to MLflow step by step; too long for a flow result
-    return {**result, "mlflow_run_id": run_id}
+    # The history is logged to MLflow step by step; too long for a flow result.
+    return result.model_copy(update={"history": [], "mlflow_run_id": run_id})
 
 
 @flow(name="evaluate", **PERSIST)
 def evaluate_flow(checkpoint: str = "candidate", parent: str | None = "champion", mlflow_parent_run_id: str | None = None,
-                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+                  overrides: dict[str, Any] | None = None) -> Evaluation:  # fmt: skip
     """Held-out loss per slice (forgetting), KG fact checks and FID of `checkpoint`, each next to `parent`'s
     (a checkpoint URI, champion, candidate, models:/…, or None)."""
     settings = settings_from(overrides)
@@ -154,8 +155,8 @@ def evaluate_flow(checkpoint: str = "candidate", parent: str | None = "champion"
 
 
 @flow(name="register", **PERSIST)
-def register_flow(checkpoint: str, evaluation: dict[str, Any] | None = None, mlflow_parent_run_id: str | None = None,
-                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def register_flow(checkpoint: str, evaluation: Evaluation | None = None, mlflow_parent_run_id: str | None = None,
+                  overrides: dict[str, Any] | None = None) -> Registration:  # fmt: skip
     """Register a trained checkpoint as a model version with its lineage and apply the promotion gates (evaluating
     it against its parent first when no `evaluation` is given)."""
     logger = get_run_logger()
@@ -163,9 +164,9 @@ def register_flow(checkpoint: str, evaluation: dict[str, Any] | None = None, mlf
     checkpoint_uri = io(resolve_task, settings)(checkpoint, overrides)
     trained = io(train_result_task, settings)(checkpoint_uri, overrides)
     standalone = mlflow_parent_run_id is None
-    cycle_run_id = mlflow_parent_run_id or io(begin_cycle_task, settings)(f"register-{trained['run_id']}", overrides)
+    cycle_run_id = mlflow_parent_run_id or io(begin_cycle_task, settings)(f"register-{trained.run_id}", overrides)
     if evaluation is None:
-        parent = stages.baseline_checkpoint(settings, trained["resumed_from"])
+        parent = stages.baseline_checkpoint(settings, trained.resumed_from)
         evaluation = evaluate_flow(checkpoint_uri, parent, cycle_run_id, overrides)
     run_id = io(begin_stage_task, settings)(cycle_run_id, "register", overrides)
     ok = False
@@ -177,5 +178,5 @@ def register_flow(checkpoint: str, evaluation: dict[str, Any] | None = None, mlf
         io(end_run_task, settings)(run_id, ok, overrides)
         if standalone:
             io(end_run_task, settings)(cycle_run_id, ok, overrides)
-    logger.info("registered version %s (%s)", registration["model_version"], registration["gate"])
+    logger.info("registered version %s (%s)", registration.model_version, registration.gate)
     return registration

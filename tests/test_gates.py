@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from wudao.config import GateSettings
 from wudao.gates import ParentRecord, evaluate_gates, verdict
+from wudao.results import Evaluation
 
 PARENT = ParentRecord(version="1", slices=["s1"], fid=30.0, fid_key="k")
 
 
-def _evaluation(old: float, new: float, *, kg=(0.5, 0.5), fid: float | None = 31.0, fid_key: str = "k") -> dict:
-    return {
-        "slices": ["s1", "s2"],
-        "candidate": {"s1": old, "s2": new},
-        "parent": {"s1": 2.0, "s2": 3.0},
-        "kg": {"p_at_1": kg[0], "n_facts": 10},
-        "kg_parent": {"p_at_1": kg[1], "n_facts": 10},
-        "fid": None if fid is None else {"fid": fid, "key": fid_key},
-    }
+def _evaluation(old: float, new: float, *, kg=(0.5, 0.5), fid: float | None = 31.0, fid_key: str = "k") -> Evaluation:
+    return Evaluation(
+        checkpoint_uri="s3://wudao/checkpoints/run/step-00000010",
+        slices=["s1", "s2"],
+        candidate={"s1": old, "s2": new},
+        parent={"s1": 2.0, "s2": 3.0},
+        kg={"p_at_1": kg[0], "mrr": kg[0], "n_facts": 10},
+        kg_parent={"p_at_1": kg[1], "mrr": kg[1], "n_facts": 10},
+        fid=None if fid is None else {"fid": fid, "key": fid_key},
+    )
 
 
 def _status(results) -> dict[str, str]:

@@ -63,7 +63,7 @@ def test_history_table_is_versions_by_slices():
 def test_candidate_joins_the_history_once():
     evaluation = {"checkpoint_uri": "s3://b/checkpoints/c/step-6", "slices": ["slice-00001", "slice-00002", "slice-00003"],
                   "candidate": {"slice-00001": 6.1, "slice-00002": 5.2, "slice-00003": 4.8},
-                  "kg": {"p_at_1": 0.25, "mrr": 0.3, "by_slice": {"slice-03": {"p_at_1": 0.5}},
+                  "kg": {"p_at_1": 0.25, "mrr": 0.3, "n_facts": 2, "by_slice": {"slice-03": {"p_at_1": 0.5}},
                          "per_fact": [{"answer_space": 4}, {"answer_space": 2}]}}  # fmt: skip
     records = history.with_candidate(_records(), evaluation)
     assert [r.version for r in records] == ["1", "2", "candidate"]

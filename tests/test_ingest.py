@@ -269,7 +269,7 @@ def test_sqlite_and_postgresql_catalogs_agree(local_settings, postgres_url, tmp_
     from wudao.catalog import upgrade
 
     upgrade(pg.catalog_url)
-    reports = [run_ingest(s, str(src)) for s in (local_settings, pg)]
+    reports = [run_ingest(s, str(src)).to_dict() for s in (local_settings, pg)]
     for r in reports:
         r.pop("manifest_uri")
     assert reports[0] == reports[1]

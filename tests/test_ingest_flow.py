@@ -34,6 +34,7 @@ def test_flow_matches_in_process_ingest(prefect_harness, local_settings, tmp_pat
 
         flow_fn = ingest_flow.with_options(task_runner=RayTaskRunner(init_kwargs={"num_cpus": 2, "include_dashboard": False}))
     got = flow_fn(source=str(src), overrides=_overrides(local_settings, runner))
+    got, expected = got.to_dict(), expected.to_dict()
     for report in (expected, got):
         report.pop("manifest_uri")
     assert got == expected

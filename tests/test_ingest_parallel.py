@@ -39,7 +39,7 @@ def test_two_workers_give_the_slices_one_process_gives(local_settings, tmp_path)
     results = {}
     for workers in (1, 2):
         s = _settings(local_settings, tmp_path, f"w{workers}", workers)
-        reports = [run_ingest(s, str(tmp_path / day)) for day in ("day1", "day2")]
+        reports = [run_ingest(s, str(tmp_path / day)).to_dict() for day in ("day1", "day2")]
         results[workers] = [(r, _slice_files(s, r["slice_id"])) for r in reports]
     for reports in results.values():
         for r, _ in reports:

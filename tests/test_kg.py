@@ -151,7 +151,7 @@ def hand_kg():
     texts = [t.replace("[X]", f.subject).replace("[Y]", f.object) for f in kg.facts for t in kg.templates[(f.relation, f.lang)]]
     tok = train_tokenizer(texts * 5, vocab_size=300)
     torch.manual_seed(0)
-    model = GLMModel(GLMConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=1, n_heads=2, max_seq_len=32))
+    model = GLMModel(GLMConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=1, n_heads=2, max_seq_len=32, moe_every=0))
     return kg, tok, model, facts, templates
 
 

@@ -23,7 +23,7 @@ V = 40
 
 def tiny(**kw) -> GLMModel:
     torch.manual_seed(0)
-    cfg = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+    cfg = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, moe_every=0, n_experts=8)
     return GLMModel(GLMConfig(**{**cfg, **kw})).eval()
 
 

@@ -40,7 +40,7 @@ def test_register_retries_until_the_store_is_back(prefect_harness, local_stack, 
     def register_during_outage():
         return io(register_task, s)(trained, evaluation, cycle_run, None, None, overrides)
 
-    assert stack._stop(home, "seaweedfs"), "the object store was running"
+    assert stack.stop_service(home, stack.OBJECT_STORE), "the object store was running"
     restarted = threading.Thread(target=lambda: (time.sleep(8), stack.up(home, cfg)))
     restarted.start()
     try:

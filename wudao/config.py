@@ -15,13 +15,16 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from wudao.model.objective import GLMObjective
+from wudao.model.config import GLMShape
 
 
 class CleanSettings(BaseModel):
@@ -104,40 +107,17 @@ class IngestSettings(BaseModel):
     clean: CleanSettings = CleanSettings()
 
 
-class ModelSettings(BaseModel):
-    """Shape of a GLM trained from scratch (a continued model keeps its parent's shape). See wudao/model/glm.py."""
+class ModelSettings(GLMShape):
+    """Shape of a GLM trained from scratch (a continued model keeps its parent's shape): every field of
+    `wudao.model.config.GLMShape`, plus how many image codes follow the text vocabulary."""
 
-    d_model: int = 128
-    """Width of the residual stream."""
-    n_layers: int = 4
-    """Number of transformer blocks."""
-    n_heads: int = 4
-    """Attention heads per block; must divide d_model."""
-    max_seq_len: int = 128
-    """Longest sequence (Part A + Part B) the position table covers."""
-    layer_order: Literal["pre", "sandwich"] = "pre"
-    """`pre` (x + f(LN(x))) or CogView's `sandwich` (x + LN(f(LN(x)))), which keeps deep or bf16 training stable.
-    Small fp32 models learn faster with `pre` (bench/learning.py: 300 steps, loss 1.65 vs 1.99)."""
-    pb_relax: bool = False
-    """CogView PB-relax for attention and LayerNorm inputs (overflow-free bf16/fp16 at scale)."""
-    moe_every: int = 2
-    """Every N-th block's FFN is a Mixture-of-Experts layer; 0 = dense."""
-    n_experts: int = 4
-    """Experts per MoE layer."""
-    top_k: int = 2
-    """Experts per token (1 = Switch, 2 = GShard)."""
-    capacity_factor: float | None = None
-    """Expert capacity factor with token dropping (GShard 1.2); None = dropless."""
-    eval_capacity_factor: float | None = None
-    """Capacity factor in evaluation and generation (GShard 2.4); None = same as `capacity_factor`."""
-    router_jitter: float = Field(0.0, ge=0.0, lt=1.0)
-    """Switch router jitter: router inputs scaled by U(1-ε, 1+ε) in training (exploration); 0 = off."""
-    aux_loss_weight: float = 0.01
-    """Weight of each MoE layer's load-balancing loss; layers' losses are summed (ST-MoE)."""
-    z_loss_weight: float = 1e-3
-    """Weight of each MoE layer's router z-loss; layers' losses are summed (ST-MoE)."""
     image_codebook_size: int = 256
     """Image code ids appended after the text vocabulary (the VQ-VAE's codebook size must match)."""
+
+
+RECIPE = GLMObjective(token_prob=0.3, sentence_prob=0.0, mask_ratio=0.3)
+"""The platform's objective mixture (bench/learning.py, bench/lifelong.py)."""
+_FLAT_OBJECTIVE = ("token_prob", "sentence_prob", "mask_ratio")
 
 
 class TrainSettings(BaseModel):
@@ -182,15 +162,10 @@ class TrainSettings(BaseModel):
     vq_hidden: int = Field(32, ge=8)
     """Channels of the VQ-VAE's conv stages. On the demo scenes (64 px) 32 channels reconstruct better in 300 steps
     than 64 (pixel MSE 0.010 vs 0.029) at 2.6x less time; larger images and real photos want more."""
-    token_prob: float = 0.3
-    """Probability of the token-span ([MASK]) objective per text step (GLM-10B 0.5). Only Part B carries a loss:
-    a token-span step trains on ~mask_ratio of its tokens, a document step on ~60 %, so on a small budget the
-    document objective teaches facts several times faster (bench/learning.py); the default leans on it."""
-    sentence_prob: float = 0.0
-    """Probability of the sentence-span ([sMASK]) objective (GLM-10B 0.3); the rest is document-level [gMASK]."""
-    mask_ratio: float = Field(0.3, gt=0.0, lt=1.0)
-    """Share of a row's tokens that token and sentence spans cover (GLM: 0.15). Only masked tokens carry a loss,
-    so on a small compute budget a larger share learns more per step."""
+    objective: GLMObjective = Field(default_factory=lambda: RECIPE)
+    """The blank-infilling mixture of text steps (`[train.objective]`, every field in wudao/data/objective.py).
+    The recipe leans on document-level generation (token spans 0.3, sentence spans 0, mask ratio 0.3; GLM-10B:
+    0.5 / 0.3 / 0.15): only Part B carries a loss, and on a small budget long blanks teach facts fastest."""
     seed: int = 1234
     """Seed for new weights and for data sampling (samples are a pure function of seed and index)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -221,6 +196,22 @@ class TrainSettings(BaseModel):
     wudao train` in a subprocess (GPU pods; torch never runs in a forked orchestration process)."""
     nproc_per_node: int = Field(1, ge=1)
     """Ranks per node with the torchrun launcher (the GPUs of the pod)."""
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _onto_recipe(cls, value: Any) -> Any:
+        # A partial table (wudao.toml, WUDAO_TRAIN__OBJECTIVE__MASK_RATIO) changes what it names, not the rest.
+        return {**RECIPE.model_dump(), **value} if isinstance(value, dict) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_objective_keys(cls, data: Any) -> Any:
+        # `train.token_prob` & co. from before the objective had its own table mean the same thing.
+        if isinstance(data, dict) and any(k in data for k in _FLAT_OBJECTIVE):
+            data = dict(data)
+            flat = {k: data.pop(k) for k in _FLAT_OBJECTIVE if k in data}
+            data["objective"] = {**flat, **(data.get("objective") or {})}
+        return data
 
 
 class EvalSettings(BaseModel):
@@ -388,10 +379,10 @@ class Settings(BaseSettings):
 
     def resolved(self) -> Settings:
         """A copy with every service location filled in, preferring the local stack when it is up."""
-        from wudao import stack  # local import: stack is a leaf that only reads files under home
+        from wudao.stack.state import read_s3_credentials, running_endpoints  # reads the stack's files; starts nothing
 
         home = self.home.resolve()
-        running = stack.running_endpoints(home, self.stack)
+        running = running_endpoints(home, self.stack)
         updates: dict[str, Any] = {"home": home}
         if self.storage_uri is None:
             if running.s3_endpoint:
@@ -401,7 +392,7 @@ class Settings(BaseSettings):
         if self.s3_endpoint_url is None and running.s3_endpoint:
             updates["s3_endpoint_url"] = running.s3_endpoint
         if self.aws_access_key_id is None and running.s3_endpoint:
-            key_id, secret = stack.read_s3_credentials(home)
+            key_id, secret = read_s3_credentials(home)
             updates["aws_access_key_id"] = SecretStr(key_id)
             updates["aws_secret_access_key"] = SecretStr(secret)
         if self.catalog_url is None:

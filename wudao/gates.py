@@ -3,14 +3,19 @@
 Pure functions over the evaluate stage's result, so the rules are tested without any server. A gate that has
 nothing to compare (no parent, no KG, a parent without a comparable FID) is `skipped`, never silently `passed`;
 the candidate is promoted when no gate `failed`. Every result becomes a version tag and a row of the gates table.
+
+A new gate is one function here, registered with `@gate("name")`, and its threshold as one field of
+`GateSettings` (wudao/config.py); registration, tags, the `gates.json` table and history pick it up by name.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
 from wudao.config import GateSettings
+from wudao.results import Evaluation
 
 Status = Literal["passed", "failed", "skipped"]
 
@@ -42,19 +47,28 @@ class ParentRecord:
     """Identifies how the parent's FID was measured (captions, N, weights); FIDs compare only under one key."""
 
 
-def evaluate_gates(cfg: GateSettings, evaluation: dict[str, Any], parent: ParentRecord | None) -> list[GateResult]:
-    """Every gate's verdict, in a fixed order: old slices, new slice, KG, FID."""
+Gate = Callable[[GateSettings, Evaluation, ParentRecord], GateResult]
+GATES: dict[str, Gate] = {}
+"""Every gate by name, in the order they are evaluated and shown."""
+
+
+def gate(name: str) -> Callable[[Gate], Gate]:
+    """Register a gate: `fn(cfg, evaluation, parent) -> GateResult` (named `name`)."""
+
+    def register(fn: Gate) -> Gate:
+        GATES[name] = fn
+        return fn
+
+    return register
+
+
+def evaluate_gates(cfg: GateSettings, evaluation: Evaluation | dict[str, Any], parent: ParentRecord | None) -> list[GateResult]:
+    """Every gate's verdict, in registration order (all skipped for a first version, which has no parent)."""
     if parent is None:
         skip = "first version: no parent to compare with"
-        return [GateResult(n, "skipped", None, None, "", skip) for n in ("old_slices", "new_slice", "kg_p_at_1", "fid")]
-    cand_loss: dict[str, float] = evaluation["candidate"]
-    par_loss: dict[str, float] = evaluation.get("parent") or {}
-    return [
-        _old_slices(cfg, cand_loss, par_loss, parent.slices),
-        _new_slice(cfg, cand_loss, par_loss, [s for s in evaluation["slices"] if s not in parent.slices]),
-        _kg(cfg, evaluation.get("kg"), evaluation.get("kg_parent")),
-        _fid(cfg, evaluation.get("fid"), parent),
-    ]
+        return [GateResult(name, "skipped", None, None, "", skip) for name in GATES]
+    evaluation = Evaluation.model_validate(evaluation)
+    return [fn(cfg, evaluation, parent) for fn in GATES.values()]
 
 
 def verdict(results: list[GateResult]) -> tuple[bool, str]:
@@ -67,9 +81,12 @@ def verdict(results: list[GateResult]) -> tuple[bool, str]:
     return True, f"passed {', '.join(passed) or 'nothing'}" + (f"; skipped {', '.join(skipped)}" if skipped else "")
 
 
-def _old_slices(cfg: GateSettings, cand: dict[str, float], par: dict[str, float], parent_slices: list[str]) -> GateResult:
+@gate("old_slices")
+def _old_slices(cfg: GateSettings, evaluation: Evaluation, parent: ParentRecord) -> GateResult:
+    """Every earlier slice's held-out loss at most `old_slice_tolerance` worse than the parent's."""
+    cand, par = evaluation.candidate, evaluation.parent or {}
     threshold = f"each <= parent x {1 + cfg.old_slice_tolerance:g}"
-    common = [s for s in parent_slices if s in cand and s in par]
+    common = [s for s in parent.slices if s in cand and s in par]
     if not common:
         return GateResult("old_slices", "skipped", None, None, threshold, "no earlier slice measured for both")
     worst = max(common, key=lambda s: cand[s] / par[s] if par[s] > 0 else float("inf"))
@@ -83,9 +100,12 @@ def _old_slices(cfg: GateSettings, cand: dict[str, float], par: dict[str, float]
     return GateResult("old_slices", "passed", mean_c, mean_p, threshold, detail)
 
 
-def _new_slice(cfg: GateSettings, cand: dict[str, float], par: dict[str, float], new: list[str]) -> GateResult:
+@gate("new_slice")
+def _new_slice(cfg: GateSettings, evaluation: Evaluation, parent: ParentRecord) -> GateResult:
+    """The new slice's held-out loss below the parent's (the cycle learned something)."""
+    cand, par = evaluation.candidate, evaluation.parent or {}
     threshold = "< parent" if cfg.require_new_slice_gain else "off"
-    measured = [s for s in new if s in cand and s in par]
+    measured = [s for s in evaluation.slices if s not in parent.slices and s in cand and s in par]
     if not cfg.require_new_slice_gain or not measured:
         return GateResult("new_slice", "skipped", None, None, threshold, "off" if measured else "no new slice measured")
     c = sum(cand[s] for s in measured) / len(measured)
@@ -94,21 +114,27 @@ def _new_slice(cfg: GateSettings, cand: dict[str, float], par: dict[str, float],
     return GateResult("new_slice", status, c, p, threshold, f"{', '.join(measured)} {c:.4f} vs parent {p:.4f}")
 
 
-def _kg(cfg: GateSettings, cand: dict[str, Any] | None, par: dict[str, Any] | None) -> GateResult:
+@gate("kg_p_at_1")
+def _kg(cfg: GateSettings, evaluation: Evaluation, parent: ParentRecord) -> GateResult:
+    """KG P@1 at most `kg_max_drop` below the parent's, on the same facts."""
+    cand, par = evaluation.kg, evaluation.kg_parent
     threshold = f">= parent - {cfg.kg_max_drop:g}"
     if not cand or not par:
-        return GateResult("kg_p_at_1", "skipped", cand and cand["p_at_1"], None, threshold, "no KG check for both")
-    c, p = cand["p_at_1"], par["p_at_1"]
+        return GateResult("kg_p_at_1", "skipped", cand and cand.p_at_1, None, threshold, "no KG check for both")
+    c, p = cand.p_at_1, par.p_at_1
     status: Status = "passed" if c >= p - cfg.kg_max_drop else "failed"
-    return GateResult("kg_p_at_1", status, c, p, threshold, f"P@1 {c:.3f} vs parent {p:.3f} on {cand['n_facts']} facts")
+    return GateResult("kg_p_at_1", status, c, p, threshold, f"P@1 {c:.3f} vs parent {p:.3f} on {cand.n_facts} facts")
 
 
-def _fid(cfg: GateSettings, cand: dict[str, Any] | None, parent: ParentRecord) -> GateResult:
+@gate("fid")
+def _fid(cfg: GateSettings, evaluation: Evaluation, parent: ParentRecord) -> GateResult:
+    """FID at most `fid_max_increase` above the parent's, measured the same way."""
+    cand = evaluation.fid
     threshold = f"<= parent + {cfg.fid_max_increase:g}"
     if not cand:
         return GateResult("fid", "skipped", None, parent.fid, threshold, "no FID this cycle")
-    if parent.fid is None or parent.fid_key != cand.get("key"):
-        return GateResult("fid", "skipped", cand["fid"], parent.fid, threshold, "parent has no FID measured the same way")
-    c, p = cand["fid"], parent.fid
+    if parent.fid is None or parent.fid_key != cand.key:
+        return GateResult("fid", "skipped", cand.fid, parent.fid, threshold, "parent has no FID measured the same way")
+    c, p = cand.fid, parent.fid
     status: Status = "passed" if c <= p + cfg.fid_max_increase else "failed"
     return GateResult("fid", status, c, p, threshold, f"FID {c:.2f} vs parent {p:.2f}")

@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from wudao.config import Settings, hide_password
 from wudao.registry import CHAMPION, RegistryError
+from wudao.results import Evaluation
 from wudao.tracking import KG_SLICES_TAG, TrackingError, client, kg_chance, log_table_once
 
 HELDOUT, KG_P1 = "heldout_loss/", "kg/p_at_1/"
@@ -99,27 +100,25 @@ def version_record(version: str, aliases: list[str], tags: dict[str, str], metri
     )
 
 
-def candidate_record(evaluation: dict[str, Any]) -> VersionRecord:
+def candidate_record(evaluation: Evaluation) -> VersionRecord:
     """The model an evaluate stage just measured, from its result (before it is registered)."""
-    kg = evaluation.get("kg")
-    chance = kg_chance(kg) if kg else None
-    fid = (evaluation.get("fid") or {}).get("fid")
+    kg = evaluation.kg
     return VersionRecord(
         version=CANDIDATE,
-        slices=list(evaluation.get("slices") or evaluation["candidate"]),
-        heldout_loss=dict(evaluation["candidate"]),
-        kg_p_at_1={s: v["p_at_1"] for s, v in kg["by_slice"].items()} if kg else {},
-        kg={"p_at_1": kg["p_at_1"], "chance": chance, "mrr": kg.get("mrr")} if kg else None,
-        fid=float(fid) if fid is not None else None,
-        checkpoint_uri=evaluation.get("checkpoint_uri"),
+        slices=list(evaluation.slices or evaluation.candidate),
+        heldout_loss=dict(evaluation.candidate),
+        kg_p_at_1={s: v["p_at_1"] for s, v in kg.by_slice.items()} if kg else {},
+        kg={"p_at_1": kg.p_at_1, "chance": kg_chance(kg), "mrr": kg.mrr} if kg else None,
+        fid=evaluation.fid.fid if evaluation.fid else None,
+        checkpoint_uri=evaluation.checkpoint_uri,
     )
 
 
-def with_candidate(records: list[VersionRecord], evaluation: dict[str, Any]) -> list[VersionRecord]:
+def with_candidate(records: list[VersionRecord], evaluation: Evaluation | dict[str, Any]) -> list[VersionRecord]:
     """The registered versions plus the evaluated model, unless it already is one of them (a standalone evaluate
     of a registered version, or a retry after registration): then it is not drawn twice."""
-    uri = evaluation.get("checkpoint_uri")
-    if uri and any(r.checkpoint_uri == uri for r in records):
+    evaluation = Evaluation.model_validate(evaluation)
+    if any(r.checkpoint_uri == evaluation.checkpoint_uri for r in records):
         return records
     return [*records, candidate_record(evaluation)]
 
@@ -224,10 +223,10 @@ def read_versions(settings: Settings) -> list[VersionRecord]:
     except MlflowException as e:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
             raise RegistryError(f"no registered model {name!r} at {hide_password(settings.mlflow_tracking_uri)}: run a cycle first "
-                                "(`wudao cycle SOURCE`)") from None  # fmt: skip
-        raise TrackingError(f"cannot read model {name!r} from MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message}") from None
+                                "(`wudao cycle SOURCE`)") from e  # fmt: skip
+        raise TrackingError(f"cannot read model {name!r} from MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message}") from e
     except Exception as e:  # connection refused and friends surface as requests/urllib3 errors
-        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`") from None
+        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`") from e
     if not versions:
         raise RegistryError(f"model {name!r} has no versions yet: run a cycle first (`wudao cycle SOURCE`)")
     aliases: dict[str, list[str]] = {}
@@ -253,7 +252,7 @@ def history(settings: Settings) -> dict[str, Any]:
     return history_table(settings.registry.model_name, read_versions(settings))
 
 
-def log_forgetting(settings: Settings, run_id: str, evaluation: dict[str, Any]) -> None:
+def log_forgetting(settings: Settings, run_id: str, evaluation: Evaluation) -> None:
     """The forgetting curve (`eval/forgetting.png`) and its table (`eval/forgetting_history.json`) over every
     registered version plus the evaluated candidate, logged to `run_id`."""
     try:

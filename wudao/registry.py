@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,13 @@ import wudao
 from wudao import gates
 from wudao.config import Settings, hide_password
 from wudao.tracking import TrackingError, client, log_table_once, run_url
+from wudao.errors import WudaoError
+from wudao.results import Evaluation, Registration, Trained
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(WudaoError):
     pass
 
 
@@ -37,21 +39,6 @@ class Champion:
     version: str
     checkpoint_uri: str
     tokenizer_version: str
-
-
-@dataclass
-class Registration:
-    mlflow_run_id: str
-    run_url: str
-    model_version: str
-    model_version_url: str
-    parent_version: str | None
-    champion: bool
-    gate: str
-    gates: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 REQUIRED_TAGS = ("wudao.checkpoint_uri", "wudao.tokenizer_version")
@@ -75,9 +62,9 @@ def alias_version(settings: Settings, alias: str) -> Champion | None:
     except MlflowException as e:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
             return None
-        raise TrackingError(f"cannot read @{alias} from MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message}") from None
+        raise TrackingError(f"cannot read @{alias} from MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message}") from e
     except Exception as e:
-        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`") from None
+        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`") from e
     return _complete(mv)
 
 
@@ -128,7 +115,7 @@ def checkpoint_of(settings: Settings, model_uri: str) -> str:
             name, version = ref.rsplit("/", 1)
             mv = c.get_model_version(name, version)
     except (MlflowException, ValueError) as e:
-        raise RegistryError(f"no model version {model_uri}: {e}") from None
+        raise RegistryError(f"no model version {model_uri}: {e}") from e
     return _complete(mv).checkpoint_uri
 
 
@@ -152,8 +139,8 @@ def promote(settings: Settings, version: str) -> dict[str, Any]:
     c, name = client(settings), settings.registry.model_name
     try:
         _complete(c.get_model_version(name, version))
-    except MlflowException:
-        raise RegistryError(f"model {name} has no version {version}") from None
+    except MlflowException as e:
+        raise RegistryError(f"model {name} has no version {version}") from e
     try:
         previous = champion(settings)
     except RegistryError:  # the champion alias points at an incomplete version: promoting replaces it
@@ -200,7 +187,7 @@ def _existing_version(c: MlflowClient, name: str, cycle_run_id: str) -> str | No
     return str(max(int(v.version) for v in found)) if found else None
 
 
-def _log_model(settings: Settings, store, train_result: dict[str, Any], cycle_run_id: str, tags: dict[str, str]) -> str:
+def _log_model(settings: Settings, store, trained: Trained, cycle_run_id: str, tags: dict[str, str]) -> str:
     """Log the checkpoint as a pyfunc LoggedModel in the cycle's run, then register it with all its tags in one
     call: a version never exists without its files or without the `wudao.*` tags every reader needs (a kill
     between a registration and tags set afterwards left versions that broke promote, generate and the cycle)."""
@@ -208,7 +195,7 @@ def _log_model(settings: Settings, store, train_result: dict[str, Any], cycle_ru
     from wudao.pyfunc import PARAMS, WudaoLM, model_artifacts
 
     with tempfile.TemporaryDirectory(prefix="wudao-register-") as tmp:
-        artifacts = model_artifacts(store, train_result["checkpoint_uri"], tokenizer_key(train_result["tokenizer_version"]),
+        artifacts = model_artifacts(store, trained.checkpoint_uri, tokenizer_key(trained.tokenizer_version),
                                     settings.ingest.image_size, Path(tmp))  # fmt: skip
         with mlflow.start_run(run_id=cycle_run_id):
             info = mlflow.pyfunc.log_model(
@@ -233,8 +220,8 @@ def register_cycle(
     settings: Settings,
     *,
     store,
-    train_result: dict[str, Any],
-    evaluation: dict[str, Any],
+    trained: Trained,
+    evaluation: Evaluation,
     parent: Champion | None,
     cycle_run_id: str,
     stage_run_id: str | None = None,
@@ -251,26 +238,26 @@ def register_cycle(
         log_table_once(c, run_id, table, "gates.json")  # a retry does not list the gates twice
 
     tags = {
-        "wudao.checkpoint_uri": train_result["checkpoint_uri"],
-        "wudao.tokenizer_version": train_result["tokenizer_version"],
-        "wudao.slices": json.dumps(train_result["slice_ids"]),
+        "wudao.checkpoint_uri": trained.checkpoint_uri,
+        "wudao.tokenizer_version": trained.tokenizer_version,
+        "wudao.slices": json.dumps(trained.slice_ids),
         "wudao.parent_version": parent.version if parent else "",
-        "wudao.train_run_id": train_result["run_id"],
+        "wudao.train_run_id": trained.run_id,
         "wudao.code_version": wudao.__version__,
         "wudao.mlflow_run_id": cycle_run_id,
         "wudao.gate": ("passed: " if passed else "failed: ") + reason,
         **{f"wudao.gate.{r.name}": r.tag() for r in results},
     }
-    if kg := evaluation.get("kg"):
-        tags["wudao.eval.kg_p_at_1"] = f"{kg['p_at_1']:.6f}"
-    if fid := evaluation.get("fid"):
-        tags["wudao.eval.fid"] = f"{fid['fid']:.6f}"
-        tags["wudao.eval.fid_key"] = str(fid.get("key", ""))
+    if evaluation.kg:
+        tags["wudao.eval.kg_p_at_1"] = f"{evaluation.kg.p_at_1:.6f}"
+    if evaluation.fid:
+        tags["wudao.eval.fid"] = f"{evaluation.fid.fid:.6f}"
+        tags["wudao.eval.fid_key"] = evaluation.fid.key or ""
     if prefect_flow_run_id:
         tags["wudao.prefect_flow_run_id"] = prefect_flow_run_id
     version = _existing_version(c, name, cycle_run_id)
     if version is None:
-        version = _log_model(settings, store, train_result, cycle_run_id, tags)
+        version = _log_model(settings, store, trained, cycle_run_id, tags)
     else:  # a retry: the earlier attempt's version gets this attempt's tags (idempotent)
         for k, v in tags.items():
             c.set_model_version_tag(name, version, k, v)

@@ -18,13 +18,15 @@ from wudao.catalog import Catalog, Slice
 from wudao.config import Settings
 from wudao.data.ingest import Readers, canonical_source, ingest
 from wudao.storage import ObjectStore, S3Store, open_store, store_from_settings
+from wudao.errors import WudaoError
+from wudao.results import Evaluation, FIDSummary, IngestResult, KGSummary, Registration, Trained, TrainResult
 
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 """A training run id: one path segment of `checkpoints/<run_id>/` (no '/', no '..')."""
 
 
-class StageError(RuntimeError):
+class StageError(WudaoError):
     pass
 
 
@@ -50,7 +52,7 @@ def source_store_for(settings: Settings, source: str) -> ObjectStore:
 
 
 def run_ingest(settings: Settings, source: str, slice_name: str | None = None, progress=None, readers: Readers | None = None,
-               on_wait=None) -> dict[str, Any]:  # fmt: skip
+               on_wait=None) -> IngestResult:  # fmt: skip
     """New objects of `source` -> a committed slice (or no slice when nothing new arrived). Batches are read by
     `readers` (the ingest flow's Prefect tasks), else in this process or `ingest.workers` worker processes."""
     source_store = source_store_for(settings, source)
@@ -61,7 +63,7 @@ def run_ingest(settings: Settings, source: str, slice_name: str | None = None, p
             print("waiting for another ingest to finish (catalog lock)", file=sys.stderr, flush=True)
 
         return ingest(source, source_store=source_store, store=store, catalog=cat, settings=settings.ingest,
-                      slice_name=slice_name, progress=progress, on_wait=on_wait or waiting, readers=readers).to_dict()  # fmt: skip
+                      slice_name=slice_name, progress=progress, on_wait=on_wait or waiting, readers=readers)  # fmt: skip
     finally:
         cat.close()
 
@@ -103,7 +105,7 @@ def baseline_checkpoint(settings: Settings, resumed_from: str | None) -> str | N
     return resumed_from or resolve_checkpoint(settings, registry.CHAMPION)
 
 
-def run_train(settings: Settings, slice_id: str | None = None, start: str = "champion", run_id: str | None = None) -> dict[str, Any]:
+def run_train(settings: Settings, slice_id: str | None = None, start: str = "champion", run_id: str | None = None) -> TrainResult:
     """Train on `slice_id` (default: the newest slice) with replay from every earlier slice.
 
     The run id defaults to a digest of (slices, start checkpoint, train settings), so rerunning the same
@@ -135,12 +137,12 @@ def run_train(settings: Settings, slice_id: str | None = None, start: str = "cha
             train_settings=settings.train,
             run_id=run_id,
             images=_image_pairs(settings, store, history) if settings.train.image_ratio > 0 else None,
-        ).to_dict()
+        )
     finally:
         cat.close()
 
 
-def run_train_torchrun(settings: Settings, overrides: dict[str, Any] | None, slice_id: str | None, start: str | None) -> dict[str, Any]:
+def run_train_torchrun(settings: Settings, overrides: dict[str, Any] | None, slice_id: str | None, start: str | None) -> TrainResult:
     """The same training as `run_train`, as `torchrun --standalone --nproc-per-node N wudao train` in a subprocess
     (rank 0 prints the result). The caller's overrides travel in the environment, secrets stay in it."""
     import json
@@ -157,7 +159,7 @@ def run_train_torchrun(settings: Settings, overrides: dict[str, Any] | None, sli
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")] or proc.stderr.strip().splitlines()[-1:]
         raise StageError(f"torchrun training failed ({proc.returncode}): {lines[-1] if lines else 'no output'}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return TrainResult.model_validate_json(proc.stdout.strip().splitlines()[-1])
 
 
 def _run_id(slices: list[str], init_uri: str | None, settings: Settings) -> str:
@@ -199,7 +201,7 @@ def _image_pairs(settings: Settings, store: ObjectStore, slices: list[str]):
     return vq.encode_slices(model, store, slices, _cache_dir(settings), settings.ingest.image_size, settings.model)
 
 
-def run_evaluate(settings: Settings, checkpoint_uri: str, parent_checkpoint_uri: str | None, mlflow_run_id: str | None = None) -> dict[str, Any]:
+def run_evaluate(settings: Settings, checkpoint_uri: str, parent_checkpoint_uri: str | None, mlflow_run_id: str | None = None) -> Evaluation:
     """Held-out loss of the candidate, and of its parent, on every slice the candidate has seen."""
     from wudao.data.glm import SpecialIds
     from wudao.data.tokenizer import load_tokenizer, tokenizer_key
@@ -214,15 +216,17 @@ def run_evaluate(settings: Settings, checkpoint_uri: str, parent_checkpoint_uri:
     def losses(model):
         return heldout_losses(model, store, slices, _cache_dir(settings), ids, seq_len=settings.train.seq_len)
 
-    result: dict[str, Any] = {"checkpoint_uri": checkpoint_uri, "slices": slices, "candidate": losses(candidate.model), "parent": None}
+    result = Evaluation(checkpoint_uri=checkpoint_uri, slices=slices, candidate=losses(candidate.model))
     if parent_checkpoint_uri:
-        result["parent"] = losses(load_checkpoint(store, parent_checkpoint_uri).model)
-    if settings.eval.fid_coco_uri:
-        result["fid"] = _cycle_fid(settings, checkpoint_uri, mlflow_run_id)
+        result.parent = losses(load_checkpoint(store, parent_checkpoint_uri).model)
+    if settings.eval.fid_coco_uri and (fid := _cycle_fid(settings, checkpoint_uri, mlflow_run_id)):
+        result.fid = FIDSummary.model_validate(fid)
     if settings.eval.kg_uri:
-        result["kg"] = run_eval_kg(settings, checkpoint_uri, settings.eval.kg_uri, settings.eval.kg_limit, with_facts=True)
+        kg = run_eval_kg(settings, checkpoint_uri, settings.eval.kg_uri, settings.eval.kg_limit, with_facts=True)
+        result.kg = KGSummary.model_validate(kg)
         if parent_checkpoint_uri:  # the same facts, so the KG gate compares like with like
-            result["kg_parent"] = run_eval_kg(settings, parent_checkpoint_uri, settings.eval.kg_uri, settings.eval.kg_limit)
+            kg_parent = run_eval_kg(settings, parent_checkpoint_uri, settings.eval.kg_uri, settings.eval.kg_limit)
+            result.kg_parent = KGSummary.model_validate(kg_parent)
     return result
 
 
@@ -262,7 +266,7 @@ def run_eval_kg(settings: Settings, model: str, kg_uri: str, limit: int | None, 
     try:  # checked before the model loads, so a mistyped id fails at once
         facts_of_slice(kg, slice_id)
     except ValueError as e:
-        raise StageError(str(e)) from None
+        raise StageError(str(e)) from e
     gen, uri = generator_for(settings, model)
     report = evaluate_kg(gen.model, gen.tokenizer, kg, limit=limit, slice_id=slice_id,
                          claim_subjects=settings.eval.kg_claim_subjects)  # fmt: skip
@@ -271,34 +275,34 @@ def run_eval_kg(settings: Settings, model: str, kg_uri: str, limit: int | None, 
 
 def run_register(
     settings: Settings,
-    train_result: dict[str, Any],
-    evaluation: dict[str, Any],
+    trained: Trained,
+    evaluation: Evaluation,
     cycle_run_id: str,
     stage_run_id: str | None = None,
     prefect_flow_run_id: str | None = None,
-) -> dict[str, Any]:
+) -> Registration:
     """Register the trained checkpoint as a model version, apply the promotion gates, move the aliases."""
     # The parent is the version the candidate was trained from, else the champion it would replace.
-    parent = registry.version_of_checkpoint(settings, train_result["resumed_from"]) or registry.champion(settings)
+    parent = registry.version_of_checkpoint(settings, trained.resumed_from) or registry.champion(settings)
     return registry.register_cycle(
         settings,
         store=platform_store(settings),
-        train_result=train_result,
+        trained=trained,
         evaluation=evaluation,
         parent=parent,
         cycle_run_id=cycle_run_id,
         stage_run_id=stage_run_id,
         prefect_flow_run_id=prefect_flow_run_id,
-    ).to_dict()
+    )
 
 
-def train_result_of(settings: Settings, checkpoint_uri: str) -> dict[str, Any]:
+def train_result_of(settings: Settings, checkpoint_uri: str) -> Trained:
     """What registration needs about a finished training, read back from its checkpoint's manifest."""
     from wudao.train.checkpoint import read_manifest
 
     m = read_manifest(platform_store(settings), checkpoint_uri)
-    return {"run_id": m["run_id"], "checkpoint_uri": checkpoint_uri, "resumed_from": m.get("parent_checkpoint_uri"),
-            "slice_ids": m["slice_ids"], "tokenizer_version": m["tokenizer_version"], "steps": m["step"]}  # fmt: skip
+    return Trained(run_id=m["run_id"], checkpoint_uri=checkpoint_uri, resumed_from=m.get("parent_checkpoint_uri"),
+                   slice_ids=m["slice_ids"], tokenizer_version=m["tokenizer_version"], steps=m["step"])  # fmt: skip
 
 
 def generator_for(settings: Settings, model: str):

@@ -21,12 +21,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+from wudao.errors import WudaoError
 
 MANIFEST = "manifest.json"
 _CHUNK = 1024 * 1024
 
 
-class StorageError(RuntimeError):
+class StorageError(WudaoError):
     """A storage operation failed; the message names the object and, where known, the fix."""
 
 
@@ -204,14 +205,14 @@ class LocalStore(ObjectStore):
     def _read_all(self, key: str) -> tuple[bytes, str | None]:
         try:
             return self._path(key).read_bytes(), self._recorded(key)
-        except FileNotFoundError:
-            raise StorageError(f"no object {self.url(key)}") from None
+        except FileNotFoundError as e:
+            raise StorageError(f"no object {self.url(key)}") from e
 
     def _download(self, key: str, dest: Path) -> str | None:
         try:
             shutil.copyfile(self._path(key), dest)
-        except FileNotFoundError:
-            raise StorageError(f"no object {self.url(key)}") from None
+        except FileNotFoundError as e:
+            raise StorageError(f"no object {self.url(key)}") from e
         return self._recorded(key)
 
     def open_read(self, key: str) -> IO[bytes]:
@@ -354,24 +355,24 @@ class S3Store(ObjectStore):
 
         try:
             yield
-        except EndpointConnectionError:
+        except EndpointConnectionError as e:
             raise StorageError(
                 f"cannot reach the S3 endpoint {self.endpoint_url or 'of AWS'} ({what}): start it with "
                 "`wudao stack up` or set WUDAO_S3_ENDPOINT_URL"
-            ) from None
+            ) from e
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
                 raise StorageError(
                     f"S3 refused the credentials ({code}) for {what}: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-                ) from None
+                ) from e
             if code in ("NoSuchBucket",):
-                raise StorageError(f"bucket {self.bucket} does not exist ({what}): run `wudao stack up` or create it") from None
+                raise StorageError(f"bucket {self.bucket} does not exist ({what}): run `wudao stack up` or create it") from e
             if code in ("NoSuchKey", "404", "NotFound"):
-                raise StorageError(f"no object {what}") from None
-            raise StorageError(f"S3 error {code} for {what}: {e}") from None
+                raise StorageError(f"no object {what}") from e
+            raise StorageError(f"S3 error {code} for {what}: {e}") from e
         except BotoCoreError as e:
-            raise StorageError(f"S3 error for {what}: {e}") from None
+            raise StorageError(f"S3 error for {what}: {e}") from e
 
     def ensure_bucket(self) -> None:
         from botocore.exceptions import ClientError

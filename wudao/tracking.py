@@ -22,6 +22,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from wudao.config import Settings, hide_password
+from wudao.errors import WudaoError
+from wudao.results import Evaluation, IngestResult, KGSummary, TrainResult
 
 PARENT_TAG = "mlflow.parentRunId"  # what the UI uses to nest runs under their cycle
 # MLflow 3 opens an experiment in its model-training view (runs, metrics, models) only when this tag says so;
@@ -31,7 +33,7 @@ KG_SLICES_TAG = "wudao.eval.kg_slices"
 """Run tag naming the KG's slices: `kg/p_at_1/<name>` holds languages and slices alike, so readers need the list."""
 
 
-class TrackingError(RuntimeError):
+class TrackingError(WudaoError):
     """MLflow could not be reached or refused a request that a later attempt may get through."""
 
 
@@ -44,9 +46,9 @@ def experiment_id(c: MlflowClient, settings: Settings) -> str:
     try:
         exp = c.get_experiment_by_name(settings.registry.experiment)
     except MlflowException as e:
-        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message.splitlines()[0]}") from None
+        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message.splitlines()[0]}") from e
     except Exception as e:  # connection refused and friends surface as requests/urllib3 errors
-        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`") from None
+        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`") from e
     if exp is not None:
         if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag existed (or by hand): set it once
             c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
@@ -163,11 +165,9 @@ def log_table_once(c: MlflowClient, run_id: str, data: dict[str, list], artifact
 
 def slice_inputs(settings: Settings, store, slices: list[str], context: str) -> list[DatasetInput]:
     """The slices as MLflow dataset inputs: name = slice id, digest = hash of its committed manifest."""
-    from wudao.data.ingest import slice_manifest
-
     inputs = []
     for slice_id in slices:
-        manifest = slice_manifest(store, slice_id)
+        manifest = store.read_manifest(f"slices/{slice_id}") or {}  # committed: the stage that names it read it
         digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
         source = json.dumps({"uri": f"{settings.storage_uri.rstrip('/')}/slices/{slice_id}/"})
         profile = json.dumps({k: manifest.get(k) for k in ("documents", "tokens", "images") if k in manifest})
@@ -177,35 +177,35 @@ def slice_inputs(settings: Settings, store, slices: list[str], context: str) -> 
     return inputs
 
 
-def log_ingest(settings: Settings, run_id: str, store, report: dict[str, Any]) -> None:
+def log_ingest(settings: Settings, run_id: str, store, report: IngestResult) -> None:
     """Counts as metrics, the full report (quarantine list included) as an artefact, the new slice as an input."""
     keys = ("objects_seen", "objects_new", "documents_accepted", "documents_heldout", "duplicates_exact",
             "duplicates_near", "quarantined", "tokens", "images_accepted")  # fmt: skip
     now = int(time.time() * 1000)
-    metrics = [Metric(f"ingest/{k}", float(report[k]), now, 0) for k in keys if isinstance(report.get(k), int | float)]
-    metrics += [Metric(f"ingest/quarantine/{r}", float(n), now, 0) for r, n in (report.get("quarantine_reasons") or {}).items()]
-    metrics += [Metric(f"ingest/lang/{lang}", float(n), now, 0) for lang, n in (report.get("languages") or {}).items()]
+    metrics = [Metric(f"ingest/{k}", float(getattr(report, k)), now, 0) for k in keys]
+    metrics += [Metric(f"ingest/quarantine/{r}", float(n), now, 0) for r, n in report.quarantine_reasons.items()]
+    metrics += [Metric(f"ingest/lang/{lang}", float(n), now, 0) for lang, n in report.languages.items()]
     log_metrics(settings, run_id, metrics)
     c = client(settings)
-    c.log_dict(run_id, report, "ingest_report.json")
-    if report.get("slice_id"):
-        c.log_inputs(run_id, datasets=slice_inputs(settings, store, [report["slice_id"]], "ingest"))
+    c.log_dict(run_id, report.to_dict(), "ingest_report.json")
+    if report.slice_id:
+        c.log_inputs(run_id, datasets=slice_inputs(settings, store, [report.slice_id], "ingest"))
 
 
-def log_train(settings: Settings, run_id: str, store, result: dict[str, Any]) -> None:
+def log_train(settings: Settings, run_id: str, store, result: TrainResult) -> None:
     """Per-step metrics (loss, loss per objective, aux losses, expert load, grad norm, LR, tokens/s), the run's
     lineage, and the slices it trained on as dataset inputs (context `training`)."""
     metrics = [Metric("train_loss" if k == "loss" else k, float(v), 0, h["step"])
-               for h in result.get("history", []) for k, v in h.items() if k != "step" and v is not None]  # fmt: skip
-    if result.get("mfu") is not None:
-        metrics.append(Metric("mfu", result["mfu"], 0, result["steps"]))
-    tags = {"wudao.train_run_id": result["run_id"], "wudao.checkpoint_uri": result["checkpoint_uri"],
-            "wudao.resumed_from": str(result["resumed_from"]), "wudao.tokenizer_version": result["tokenizer_version"]}  # fmt: skip
+               for h in result.history for k, v in h.items() if k != "step" and v is not None]  # fmt: skip
+    if result.mfu is not None:
+        metrics.append(Metric("mfu", result.mfu, 0, result.steps))
+    tags = {"wudao.train_run_id": result.run_id, "wudao.checkpoint_uri": result.checkpoint_uri,
+            "wudao.resumed_from": str(result.resumed_from), "wudao.tokenizer_version": result.tokenizer_version}  # fmt: skip
     log_metrics(settings, run_id, metrics, tags)
-    client(settings).log_inputs(run_id, datasets=slice_inputs(settings, store, result["slice_ids"], "training"))
+    client(settings).log_inputs(run_id, datasets=slice_inputs(settings, store, result.slice_ids, "training"))
 
 
-def kg_chance(kg: dict[str, Any]) -> float | None:
+def kg_chance(kg: KGSummary | dict[str, Any]) -> float | None:
     """P@1 of guessing uniformly in each fact's answer space, to read P@1 against: the report's own figure, else
     (reports without it) the mean over the probed facts."""
     if kg.get("chance") is not None:
@@ -214,43 +214,46 @@ def kg_chance(kg: dict[str, Any]) -> float | None:
     return sum(1 / f["answer_space"] for f in facts) / len(facts) if facts else None
 
 
-def evaluation_metrics(evaluation: dict[str, Any]) -> list[Metric]:
+def evaluation_metrics(evaluation: Evaluation) -> list[Metric]:
     """Held-out loss per slice (forgetting), KG P@1/MRR by language and slice, claim rates, FID, KID and whether the
     images follow their captions (`follows/*`)."""
-    metrics = [Metric(f"heldout_loss/{s}", v, 0, 0) for s, v in evaluation["candidate"].items()]
-    for s, v in (evaluation.get("parent") or {}).items():
+    metrics = [Metric(f"heldout_loss/{s}", v, 0, 0) for s, v in evaluation.candidate.items()]
+    for s, v in (evaluation.parent or {}).items():
         metrics.append(Metric(f"parent/heldout_loss/{s}", v, 0, 0))
-    if kg := evaluation.get("kg"):
-        metrics += [Metric("kg/p_at_1", kg["p_at_1"], 0, 0), Metric("kg/mrr", kg["mrr"], 0, 0)]
-        metrics += [Metric(f"kg/p_at_1/{lang}", v["p_at_1"], 0, 0) for lang, v in kg["by_language"].items()]
-        metrics += [Metric(f"kg/p_at_1/{sl}", v["p_at_1"], 0, 0) for sl, v in kg["by_slice"].items()]
+    if kg := evaluation.kg:
+        metrics += [Metric("kg/p_at_1", kg.p_at_1, 0, 0), Metric("kg/mrr", kg.mrr, 0, 0)]
+        metrics += [Metric(f"kg/p_at_1/{lang}", v["p_at_1"], 0, 0) for lang, v in kg.by_language.items()]
+        metrics += [Metric(f"kg/p_at_1/{sl}", v["p_at_1"], 0, 0) for sl, v in kg.by_slice.items()]
         if (chance := kg_chance(kg)) is not None:
             metrics.append(Metric("kg/chance", chance, 0, 0))
-        metrics += [Metric(f"kg/claims/{k}", kg["claims"][k], 0, 0) for k in ("supported_rate", "contradicted_rate", "unverifiable_rate")]
-    if kg_parent := evaluation.get("kg_parent"):
-        metrics.append(Metric("parent/kg/p_at_1", kg_parent["p_at_1"], 0, 0))
-    if fid := evaluation.get("fid"):
-        metrics += [Metric(k, float(fid[k]), 0, 0) for k in ("fid", "kid_mean", "kid_std") if fid.get(k) is not None]
-        metrics += [Metric(f"fid_blur/{k}", float(v), 0, 0) for k, v in (fid.get("fid_blur") or {}).items()]
-        metrics += [Metric(f"follows/{k}", float(v), 0, 0) for k, v in (fid.get("follows") or {}).items()]
+        metrics += [Metric(f"kg/claims/{k}", kg.claims[k], 0, 0) for k in ("supported_rate", "contradicted_rate", "unverifiable_rate")]
+    if evaluation.kg_parent:
+        metrics.append(Metric("parent/kg/p_at_1", evaluation.kg_parent.p_at_1, 0, 0))
+    if fid := evaluation.fid:
+        metrics += [Metric(k, float(v), 0, 0) for k, v in (("fid", fid.fid), ("kid_mean", fid.kid_mean), ("kid_std", fid.kid_std)) if v is not None]
+        metrics += [Metric(f"fid_blur/{k}", float(v), 0, 0) for k, v in fid.fid_blur.items()]
+        metrics += [Metric(f"follows/{k}", float(v), 0, 0) for k, v in (fid.follows or {}).items()]
     return metrics
 
 
-def log_evaluation(settings: Settings, run_id: str, evaluation: dict[str, Any]) -> None:
+def log_evaluation(settings: Settings, run_id: str, evaluation: Evaluation | dict[str, Any]) -> None:
     """Metrics, the KG per-fact table, the forgetting table (held-out loss per slice, candidate vs parent), and the
     forgetting curve over every registered version plus this candidate (`eval/forgetting.png`)."""
     from wudao import history  # imported here: wudao.history reads the registry, which imports this module
 
-    kg_tags = {KG_SLICES_TAG: json.dumps(sorted(evaluation["kg"]["by_slice"]))} if evaluation.get("kg") else None
+    evaluation = Evaluation.model_validate(evaluation)
+    kg_tags = {KG_SLICES_TAG: json.dumps(sorted(evaluation.kg.by_slice))} if evaluation.kg else None
     log_metrics(settings, run_id, evaluation_metrics(evaluation), kg_tags)
     c = client(settings)
-    parent = evaluation.get("parent") or {}
-    log_table_once(c, run_id, {"slice": list(evaluation["candidate"]), "candidate": list(evaluation["candidate"].values()),
-                               "parent": [parent.get(s) for s in evaluation["candidate"]]}, "eval/forgetting.json")  # fmt: skip
-    if kg := dict(evaluation.get("kg") or {}):
-        c.log_dict(run_id, kg.pop("per_fact", []), "eval/kg_per_fact.json")
+    candidate, parent = evaluation.candidate, evaluation.parent or {}
+    log_table_once(c, run_id, {"slice": list(candidate), "candidate": list(candidate.values()),
+                               "parent": [parent.get(s) for s in candidate]}, "eval/forgetting.json")  # fmt: skip
+    summary = evaluation.to_dict()
+    if kg := summary.pop("kg", None):
+        c.log_dict(run_id, kg.pop("per_fact", None) or [], "eval/kg_per_fact.json")
         c.log_dict(run_id, kg, "eval/kg.json")
-    c.log_dict(run_id, {k: v for k, v in evaluation.items() if k not in ("kg", "kg_parent")}, "eval/summary.json")
+    summary.pop("kg_parent", None)
+    c.log_dict(run_id, summary, "eval/summary.json")
     history.log_forgetting(settings, run_id, evaluation)
 
 

@@ -31,11 +31,12 @@ from wudao.catalog.models import (  # noqa: F401  (re-exported)
     Tokenizer,
     TrainingRun,
 )
+from wudao.errors import WudaoError
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-class CatalogError(RuntimeError):
+class CatalogError(WudaoError):
     pass
 
 
@@ -72,7 +73,7 @@ def upgrade(url: str, revision: str = "head") -> str:
             command.upgrade(cfg, revision)
         return current_revision(engine) or "base"
     except OperationalError as e:
-        raise CatalogError(f"cannot reach the catalog DB ({_safe(url)}): {e.orig}") from None
+        raise CatalogError(f"cannot reach the catalog DB ({_safe(url)}): {e.orig}") from e
     finally:
         engine.dispose()
 
@@ -131,7 +132,7 @@ class Catalog:
         try:
             at = current_revision(self.engine)
         except OperationalError as e:
-            raise CatalogError(f"cannot reach the catalog DB ({_safe(url)}): {e.orig}") from None
+            raise CatalogError(f"cannot reach the catalog DB ({_safe(url)}): {e.orig}") from e
         if at != head_revision():
             raise CatalogError(f"catalog DB {_safe(url)} is at revision {at or 'base'}: run `wudao db upgrade`")
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)

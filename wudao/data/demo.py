@@ -139,9 +139,9 @@ def _fill(template: str, subject: str, obj: str) -> str:
 
 
 def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: int = 3, images: int = 48,
-               fid_weights: bool = False, train_scenes: int = 0) -> dict:  # fmt: skip
-    """Write the demo corpus, KG and captioned images (and, with `fid_weights`, TEST-ONLY random Inception weights
-    so the demo can run FID offline) under `out`; returns a summary."""
+               train_scenes: int = 0) -> dict:  # fmt: skip
+    """Write the demo corpus, KG and captioned images under `out`; returns a summary. (`wudao demo-data` adds the
+    TEST-ONLY random Inception weights the demo's offline FID uses: `wudao.eval.fid.write_random_inception_weights`.)"""
     if slices < 1:
         raise ValueError("--slices must be at least 1")
     rng = random.Random(seed)
@@ -184,13 +184,6 @@ def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: 
     n_images = write_scenes(coco_dir, n=images, seed=seed)
     if train_scenes:  # other scenes for the model to learn drawing from, in the first slice (MS-COCO layout)
         write_scenes(out / "corpus" / "slice-01" / "scenes", n=train_scenes, seed=seed + 1000)
-    extra = {}
-    if fid_weights:
-        from wudao.eval.fid import write_random_inception_weights
-
-        path = write_random_inception_weights(out / "fid" / "inception-random-TEST-ONLY.pth", seed)
-        extra = {"fid_weights": str(path), "fid_weights_note": "random TEST-ONLY Inception weights: FID with them is not "
-                 "comparable with published FIDs (see README, FID on real MS-COCO)"}  # fmt: skip
     return {
         "out": str(out),
         "seed": seed,
@@ -202,7 +195,6 @@ def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: 
         "coco_dir": str(coco_dir),
         "images": n_images,
         "train_scenes": train_scenes,
-        **extra,
     }
 
 

@@ -13,12 +13,12 @@ import json
 import posixpath
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from wudao.data.quarantine import Reason, Rejected
 from wudao.storage import ObjectInfo, ObjectStore, StorageError
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 COCO_CAPTIONS = re.compile(r"(?:^|/)annotations/captions_([A-Za-z0-9_-]+)\.json$")
 
@@ -36,14 +36,6 @@ class ImageRecord:
     """The image's object key."""
     captions: list[str]
     data: bytes
-
-
-@dataclass
-class Rejected:
-    key: str
-    record: int | None
-    reason: str
-    detail: str = ""
 
 
 def encodable(text: str) -> bool:
@@ -98,7 +90,7 @@ def plan(listing: list[ObjectInfo], is_new, store: ObjectStore, rejected: list[R
             caption = by_key.get(stem + ".txt")
             if caption is None:
                 if is_new(o):
-                    rejected.append(Rejected(o.key, None, "missing_caption", "no .txt beside the image"))
+                    rejected.append(Rejected(o.key, None, Reason.MISSING_CAPTION, "no .txt beside the image"))
                     items.append(WorkItem("unsupported", o.key, [o]))  # recorded as seen, with its reason
                 continue
             claimed.add(caption.key)
@@ -106,11 +98,11 @@ def plan(listing: list[ObjectInfo], is_new, store: ObjectStore, rejected: list[R
                 items.append(WorkItem("pair", o.key, [o, caption]))
         elif o.key.endswith(".txt") and stem in stems:
             continue  # a caption, handled with its image
-        elif o.key.endswith(TEXT_SUFFIXES):
+        elif o.key.endswith(tuple(TEXT_READERS)):
             if is_new(o):
                 items.append(WorkItem("text", o.key, [o]))
         elif is_new(o):
-            rejected.append(Rejected(o.key, None, "unsupported_type", ext or "no extension"))
+            rejected.append(Rejected(o.key, None, Reason.UNSUPPORTED_TYPE, ext or "no extension"))
             items.append(WorkItem("unsupported", o.key, [o]))
     return items
 
@@ -128,12 +120,12 @@ def _coco_items(ann, by_key, is_new, store, rejected, claimed) -> list[WorkItem]
             if encodable(caption):
                 captions.setdefault(a["image_id"], []).append(caption)
             elif ann_new:
-                rejected.append(Rejected(ann.key, _record(a["image_id"]), "invalid_unicode",
+                rejected.append(Rejected(ann.key, _record(a["image_id"]), Reason.INVALID_UNICODE,
                                          f"caption of image {a['image_id']!r} holds a lone surrogate escape"[:200]))  # fmt: skip
     except (ValueError, KeyError, TypeError, StorageError, RecursionError) as e:
         if ann_new:
             why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-            rejected.append(Rejected(ann.key, None, "malformed_json", f"not a COCO captions file: {why}"[:200]))
+            rejected.append(Rejected(ann.key, None, Reason.MALFORMED_JSON, f"not a COCO captions file: {why}"[:200]))
             return [WorkItem("unsupported", ann.key, [ann])]
         return []
     items = []
@@ -141,7 +133,7 @@ def _coco_items(ann, by_key, is_new, store, rejected, claimed) -> list[WorkItem]
     for image_id, file_name in sorted(images.items(), key=lambda kv: (type(kv[0]).__name__, str(kv[0]))):
         if not isinstance(file_name, str) or not encodable(file_name):
             if ann_new:
-                rejected.append(Rejected(ann.key, _record(image_id), "malformed_json",
+                rejected.append(Rejected(ann.key, _record(image_id), Reason.MALFORMED_JSON,
                                          f"image {image_id!r}: file_name {file_name!r} is not a string"[:200]))  # fmt: skip
             continue
         key = posixpath.join(root, split, file_name) if root else posixpath.join(split, file_name)
@@ -149,11 +141,11 @@ def _coco_items(ann, by_key, is_new, store, rejected, claimed) -> list[WorkItem]
         obj = by_key.get(key)
         if obj is None:
             if ann_new:
-                rejected.append(Rejected(ann.key, _record(image_id), "missing_image", key))
+                rejected.append(Rejected(ann.key, _record(image_id), Reason.MISSING_IMAGE, key))
             continue
         if not captions.get(image_id):
             if ann_new or is_new(obj):
-                rejected.append(Rejected(key, None, "missing_caption", "no annotation for this image"))
+                rejected.append(Rejected(key, None, Reason.MISSING_CAPTION, "no annotation for this image"))
             continue
         if ann_new or is_new(obj):
             items.append(WorkItem("coco", key, [obj], captions[image_id]))
@@ -168,28 +160,28 @@ def _record(image_id) -> int | None:
 
 
 def read_text_item(store: ObjectStore, item: WorkItem, max_document_bytes: int) -> Iterator[TextRecord | Rejected]:
-    key = item.key
+    """The records of one text object, by the reader its suffix names in `TEXT_READERS`."""
     obj = item.objects[0]
+    reader = next(read for suffix, read in TEXT_READERS.items() if item.key.endswith(suffix))
     try:
-        if key.endswith(".txt"):
-            if obj.size > max_document_bytes:
-                yield Rejected(key, None, "too_large", f"{obj.size} bytes")
-                return
-            with store.open_read(key) as f:
-                data = f.read()
-            try:
-                yield TextRecord(key, None, data.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield Rejected(key, None, "invalid_utf8", str(e)[:200])
-        elif key.endswith(".parquet"):
-            yield from _parquet(store, key)
-        else:
-            yield from _jsonl(store, key, max_document_bytes)
+        yield from reader(store, item.key, obj, max_document_bytes)
     except StorageError as e:
-        yield Rejected(key, None, "unreadable", str(e)[:200])
+        yield Rejected(item.key, None, Reason.UNREADABLE, str(e)[:200])
 
 
-def _jsonl(store: ObjectStore, key: str, max_document_bytes: int) -> Iterator[TextRecord | Rejected]:
+def _txt(store: ObjectStore, key: str, obj: ObjectInfo, max_document_bytes: int) -> Iterator[TextRecord | Rejected]:
+    if obj.size > max_document_bytes:
+        yield Rejected(key, None, Reason.TOO_LARGE, f"{obj.size} bytes")
+        return
+    with store.open_read(key) as f:
+        data = f.read()
+    try:
+        yield TextRecord(key, None, data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        yield Rejected(key, None, Reason.INVALID_UTF8, str(e)[:200])
+
+
+def _jsonl(store: ObjectStore, key: str, obj: ObjectInfo, max_document_bytes: int) -> Iterator[TextRecord | Rejected]:
     with store.open_read(key) as raw:
         stream = gzip.open(raw) if key.endswith(".gz") else raw
         lineno = 0
@@ -200,13 +192,13 @@ def _jsonl(store: ObjectStore, key: str, max_document_bytes: int) -> Iterator[Te
                     break
                 lineno += 1
                 if len(line) > max_document_bytes and not line.endswith(b"\n"):
-                    yield Rejected(key, lineno, "too_large", f"line over {max_document_bytes} bytes")
+                    yield Rejected(key, lineno, Reason.TOO_LARGE, f"line over {max_document_bytes} bytes")
                     while line and not line.endswith(b"\n"):  # skip the rest of the oversized line
                         line = stream.readline(1024 * 1024)
                     continue
                 yield from _json_line(key, lineno, line)
         except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip stream
-            yield Rejected(key, lineno + 1, "corrupt_archive", str(e)[:200])
+            yield Rejected(key, lineno + 1, Reason.CORRUPT_ARCHIVE, str(e)[:200])
 
 
 def _json_line(key: str, lineno: int, line: bytes) -> Iterator[TextRecord | Rejected]:
@@ -215,27 +207,27 @@ def _json_line(key: str, lineno: int, line: bytes) -> Iterator[TextRecord | Reje
     try:
         decoded = line.decode("utf-8")
     except UnicodeDecodeError as e:
-        yield Rejected(key, lineno, "invalid_utf8", str(e)[:200])
+        yield Rejected(key, lineno, Reason.INVALID_UTF8, str(e)[:200])
         return
     try:
         row = json.loads(decoded)
     except json.JSONDecodeError as e:
-        yield Rejected(key, lineno, "malformed_json", str(e)[:200])
+        yield Rejected(key, lineno, Reason.MALFORMED_JSON, str(e)[:200])
         return
     except RecursionError:
-        yield Rejected(key, lineno, "malformed_json", "nested too deeply")
+        yield Rejected(key, lineno, Reason.MALFORMED_JSON, "nested too deeply")
         return
     text = row.get("text") if isinstance(row, dict) else None
     if not isinstance(text, str):
-        yield Rejected(key, lineno, "missing_text", "no string field 'text'")
+        yield Rejected(key, lineno, Reason.MISSING_TEXT, "no string field 'text'")
         return
     if not encodable(text):
-        yield Rejected(key, lineno, "invalid_unicode", "'text' holds a lone surrogate escape (not valid Unicode)")
+        yield Rejected(key, lineno, Reason.INVALID_UNICODE, "'text' holds a lone surrogate escape (not valid Unicode)")
         return
     yield TextRecord(key, lineno, text)
 
 
-def _parquet(store: ObjectStore, key: str) -> Iterator[TextRecord | Rejected]:
+def _parquet(store: ObjectStore, key: str, obj: ObjectInfo, max_document_bytes: int) -> Iterator[TextRecord | Rejected]:
     import tempfile
     from pathlib import Path
 
@@ -255,10 +247,10 @@ def _parquet_rows(key: str, path) -> Iterator[TextRecord | Rejected]:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        yield Rejected(key, None, "corrupt_archive", str(e)[:200])
+        yield Rejected(key, None, Reason.CORRUPT_ARCHIVE, str(e)[:200])
         return
     if "text" not in pf.schema_arrow.names:
-        yield Rejected(key, None, "missing_text", "no column 'text'")
+        yield Rejected(key, None, Reason.MISSING_TEXT, "no column 'text'")
         return
     row = 0
     try:
@@ -268,9 +260,20 @@ def _parquet_rows(key: str, path) -> Iterator[TextRecord | Rejected]:
                 if isinstance(value, str):
                     yield TextRecord(key, row, value)
                 else:
-                    yield Rejected(key, row, "missing_text", "null or non-string 'text'")
+                    yield Rejected(key, row, Reason.MISSING_TEXT, "null or non-string 'text'")
     except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # a string column holding invalid UTF-8
-        yield Rejected(key, row + 1, "corrupt_archive", str(e)[:200])
+        yield Rejected(key, row + 1, Reason.CORRUPT_ARCHIVE, str(e)[:200])
+
+
+TEXT_READERS: dict[str, Callable[[ObjectStore, str, ObjectInfo, int], Iterator[TextRecord | Rejected]]] = {
+    ".txt": _txt,
+    ".jsonl": _jsonl,
+    ".jsonl.gz": _jsonl,
+    ".parquet": _parquet,
+}
+"""Text formats by suffix: a reader streams (store, key, object, max document bytes) -> records or `Rejected`
+with a named reason, holding one record (or one parquet row group) at a time. A new format is one reader and
+one row here (and one line of the README's input table)."""
 
 
 def read_image_item(store: ObjectStore, item: WorkItem, max_document_bytes: int) -> ImageRecord | Rejected:
@@ -281,13 +284,13 @@ def read_image_item(store: ObjectStore, item: WorkItem, max_document_bytes: int)
             try:
                 captions = [caption_bytes.decode("utf-8").strip()]
             except UnicodeDecodeError as e:
-                return Rejected(item.objects[1].key, None, "invalid_utf8", str(e)[:200])
+                return Rejected(item.objects[1].key, None, Reason.INVALID_UTF8, str(e)[:200])
             if not captions[0]:
-                return Rejected(item.objects[1].key, None, "missing_caption", "empty caption file")
+                return Rejected(item.objects[1].key, None, Reason.MISSING_CAPTION, "empty caption file")
         else:
             captions = item.captions
         if image.size > max_document_bytes:
-            return Rejected(image.key, None, "image_too_large", f"{image.size} bytes")
+            return Rejected(image.key, None, Reason.IMAGE_TOO_LARGE, f"{image.size} bytes")
         return ImageRecord(image.key, captions, store.get_bytes(image.key))
     except StorageError as e:
-        return Rejected(image.key, None, "unreadable", str(e)[:200])
+        return Rejected(image.key, None, Reason.UNREADABLE, str(e)[:200])

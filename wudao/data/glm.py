@@ -21,14 +21,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Literal
 
 import numpy as np
 import torch
 
+from wudao.model.objective import GLMObjective, Kind
 from wudao.data.tokenizer import BASE, BOI, CLS, EOI, EOP, EOS, GMASK, MASK, PAD, ROI, SMASK, SOP
 
-Kind = Literal["token", "sentence", "document"]
 Span = tuple[int, int]  # [start, end) in the source row
 
 SENTENCE_END_CHARS = ".?!;:。？！；…"
@@ -83,39 +82,6 @@ def sentence_end_ids(tok) -> frozenset[int]:
         if "\n" in text or text.rstrip(" ").endswith(tuple(SENTENCE_END_CHARS)):
             out.add(token_id)
     return frozenset(out)
-
-
-@dataclass(frozen=True)
-class GLMObjective:
-    token_prob: float = 0.5
-    """Probability a batch uses token spans ([MASK]); GLM-10B 0.5."""
-    sentence_prob: float = 0.3
-    """Probability a batch uses sentence spans ([sMASK]); the rest is document-level generation ([gMASK])."""
-    mask_ratio: float = 0.15
-    """Share of maskable tokens to cover with token or sentence spans."""
-    poisson_lambda: float = 3.0
-    """Mean of the Poisson span-length distribution (token objective)."""
-    max_span_len: int = 39
-    """Span lengths are Poisson truncated to 1..max_span_len (renormalised, as GLM does)."""
-    gen_min_ratio: float = 0.25
-    """Document objective: the generated suffix is at least this share of the document."""
-
-    def __post_init__(self) -> None:
-        if self.token_prob < 0 or self.sentence_prob < 0 or self.token_prob + self.sentence_prob > 1:
-            raise ValueError("token_prob and sentence_prob must be ≥ 0 and sum to at most 1")
-
-    def draw(self, rng: np.random.Generator) -> Kind:
-        u = rng.random()
-        if u < self.token_prob:
-            return "token"
-        return "sentence" if u < self.token_prob + self.sentence_prob else "document"
-
-    def span_length_probs(self) -> np.ndarray:
-        """Truncated Poisson pmf over lengths 1..max_span_len (log-space: no factorial overflow)."""
-        k = np.arange(1, self.max_span_len + 1)
-        logp = k * math.log(self.poisson_lambda) - np.array([math.lgamma(i + 1) for i in k])
-        p = np.exp(logp - logp.max())
-        return p / p.sum()
 
 
 @dataclass

@@ -8,9 +8,13 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
+from wudao.data.quarantine import Reason
+
 
 class ImageRejected(Exception):
-    def __init__(self, reason: str, detail: str):
+    """Not an error: the signal that an image is refused, with the quarantine reason the caller records."""
+
+    def __init__(self, reason: Reason, detail: str):
         super().__init__(detail)
         self.reason = reason
 
@@ -23,14 +27,14 @@ def normalize_image(data: bytes, size: int, max_pixels: int) -> bytes:
             img = Image.open(io.BytesIO(data))  # lazy: reads the header only
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageRejected("image_too_large", f"{width}x{height} pixels exceeds {max_pixels}")
+                raise ImageRejected(Reason.IMAGE_TOO_LARGE, f"{width}x{height} pixels exceeds {max_pixels}")
             img.load()
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageRejected("image_too_large", str(e)[:200]) from None
+        raise ImageRejected(Reason.IMAGE_TOO_LARGE, str(e)[:200]) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageRejected("corrupt_image", str(e)[:200]) from None
+        raise ImageRejected(Reason.CORRUPT_IMAGE, str(e)[:200]) from e
     img = img.convert("RGB")
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2

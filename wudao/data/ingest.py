@@ -20,16 +20,19 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from sqlalchemy import func, select
 
 from wudao.catalog import Catalog, SeenObject, Slice, Source, Tokenizer
 from wudao.config import IngestSettings
-from wudao.data.formats import Rejected, WorkItem, encodable, plan, printable_key
+from wudao.data.formats import WorkItem, encodable, plan, printable_key
+from wudao.data.quarantine import Reason, Rejected
 from wudao.data.read import Part, read_batch, read_parts
-from wudao.data.slice_builder import IngestReport, SliceBuilder
+from wudao.data.slice_builder import SliceBuilder
 from wudao.storage import LocalStore, ObjectStore, StorageError
+from wudao.errors import WudaoError
+from wudao.results import IngestResult
 
 SLICE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
 INGEST_LOCK = "ingest"
@@ -40,7 +43,7 @@ WORKER_MEMORY_BYTES = 1_000_000_000
 """What one worker process may need: lingua's preloaded models (~0.5 GB) plus a batch in flight."""
 
 
-class IngestError(RuntimeError):
+class IngestError(WudaoError):
     """The source as a whole cannot be ingested (missing, unreachable); the message names it and the fix."""
 
 
@@ -64,7 +67,7 @@ class IngestPlan:
     items: list[WorkItem]
     planning_rejects: list[Rejected]
     """Rejections found while planning (missing captions, unsupported types, broken COCO indexes)."""
-    report: IngestReport
+    report: IngestResult
 
 
 def prepare(source: str, *, source_store: ObjectStore, catalog: Catalog, slice_name: str | None = None) -> IngestPlan:
@@ -75,7 +78,7 @@ def prepare(source: str, *, source_store: ObjectStore, catalog: Catalog, slice_n
     try:  # first: a source that cannot be listed leaves no trace in the catalog
         listing = sorted(source_store.list(), key=lambda o: o.key)
     except StorageError as e:
-        raise IngestError(f"cannot list source {source_uri}: {e}") from None
+        raise IngestError(f"cannot list source {source_uri}: {e}") from e
     with catalog.session() as s:
         if slice_name and s.get(Slice, slice_name) is not None:
             raise IngestError(f"slice {slice_name} already exists: choose another --slice name")
@@ -89,18 +92,19 @@ def prepare(source: str, *, source_store: ObjectStore, catalog: Catalog, slice_n
         tokenizer_row = s.scalars(select(Tokenizer).order_by(Tokenizer.created_at)).first()
         seq = (s.scalar(select(func.max(Slice.seq))) or 0) + 1
     skipped = list(source_store.skipped()) if isinstance(source_store, LocalStore) else []
-    report = IngestReport(source=source_uri, objects_seen=len(listing) + len(skipped))
+    report = IngestResult(source=source_uri, objects_seen=len(listing) + len(skipped))
     rejected: list[Rejected] = []
     # A file name that is not UTF-8 cannot be a key anywhere (catalog, S3, JSON): name it and never read it.
     # It is not recorded as seen (its name cannot be stored), so every ingest counts it again.
     for o in (o for o in listing if not encodable(o.key)):
-        rejected.append(Rejected(printable_key(o.key), None, "invalid_name", "the file name is not valid UTF-8"))
+        rejected.append(Rejected(printable_key(o.key), None, Reason.INVALID_NAME, "the file name is not valid UTF-8"))
     listing = [o for o in listing if encodable(o.key)]
     is_new = lambda o: (o.key, o.etag) not in seen  # noqa: E731
     items = plan(listing, is_new, source_store, rejected)
     for obj, reason in skipped:  # dot-files and links: recorded as seen with their reason, like unsupported types
         if encodable(obj.key) and is_new(obj):
-            rejected.append(Rejected(obj.key, None, reason, "links are never followed" if reason == "skipped_link" else "a dot-file"))
+            reason = Reason(reason)  # the store names why it skipped it with a reason's value
+            rejected.append(Rejected(obj.key, None, reason, "links are never followed" if reason == Reason.SKIPPED_LINK else "a dot-file"))
             items.append(WorkItem("unsupported", obj.key, [obj]))
     report.objects_new = len({o.key for item in items for o in item.objects if is_new(o)})
     report.quarantined = len(rejected)
@@ -170,7 +174,7 @@ def ingest(
     progress: Callable[[int, int], None] | None = None,
     on_wait: Callable[[], None] | None = None,
     readers: Readers | None = None,
-) -> IngestReport:
+) -> IngestResult:
     """Ingest the new objects of `source` (read through `source_store`) into a new slice in `store`; one ingest
     at a time per catalog (`on_wait` is called once if another one holds the lock). Batches are read by `readers`
     (default: this process, or `ingest.workers` worker processes when there is more than one batch)."""
@@ -213,9 +217,9 @@ def reduce_in_order(work: list[list[WorkItem]], builder: SliceBuilder, readers: 
                 reduce_oldest()
         while pending:
             reduce_oldest()
-    except BrokenProcessPool:
+    except BrokenProcessPool as e:
         raise IngestError("an ingest worker process died: out of memory (lower ingest.workers or ingest.batch_bytes), or a "
-                          "Python script started the ingest outside `if __name__ == '__main__':` (or set ingest.workers=1)") from None  # fmt: skip
+                          "Python script started the ingest outside `if __name__ == '__main__':` (or set ingest.workers=1)") from e  # fmt: skip
 
 
 class _Lazy:
@@ -244,10 +248,3 @@ def _one_core_each() -> None:
     instead of each starting one thread per core and fighting the other workers for them."""
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-
-def slice_manifest(store: ObjectStore, slice_id: str) -> dict:
-    manifest = store.read_manifest(f"slices/{slice_id}")
-    if manifest is None:
-        raise IngestError(f"slice {slice_id} has no committed manifest in {store.uri}")
-    return manifest

@@ -22,8 +22,9 @@ import numpy as np
 from wudao.config import IngestSettings
 from wudao.data.clean import Cleaner
 from wudao.data.dedup import MinHasher, exact_hash
-from wudao.data.formats import ImageRecord, Rejected, TextRecord, WorkItem, read_image_item, read_text_item
+from wudao.data.formats import ImageRecord, TextRecord, WorkItem, read_image_item, read_text_item
 from wudao.data.images import ImageRejected, normalize_image
+from wudao.data.quarantine import Reason, Rejected
 from wudao.data.shards import token_dtype
 from wudao.data.tokenizer import load_tokenizer
 from wudao.storage import ObjectStore
@@ -95,9 +96,9 @@ def read_parts(items: list[WorkItem], source_store: ObjectStore, settings: Inges
         kept = []
         for rec, cleaned in zip(records, cleaner.clean_many([r.text for r in records])):
             if cleaned.rejected:
-                reason = "empty" if cleaned.rejected == "empty" else "low_quality"
+                reason = Reason.EMPTY if cleaned.rejected == "empty" else Reason.LOW_QUALITY
                 out.rejected.append(Rejected(rec.key, rec.record, reason, cleaned.rejected))
-                out.low_quality_rules[cleaned.rejected] += reason == "low_quality"
+                out.low_quality_rules[cleaned.rejected] += reason == Reason.LOW_QUALITY
             else:
                 kept.append(cleaned)
         if kept:  # MinHash (and tokenization) for the whole chunk at once
@@ -169,6 +170,6 @@ def _clean_image(rec: ImageRecord, settings: IngestSettings, cleaner: Cleaner, o
         if cleaned:
             captions.append(cleaned)
     if not captions:
-        out.rejected.append(Rejected(rec.key, None, "missing_caption", "every caption was empty after cleaning"))
+        out.rejected.append(Rejected(rec.key, None, Reason.MISSING_CAPTION, "every caption was empty after cleaning"))
         return None
     return KeptImage(rec.key, png, captions, hashlib.blake2b(rec.data, digest_size=16).hexdigest())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,36 +20,12 @@ import numpy as np
 from wudao.catalog import Catalog, QuarantineRecord, SeenObject, Shard, Slice, Tokenizer
 from wudao.config import IngestSettings
 from wudao.data.dedup import Candidate, DedupIndex
-from wudao.data.formats import Rejected
+from wudao.data.quarantine import Rejected
 from wudao.data.read import CHUNK_RECORDS, KeptImage, KeptTexts, Part, encode
 from wudao.data.shards import ImageShardWriter, TokenShardWriter, token_dtype
 from wudao.data.tokenizer import EOS, load_tokenizer, tokenizer_key, tokenizer_version, train_tokenizer
+from wudao.results import IngestResult
 from wudao.storage import ObjectInfo, ObjectStore, join_key
-
-
-@dataclass
-class IngestReport:
-    source: str
-    slice_id: str | None = None
-    manifest_uri: str | None = None
-    tokenizer_version: str | None = None
-    objects_seen: int = 0
-    objects_new: int = 0
-    documents_accepted: int = 0
-    documents_heldout: int = 0
-    duplicates_exact: int = 0
-    duplicates_near: int = 0
-    quarantined: int = 0
-    quarantine_reasons: dict[str, int] = field(default_factory=dict)
-    low_quality_rules: dict[str, int] = field(default_factory=dict)
-    languages: dict[str, int] = field(default_factory=dict)
-    tokens: int = 0
-    shards: int = 0
-    images_accepted: int = 0
-    captions: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def is_heldout(doc_hash: str, fraction: float) -> bool:
@@ -61,7 +37,7 @@ class SliceBuilder:
     """The reduce side of one ingest; feed parts in listing order with `add`, then `commit`."""
 
     def __init__(self, *, store: ObjectStore, catalog: Catalog, settings: IngestSettings, source_id: int,
-                 slice_id: str, seq: int, tokenizer_row: Tokenizer | None, report: IngestReport):  # fmt: skip
+                 slice_id: str, seq: int, tokenizer_row: Tokenizer | None, report: IngestResult):  # fmt: skip
         self.store, self.catalog, self.settings = store, catalog, settings
         self.source_id, self.slice_id, self.seq = source_id, slice_id, seq
         self.prefix = f"slices/{slice_id}"
@@ -169,7 +145,7 @@ class SliceBuilder:
         for img in images:
             self._keep_image(img)
 
-    def commit(self) -> IngestReport:
+    def commit(self) -> IngestResult:
         """Flush shards, write the manifest (the store commit), then record everything in one transaction."""
         r = self.report
         self.dedup.flush()  # every kept key in the catalog before the manifest makes the slice visible

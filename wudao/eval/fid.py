@@ -33,7 +33,9 @@ import torch
 from PIL import Image
 
 from wudao.data.images import ImageRejected, normalize_image
+from wudao.data.quarantine import Reason
 from wudao.storage import ObjectStore, StorageError, join_key, sha256_file
+from wudao.errors import WudaoError
 
 STANDARD_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FEATURE_DIM = 2048
@@ -51,7 +53,7 @@ Generate = Callable[[list[str], list[int]], np.ndarray]
 """(captions, image ids) -> generated images (B, H, W, 3) uint8, one per caption."""
 
 
-class FIDError(RuntimeError):
+class FIDError(WudaoError):
     """FID cannot run as configured; the message says what to set."""
 
 
@@ -86,7 +88,7 @@ def resolve_weights(uri: str | None, cache_dir: Path, open_uri: Callable[[str], 
         try:
             open_uri(parent).get_file(name, local)
         except StorageError as e:
-            raise FIDError(f"cannot read FID weights {uri} ({e}): {_HOW}") from None
+            raise FIDError(f"cannot read FID weights {uri} ({e}): {_HOW}") from e
     return local
 
 
@@ -166,7 +168,7 @@ class InceptionFeatures:
         except Exception as e:
             first = _first_line(e)
             raise FIDError(f"{weights} is not a plain Inception-v3 state dict (refused by torch.load(weights_only=True): "
-                           f"{first}): {_HOW}") from None  # fmt: skip
+                           f"{first}): {_HOW}") from e  # fmt: skip
         try:
             self.net = _unloaded(NoTrainInceptionV3, [str(FEATURE_DIM)], antialias=False)
             if not isinstance(state, dict) or not state:
@@ -174,7 +176,7 @@ class InceptionFeatures:
             self.net.load_state_dict(state)
         except Exception as e:
             first = _first_line(e)
-            raise FIDError(f"{weights} is not an Inception-v3 state dict for torch-fidelity ({first}): {_HOW}") from None
+            raise FIDError(f"{weights} is not an Inception-v3 state dict for torch-fidelity ({first}): {_HOW}") from e
         self.net.to(torch.float32).requires_grad_(False).eval()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.net.to(self.device)
@@ -288,10 +290,10 @@ def load_coco(store: ObjectStore, split: str | None = None) -> CocoIndex:
         captions: dict[int, list[str]] = {}
         for a in index["annotations"]:
             captions.setdefault(int(a["image_id"]), []).append(str(a["caption"]))
-    except StorageError:
-        raise FIDError(f"no {store.url(key)}: give an MS-COCO root (annotations/captions_<split>.json + <split>/ images)") from None
+    except StorageError as e:
+        raise FIDError(f"no {store.url(key)}: give an MS-COCO root (annotations/captions_<split>.json + <split>/ images)") from e
     except (ValueError, KeyError, TypeError) as e:
-        raise FIDError(f"{store.url(key)} is not an MS-COCO captions file: {e}") from None
+        raise FIDError(f"{store.url(key)} is not an MS-COCO captions file: {e}") from e
     digest = hashlib.sha256(raw)
     listing = sorted(store.list(f"{split}/"), key=lambda o: o.key)
     for o in listing:
@@ -312,14 +314,14 @@ def read_real(store: ObjectStore, index: CocoIndex, image_ids: list[int], size: 
     def one(image_id: int) -> np.ndarray | str:
         key = f"{index.split}/{index.files[image_id]}"
         if key not in index.present:
-            return "missing_image"
+            return Reason.MISSING_IMAGE
         try:
             # The ingest's own normalisation (PNG round trip is lossless), so both paths crop and resize alike.
             png = normalize_image(store.get_bytes(key), size, max_pixels)
         except ImageRejected as e:
             return e.reason
         except StorageError:
-            return "unreadable"
+            return Reason.UNREADABLE
         with Image.open(io.BytesIO(png)) as img:
             return np.asarray(img.convert("RGB"))
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wudao.data.glm import GLMObjective, SpecialIds, build_glm_batch
+from wudao.data.glm import SpecialIds, build_glm_batch
+from wudao.data.slices import load_slice_tokens
+from wudao.model.objective import GLM_10B
 from wudao.model import GLMModel
 from wudao.storage import ObjectStore
-from wudao.train.data import load_slice_tokens
 
 KINDS = ("token", "document")
 
@@ -38,7 +39,7 @@ def heldout_losses(model: GLMModel, store: ObjectStore, slice_ids: list[str], ca
         for k, kind in enumerate(KINDS):
             for b in range(0, n, batch_size):
                 batch = build_glm_batch(rows[b : b + batch_size], ids, seq_len, np.random.default_rng([k, b]),
-                                        GLMObjective(), kind=kind)  # fmt: skip
+                                        GLM_10B, kind=kind)  # fmt: skip
                 out = model.loss(**batch.tensors())
                 total += float(out.lm_loss) * out.n_tokens
                 count += out.n_tokens

@@ -1,21 +1,24 @@
-"""Model architecture only: no I/O, no MLflow, no Prefect. Imports nothing from the rest of `wudao`."""
+"""Model architecture only: no I/O, no MLflow, no Prefect. Imports nothing from the rest of `wudao`.
 
-from wudao.model.attention import KVCache
-from wudao.model.generation import (
-    ClozeScore,
-    Sampling,
-    cloze_scores,
-    continue_text,
-    fill_blank,
-    rerank,
-    sample_image_codes,
-)
-from wudao.model.glm import GLMAux, GLMConfig, GLMLoss, GLMModel, GLMOutput
-from wudao.model.moe import MoE, MoEStats
-from wudao.model.vq import VQVAE, VQConfig, VQOutput
+Names are imported on first use, so `wudao.model.config` (the torch-free shape the settings tree reads) does not
+pull in torch.
+"""
 
-__all__ = [
-    "ClozeScore", "GLMAux", "GLMConfig", "GLMLoss", "GLMModel", "GLMOutput", "KVCache", "MoE", "MoEStats",
-    "Sampling", "VQConfig", "VQOutput", "VQVAE",
-    "cloze_scores", "continue_text", "fill_blank", "rerank", "sample_image_codes",
-]  # fmt: skip
+from importlib import import_module
+
+_WHERE = {
+    "KVCache": "attention",
+    "ClozeScore": "generation", "Sampling": "generation", "cloze_scores": "generation", "continue_text": "generation",
+    "fill_blank": "generation", "rerank": "generation", "sample_image_codes": "generation",
+    "GLMAux": "glm", "GLMLoss": "glm", "GLMModel": "glm", "GLMOutput": "glm",
+    "GLMConfig": "config", "GLMShape": "config", "GLMObjective": "objective",
+    "MoE": "moe", "MoEStats": "moe",
+    "VQVAE": "vq", "VQConfig": "vq", "VQOutput": "vq",
+}  # fmt: skip
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'wudao.model' has no attribute {name!r}")
+    return getattr(import_module(f"wudao.model.{_WHERE[name]}"), name)

@@ -10,77 +10,15 @@ Inputs follow GLM: Part A (text with blanks) then Part B (the blanks' contents, 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wudao.model.attention import GLMAttention, KVCache, LayerNorm, glm_attention_mask
+from wudao.model.config import GLMConfig
 from wudao.model.moe import MoE, MoEStats
-
-
-@dataclass(frozen=True)
-class GLMConfig:
-    vocab_size: int
-    """Output classes: text vocabulary plus image codes (codes are offset past the text vocabulary)."""
-    d_model: int = 64
-    """Residual stream width."""
-    n_layers: int = 2
-    """Transformer blocks."""
-    n_heads: int = 4
-    """Attention heads; must divide d_model."""
-    max_seq_len: int = 128
-    """Rows of the absolute position table (longest Part A + Part B)."""
-    max_block_len: int | None = None
-    """Rows of the block position table minus one (longest span + [sop]); None = max_seq_len."""
-    ffn_hidden: int | None = None
-    """Hidden width of the dense FFN; None = 4 · d_model."""
-    layer_order: Literal["pre", "sandwich"] = "pre"
-    """"pre": x + f(LN(x)). "sandwich" (CogView): x + LN(f(LN(x))), which keeps residual growth bounded."""
-    pb_relax: bool = False
-    """CogView PB-relax: attention as softmax(((Q/(α√d))Kᵀ − max)·α) and LN inputs scaled by 8/max|x|."""
-    pb_alpha: float = 32.0
-    """α of PB-relax attention."""
-    tie_embeddings: bool = True
-    """Output projection = token embedding transposed (fewer parameters, better on small data)."""
-    norm_eps: float = 1e-5
-    """LayerNorm epsilon."""
-    moe_every: int = 0
-    """Every N-th block's FFN is an MoE (blocks N-1, 2N-1, …); 0 = dense model."""
-    n_experts: int = 8
-    """Experts per MoE layer."""
-    top_k: int = 2
-    """Experts per token: 1 (Switch) or 2 (GShard)."""
-    moe_hidden: int | None = None
-    """Hidden width of each expert; None = ffn_hidden (so top-2 doubles the active FFN FLOPs)."""
-    capacity_factor: float | None = None
-    """Expert capacity ⌈factor·N·K/E⌉ in training, overflow dropped (GShard 1.2); None = dropless."""
-    eval_capacity_factor: float | None = None
-    """Capacity factor in eval mode (GShard 2.4); None = same as capacity_factor."""
-    router_jitter: float = 0.0
-    """Switch router jitter: in training, router inputs are scaled by U(1-ε, 1+ε); 0 = off."""
-    aux_loss_weight: float = 0.01
-    """Weight of each MoE layer's load-balancing loss, summed over layers (ST-MoE; Switch 0.01, MegaBlocks 0.1)."""
-    z_loss_weight: float = 1e-3
-    """Weight of each MoE layer's router z-loss, summed over layers (ST-MoE)."""
-
-    def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if self.layer_order not in ("pre", "sandwich"):
-            raise ValueError(f"layer_order must be 'pre' or 'sandwich', got {self.layer_order!r}")
-
-    @property
-    def hidden(self) -> int:
-        return self.ffn_hidden or 4 * self.d_model
-
-    def is_moe(self, layer: int) -> bool:
-        return self.moe_every > 0 and (layer + 1) % self.moe_every == 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -25,12 +25,13 @@ from safetensors.torch import load_file, save_file
 
 from wudao.model import GLMConfig, GLMModel
 from wudao.storage import MANIFEST, LocalStore, ObjectStore, StorageError, join_key, key_in_store
+from wudao.errors import WudaoError
 
 _STEP_DIR = re.compile(r"^checkpoints/([^/]+)/step-(\d{8})/manifest\.json$")
 _ANY_STEP = re.compile(r"^step-(\d{8})/")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(WudaoError):
     pass
 
 
@@ -91,7 +92,7 @@ def read_manifest(store: ObjectStore, uri: str) -> dict[str, Any]:
     try:
         manifest = store.read_manifest(prefix)
     except StorageError as e:
-        raise CheckpointError(f"cannot read checkpoint {uri}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {uri}: {e}") from e
     if manifest is None:
         raise CheckpointError(f"checkpoint {uri} is incomplete (no manifest.json): it cannot be loaded")
     return manifest

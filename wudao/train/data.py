@@ -8,62 +8,16 @@ a resumed run continues at exactly the next sample, on any number of processes: 
 from __future__ import annotations
 
 import io
-import json
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from wudao.data.glm import GLMBatch, GLMObjective, SpecialIds, choose_spans, glm_sample, stack_rows
-from wudao.data.ingest import slice_manifest
 from wudao.data.multimodal import cogview_layout
-from wudao.data.shards import read_tokens
-from wudao.storage import ObjectStore, join_key
+from wudao.data.slices import SliceTokens
 
 IMAGE = "image"
-
-
-@dataclass
-class SliceTokens:
-    slice_id: str
-    tokenizer_version: str
-    tokens: np.ndarray
-
-
-def load_slice_tokens(store: ObjectStore, slice_id: str, split: str, cache_dir: Path) -> SliceTokens:
-    """All tokens of one split of a slice, from a local cache filled from (and verified against) the store."""
-    manifest = slice_manifest(store, slice_id)
-    parts = []
-    for shard in manifest["shards"]:
-        if shard["split"] != split:
-            continue
-        key = join_key("slices", slice_id, f"{shard['name']}.bin")
-        local = cache_dir / key
-        if not local.exists():
-            store.get_file(key, local)
-        parts.append(np.asarray(read_tokens(local, manifest["dtype"])))
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.dtype(manifest["dtype"]))
-    return SliceTokens(slice_id, manifest["tokenizer_version"], tokens)
-
-
-def load_slice_images(store: ObjectStore, slice_id: str, cache_dir: Path) -> list[tuple[bytes, list[list[int]]]]:
-    """(PNG bytes, caption token ids) of every image in a slice's image shards."""
-    out = []
-    for shard in slice_manifest(store, slice_id)["shards"]:
-        if shard["split"] != "images":
-            continue
-        key = join_key("slices", slice_id, f"{shard['name']}.tar")
-        local = cache_dir / key
-        if not local.exists():
-            store.get_file(key, local)
-        with tarfile.open(local) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name in sorted(n for n in members if n.endswith(".png")):
-                meta = json.loads(tar.extractfile(members[name[:-4] + ".json"]).read())
-                out.append((tar.extractfile(members[name]).read(), meta["caption_ids"]))
-    return out
 
 
 def pngs_to_tensor(pngs: list[bytes], size: int) -> torch.Tensor:

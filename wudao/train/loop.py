@@ -13,7 +13,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,40 +22,21 @@ import torch
 
 from wudao.catalog import Catalog, TrainingRun
 from wudao.config import ModelSettings, TrainSettings
-from wudao.data.glm import GLMObjective, SpecialIds, sentence_end_ids
+from wudao.data.glm import SpecialIds, sentence_end_ids
 from wudao.data.tokenizer import load_tokenizer, tokenizer_key
 from wudao.model import GLMConfig, GLMModel
+from wudao.model.objective import GLMObjective
 from wudao.storage import ObjectStore
 from wudao.train import dist, expert_parallel
 from wudao.train.checkpoint import checkpoint_prefix, complete_steps, load_checkpoint, prune, save_checkpoint
-from wudao.train.data import ImagePairs, MixtureLoader, load_slice_tokens, sample_indices
+from wudao.data.slices import load_slice_tokens
+from wudao.train.data import ImagePairs, MixtureLoader, sample_indices
+from wudao.errors import WudaoError
+from wudao.results import TrainResult
 
 
-class TrainError(RuntimeError):
+class TrainError(WudaoError):
     pass
-
-
-@dataclass
-class TrainResult:
-    run_id: str
-    checkpoint_uri: str
-    resumed_from: str | None
-    """The checkpoint the run started from: the parent model (null = scratch)."""
-    restarted_at_step: int
-    """Step an interrupted run resumed at (0 = ran from the beginning)."""
-    slice_ids: list[str]
-    tokenizer_version: str
-    steps: int
-    tokens: int
-    final_loss: float
-    tokens_per_s: float
-    skipped_steps: int
-    mfu: float | None
-    history: list[dict] = field(default_factory=list)
-    """Per step: loss, lm loss per objective, aux losses, expert load, grad norm, LR, tokens/s."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def lr_at(step: int, total: int, cfg: TrainSettings) -> float:
@@ -229,11 +210,11 @@ def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, 
         loader = MixtureLoader(
             new, old, ids=ids, sentence_ends=sentence_end_ids(tok), seq_len=cfg.seq_len, seed=cfg.seed,
             replay_fraction=cfg.replay_fraction, slice_weights=cfg.slice_weights,
-            objective=GLMObjective(token_prob=cfg.token_prob, sentence_prob=cfg.sentence_prob, mask_ratio=cfg.mask_ratio),
+            objective=GLMObjective.model_validate(cfg.objective),  # a dict when settings were model_copy()-updated
             image_ratio=cfg.image_ratio, images=images, image_seq_len=cfg.image_seq_len,
         )  # fmt: skip
     except ValueError as e:
-        raise TrainError(str(e)) from None
+        raise TrainError(str(e)) from e
     if catalog is not None and dist.is_main():
         with catalog.session() as s:
             row = s.get(TrainingRun, run_id)

@@ -18,12 +18,14 @@ from safetensors.torch import load_file, save_file
 from wudao.config import ModelSettings
 from wudao.model import VQVAE, VQConfig
 from wudao.storage import ObjectStore, join_key
-from wudao.train.data import ImagePairs, load_slice_images, pngs_to_tensor
+from wudao.data.slices import load_slice_images
+from wudao.train.data import ImagePairs, pngs_to_tensor
+from wudao.errors import WudaoError
 
 CURRENT = "vq/current.json"
 
 
-class VQError(RuntimeError):
+class VQError(WudaoError):
     pass
 
 

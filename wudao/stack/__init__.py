@@ -20,30 +20,27 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from wudao.errors import WudaoError
+from wudao.stack.state import (FLOW_SERVER, OBJECT_STORE, ORCHESTRATOR, SERVICES, TRACKING, Endpoints, Service,  # noqa: F401
+                               default_urls, log_path, pid_alive, pid_file, read_s3_credentials, recorded_urls,
+                               running_endpoints, running_pid, state_dir)  # fmt: skip
+
 if TYPE_CHECKING:
     from wudao.config import StackSettings
 
-SERVICES = ("seaweedfs", "mlflow", "prefect")
 # weed listens on each HTTP port and on port + 10000 for gRPC; its inner servers take the ports just above master_port.
 WEED_OFFSETS = {"volume": 1, "filer": 2, "admin": 3}
 
 
-class StackError(RuntimeError):
+class StackError(WudaoError):
     """A service could not be started, reached or stopped; the message says which and where its log is."""
-
-
-@dataclass
-class Endpoints:
-    """Where the running local services answer (None: not running)."""
-
-    s3_endpoint: str | None = None
-    mlflow_url: str | None = None
-    prefect_api_url: str | None = None
 
 
 @dataclass
 class ServiceStatus:
     name: str
+    """The program (`seaweedfs`, `mlflow`, `prefect`)."""
+    role: str
     url: str
     running: bool
     healthy: bool
@@ -65,72 +62,16 @@ class StackStatus:
         return {"home": self.home, "healthy": self.healthy, "services": {s.name: asdict(s) for s in self.services}}
 
 
-FLOW_SERVER = "flows"  # `wudao deploy --detach`: the served deployments
-
-
-def _state_dir(home: Path) -> Path:
-    return home / "stack"
-
-
-def _pid_alive(pid: int, marker: str) -> bool:
-    """True if `pid` runs and its command line mentions `marker` (guards against a recycled pid)."""
-    try:
-        os.kill(pid, 0)
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\x00", b" ").decode(errors="replace")
-    except (ProcessLookupError, PermissionError, FileNotFoundError):
-        return False
-    return marker in cmdline
-
-
-def _read_pid(home: Path, name: str) -> int | None:
-    try:
-        return int((_state_dir(home) / f"{name}.pid").read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-_MARKERS = {"seaweedfs": "weed", "mlflow": "mlflow", "prefect": "prefect", FLOW_SERVER: "deploy"}
-
-
-def _running_pid(home: Path, name: str) -> int | None:
-    pid = _read_pid(home, name)
-    return pid if pid is not None and _pid_alive(pid, _MARKERS[name]) else None
-
-
-def _urls(cfg: StackSettings) -> dict[str, str]:
-    return {
-        "seaweedfs": f"http://127.0.0.1:{cfg.s3_port}",
-        "mlflow": f"http://127.0.0.1:{cfg.mlflow_port}",
-        "prefect": f"http://127.0.0.1:{cfg.prefect_port}/api",
-    }
-
-
-def _recorded_urls(home: Path) -> dict[str, str]:
-    try:
-        return json.loads((_state_dir(home) / "stack.json").read_text())["urls"]
-    except (FileNotFoundError, KeyError, ValueError):
-        return {}
-
-
-def running_endpoints(home: Path, cfg: StackSettings) -> Endpoints:
-    """Endpoints of the services that `stack up` started under `home` and that are still alive."""
-    urls = _recorded_urls(home) or _urls(cfg)
-    alive = {name: _running_pid(home, name) is not None for name in SERVICES}
-    return Endpoints(
-        s3_endpoint=urls.get("seaweedfs") if alive["seaweedfs"] else None,
-        mlflow_url=urls.get("mlflow") if alive["mlflow"] else None,
-        prefect_api_url=urls.get("prefect") if alive["prefect"] else None,
-    )
-
-
-def read_s3_credentials(home: Path) -> tuple[str, str]:
-    data = json.loads((_state_dir(home) / "s3-credentials.json").read_text())
-    return data["access_key_id"], data["secret_access_key"]
+def prepare(home: Path) -> None:
+    """The state dir with the stack's S3 identity and the object store's signing keys (each made once, 0600)."""
+    state_dir(home).mkdir(parents=True, exist_ok=True)
+    _ensure_s3_credentials(home)
+    _ensure_weed_security(home)
 
 
 def _ensure_s3_credentials(home: Path) -> tuple[str, str]:
     """Generate the local S3 identity once; it is only ever kept in 0600 files under the state dir."""
-    state = _state_dir(home)
+    state = state_dir(home)
     creds = state / "s3-credentials.json"
     if not creds.exists():
         key_id, secret = "WUDAO" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
@@ -156,7 +97,7 @@ def _ensure_weed_security(home: Path) -> None:
     read, overwrite and delete the whole bucket past S3's keys. JWT keys in `security.toml` (weed reads it from
     its working directory, the 0600 state dir) make those ports refuse unsigned requests; the S3 gateway, in the
     same process, signs its own. Generated once, kept with the S3 credentials."""
-    path = _state_dir(home) / WEED_SECURITY
+    path = state_dir(home) / WEED_SECURITY
     if path.exists():
         return
     sections = ("jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read")
@@ -170,9 +111,9 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _commands(home: Path, cfg: StackSettings) -> dict[str, tuple[list[str], dict[str, str]]]:
+def _commands(home: Path, cfg: StackSettings) -> dict[Service, tuple[list[str], dict[str, str]]]:
     """Command line and extra environment of each service."""
-    state = _state_dir(home)
+    state = state_dir(home)
     bin_dir = Path(sys.executable).parent
     weed = str(bin_dir / "weed") if (bin_dir / "weed").exists() else "weed"
     key_id, secret = read_s3_credentials(home)
@@ -204,12 +145,12 @@ def _commands(home: Path, cfg: StackSettings) -> dict[str, tuple[list[str], dict
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_URL": f"http://127.0.0.1:{cfg.prefect_port}/api",
     }
-    return {"seaweedfs": (weed_cmd, {}), "mlflow": (mlflow_cmd, mlflow_env), "prefect": (prefect_cmd, prefect_env)}
+    return {OBJECT_STORE: (weed_cmd, {}), TRACKING: (mlflow_cmd, mlflow_env), ORCHESTRATOR: (prefect_cmd, prefect_env)}
 
 
-def _healthy(name: str, url: str, home: Path, cfg: StackSettings) -> bool:
+def _healthy(svc: Service, url: str, home: Path, cfg: StackSettings) -> bool:
     try:
-        if name == "seaweedfs":
+        if svc == OBJECT_STORE:
             from wudao.storage import S3Store
 
             key_id, secret = read_s3_credentials(home)
@@ -221,11 +162,11 @@ def _healthy(name: str, url: str, home: Path, cfg: StackSettings) -> bool:
         return False
 
 
-def _ports(name: str, cfg: StackSettings) -> dict[int, str]:
+def _ports(svc: Service, cfg: StackSettings) -> dict[int, str]:
     """Every port a service listens on, with the setting that moves it."""
-    if name == "mlflow":
+    if svc == TRACKING:
         return {cfg.mlflow_port: "WUDAO_STACK__MLFLOW_PORT"}
-    if name == "prefect":
+    if svc == ORCHESTRATOR:
         return {cfg.prefect_port: "WUDAO_STACK__PREFECT_PORT"}
     ports = {cfg.s3_port: "WUDAO_STACK__S3_PORT", cfg.s3_port + 10000: "WUDAO_STACK__S3_PORT"}
     for offset in (0, *WEED_OFFSETS.values()):
@@ -233,129 +174,134 @@ def _ports(name: str, cfg: StackSettings) -> dict[int, str]:
     return ports
 
 
-def _check_ports_free(name: str, cfg: StackSettings) -> None:
+def _check_ports_free(svc: Service, cfg: StackSettings) -> None:
     import socket
 
-    for port, setting in _ports(name, cfg).items():
+    for port, setting in _ports(svc, cfg).items():
         with socket.socket() as sock:
             # Servers bind with SO_REUSEADDR, so connections of a stopped stack in TIME_WAIT do not block them.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind(("127.0.0.1", port))
-            except OSError:
-                raise StackError(f"cannot start {name}: port {port} on 127.0.0.1 is in use (another stack or program); "
-                                 f"stop it or set {setting}") from None  # fmt: skip
+            except OSError as e:
+                raise StackError(f"cannot start {svc.program}: port {port} on 127.0.0.1 is in use (another stack or program); "
+                                 f"stop it or set {setting}") from e  # fmt: skip
 
 
-def _start(name: str, home: Path, cfg: StackSettings) -> int:
-    cmd, extra_env = _commands(home, cfg)[name]
-    log_path = home / "logs" / f"{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+def start_service(svc: Service, home: Path, cfg: StackSettings) -> int:
+    """Start one service in its own process group (logging to `logs/<program>.log`); returns its pid. Call
+    `prepare(home)` once first, and `wait_healthy` after."""
+    cmd, extra_env = _commands(home, cfg)[svc]
+    log_file = log_path(home, svc)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     (home / "seaweedfs").mkdir(parents=True, exist_ok=True)
     (home / "mlflow").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **extra_env}
-    with open(log_path, "ab") as log:
+    with open(log_file, "ab") as log:
         # weed runs in the state dir, where its security.toml is; the others in home.
-        cwd = _state_dir(home) if name == "seaweedfs" else home
+        cwd = state_dir(home) if svc == OBJECT_STORE else home
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=cwd
         )
-    (_state_dir(home) / f"{name}.pid").write_text(str(proc.pid))
+    pid_file(home, svc).write_text(str(proc.pid))
     return proc.pid
 
 
-def _wait_healthy(name: str, url: str, home: Path, cfg: StackSettings, pid: int) -> None:
+def wait_healthy(svc: Service, home: Path, cfg: StackSettings, pid: int, url: str | None = None) -> None:
+    """Until the service answers at `url` (default: its configured URL), or a StackError naming its log."""
+    url = url or default_urls(cfg)[svc.program]
     deadline = time.monotonic() + cfg.start_timeout_s
     while time.monotonic() < deadline:
-        if _healthy(name, url, home, cfg):
+        if _healthy(svc, url, home, cfg):
             return
-        if not _pid_alive(pid, _MARKERS[name]):
-            raise StackError(f"{name} exited during start-up: see {home / 'logs' / f'{name}.log'}")
+        if not pid_alive(pid, svc.marker):
+            raise StackError(f"{svc.program} exited during start-up: see {log_path(home, svc)}")
         time.sleep(0.5)
-    raise StackError(f"{name} not healthy at {url} after {cfg.start_timeout_s:.0f}s: see {home / 'logs' / f'{name}.log'}")
+    raise StackError(f"{svc.program} not healthy at {url} after {cfg.start_timeout_s:.0f}s: see {log_path(home, svc)}")
 
 
 def up(home: Path, cfg: StackSettings) -> StackStatus:
     """Start every service that is not already running; a second `up` starts nothing new."""
     home = home.resolve()
-    _state_dir(home).mkdir(parents=True, exist_ok=True)
-    _ensure_s3_credentials(home)
-    _ensure_weed_security(home)
-    recorded = _recorded_urls(home)
-    urls = _urls(cfg)
+    prepare(home)
+    recorded = recorded_urls(home)
+    urls = default_urls(cfg)
     # A running service keeps the endpoint it was started with, even if the settings changed since.
-    for name in SERVICES:
-        if _running_pid(home, name) is not None and name in recorded:
-            urls[name] = recorded[name]
-    (_state_dir(home) / "stack.json").write_text(json.dumps({"urls": urls}, indent=2))
+    for svc in SERVICES:
+        if running_pid(home, svc) is not None and svc.program in recorded:
+            urls[svc.program] = recorded[svc.program]
+    (state_dir(home) / "stack.json").write_text(json.dumps({"urls": urls}, indent=2))
 
-    for name in SERVICES:  # fail before starting anything when a port is taken
-        if _running_pid(home, name) is None:
-            _check_ports_free(name, cfg)
-    started: dict[str, int] = {}
+    for svc in SERVICES:  # fail before starting anything when a port is taken
+        if running_pid(home, svc) is None:
+            _check_ports_free(svc, cfg)
+    started: dict[Service, int] = {}
     try:
-        # Prefect does not depend on the object store: start it first so the two slow start-ups overlap.
-        for name in ("prefect", "seaweedfs"):
-            if _running_pid(home, name) is None:
-                started[name] = _start(name, home, cfg)
-        if "seaweedfs" in started:
-            _wait_healthy("seaweedfs", urls["seaweedfs"], home, cfg, started["seaweedfs"])
-        if _running_pid(home, "mlflow") is None:
-            started["mlflow"] = _start("mlflow", home, cfg)
-        for name in ("mlflow", "prefect"):
-            if name in started:
-                _wait_healthy(name, urls[name], home, cfg, started[name])
+        # The orchestrator does not depend on the object store: start it first so the two slow start-ups overlap.
+        for svc in (ORCHESTRATOR, OBJECT_STORE):
+            if running_pid(home, svc) is None:
+                started[svc] = start_service(svc, home, cfg)
+        if OBJECT_STORE in started:  # tracking proxies its artefacts to the object store
+            wait_healthy(OBJECT_STORE, home, cfg, started[OBJECT_STORE], urls[OBJECT_STORE.program])
+        if running_pid(home, TRACKING) is None:
+            started[TRACKING] = start_service(TRACKING, home, cfg)
+        for svc in (TRACKING, ORCHESTRATOR):
+            if svc in started:
+                wait_healthy(svc, home, cfg, started[svc], urls[svc.program])
     except StackError:
-        for name in started:
-            _stop(home, name)
+        for svc in started:
+            stop_service(home, svc)
         raise
     st = status(home, cfg)
     for s in st.services:
-        s.started_now = s.name in started
+        s.started_now = s.role in {svc.role for svc in started}
     return st
 
 
 def status(home: Path, cfg: StackSettings) -> StackStatus:
     home = home.resolve()
-    urls = _recorded_urls(home) or _urls(cfg)
+    urls = recorded_urls(home) or default_urls(cfg)
     result = StackStatus(home=str(home))
-    for name in SERVICES:
-        pid = _running_pid(home, name)
+    for svc in SERVICES:
+        pid = running_pid(home, svc)
+        url = urls[svc.program]
         result.services.append(
             ServiceStatus(
-                name=name,
-                url=urls[name],
+                name=svc.program,
+                role=svc.role,
+                url=url,
                 running=pid is not None,
-                healthy=pid is not None and _healthy(name, urls[name], home, cfg),
+                healthy=pid is not None and _healthy(svc, url, home, cfg),
                 pid=pid,
-                log=str(home / "logs" / f"{name}.log"),
+                log=str(log_path(home, svc)),
             )
         )
     return result
 
 
-def _stop(home: Path, name: str, timeout_s: float = 15.0) -> bool:
-    pid = _running_pid(home, name)
-    pid_file = _state_dir(home) / f"{name}.pid"
+def stop_service(home: Path, svc: Service, timeout_s: float = 15.0) -> bool:
+    """Stop the service's whole process group (TERM, then KILL after `timeout_s`); False if it was not running."""
+    pid = running_pid(home, svc)
+    pid_path = pid_file(home, svc)
     if pid is None:
-        pid_file.unlink(missing_ok=True)
+        pid_path.unlink(missing_ok=True)
         return False
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _pid_alive(pid, _MARKERS[name]):
+    while time.monotonic() < deadline and pid_alive(pid, svc.marker):
         time.sleep(0.2)
     try:
         os.killpg(pid, signal.SIGKILL)  # weed ignores SIGTERM for a while; mlflow's workers may linger
     except ProcessLookupError:
         pass
     for _ in range(50):
-        if not _pid_alive(pid, _MARKERS[name]):
+        if not pid_alive(pid, svc.marker):
             break
         time.sleep(0.1)
-    pid_file.unlink(missing_ok=True)
+    pid_path.unlink(missing_ok=True)
     return True
 
 
@@ -365,34 +311,34 @@ def start_flow_server(home: Path, cmd: list[str], prefect_api_url: str, timeout_
     import httpx
 
     home = home.resolve()
-    _state_dir(home).mkdir(parents=True, exist_ok=True)
-    log_path = home / "logs" / f"{FLOW_SERVER}.log"
-    pid = _running_pid(home, FLOW_SERVER)
+    state_dir(home).mkdir(parents=True, exist_ok=True)
+    log_file = log_path(home, FLOW_SERVER)
+    pid = running_pid(home, FLOW_SERVER)
     proc = None
     if pid is None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         pid = proc.pid
-        (_state_dir(home) / f"{FLOW_SERVER}.pid").write_text(str(pid))
+        pid_file(home, FLOW_SERVER).write_text(str(pid))
     url = f"{prefect_api_url.rstrip('/')}/deployments/name/lifelong-cycle/default"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         # Our own child: ask it (its /proc cmdline is not yet the new one right after the fork).
-        exited = proc.poll() is not None if proc else not _pid_alive(pid, _MARKERS[FLOW_SERVER])
+        exited = proc.poll() is not None if proc else not pid_alive(pid, FLOW_SERVER.marker)
         if exited:
-            raise StackError(f"`wudao deploy` exited during start-up: see {log_path}")
+            raise StackError(f"`wudao deploy` exited during start-up: see {log_file}")
         try:
             if httpx.get(url, timeout=5).status_code == 200:
-                return {"pid": pid, "started_now": proc is not None, "log": str(log_path), "prefect_api_url": prefect_api_url}
+                return {"pid": pid, "started_now": proc is not None, "log": str(log_file), "prefect_api_url": prefect_api_url}
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise StackError(f"deployments did not appear on {prefect_api_url} after {timeout_s:.0f}s: see {log_path}")
+    raise StackError(f"deployments did not appear on {prefect_api_url} after {timeout_s:.0f}s: see {log_file}")
 
 
 def down(home: Path, cfg: StackSettings) -> list[str]:
     """Stop the flow server and the services that `up` started under `home` (found by pid file); returns the
     names stopped."""
     home = home.resolve()
-    return [name for name in (FLOW_SERVER, "mlflow", "prefect", "seaweedfs") if _stop(home, name)]
+    return [svc.program for svc in (FLOW_SERVER, TRACKING, ORCHESTRATOR, OBJECT_STORE) if stop_service(home, svc)]

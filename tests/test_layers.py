@@ -1,0 +1,94 @@
+"""Dependencies point one way (DESIGN.md): each part of `wudao` imports only its own layer and the layers below it,
+`wudao/model` imports nothing of the package but itself, data / train / eval never import each other sideways, and
+nothing in `wudao` imports `flows`. Every import counts, module level or inside a function; `TYPE_CHECKING`-only
+imports (annotations) do not."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LAYERS: list[set[str]] = [
+    {"errors", "results", "model", "stack.state"},  # leaves: import nothing of the package
+    {"config", "storage"},
+    {"catalog"},
+    {"data"},
+    {"train", "eval"},  # siblings: both read data, neither imports the other
+    {"serving", "pyfunc", "gates", "tracking", "registry", "history", "stack"},
+    {"stages"},
+    {"cli"},
+]
+SIBLINGS = [("train", "eval"), ("eval", "train")]
+
+
+def _part(module: str) -> str:
+    """`wudao.data.ingest` -> `data`; `wudao.stack.state` -> `stack.state` (a leaf of its own)."""
+    parts = module.split(".")[1:]
+    if parts[:2] == ["stack", "state"]:
+        return "stack.state"
+    return parts[0] if parts else "wudao"
+
+
+def _layer(part: str) -> int:
+    if part == "wudao":  # `import wudao` (the version) or `from wudao import <part>`
+        return 0
+    return next(n for n, layer in enumerate(LAYERS) if part in layer)
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module `path` imports, except under `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+            for n in ast.walk(node)}  # fmt: skip
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from wudao import stages` imports the module wudao.stages
+            found += [f"{node.module}.{a.name}" for a in node.names] if node.module == "wudao" else [node.module]
+    return found
+
+
+def _modules(folder: str) -> list[Path]:
+    return [p for p in (ROOT / folder).rglob("*.py") if "migrations" not in p.parts]
+
+
+def test_every_part_of_wudao_has_a_layer():
+    parts = {_part("wudao." + ".".join(p.relative_to(ROOT / "wudao").with_suffix("").parts)) for p in _modules("wudao")}
+    parts -= {"__init__"}
+    unplaced = sorted(p for p in parts if not any(p in layer for layer in LAYERS))
+    assert not unplaced, f"add these to a layer in LAYERS (and DESIGN.md): {unplaced}"
+
+
+def test_dependencies_point_one_way():
+    wrong = []
+    for path in _modules("wudao"):
+        rel = path.relative_to(ROOT / "wudao").with_suffix("")
+        here = "__init__" if rel.parts == ("__init__",) else _part("wudao." + ".".join(rel.parts))
+        for module in _imports(path):
+            if module.split(".")[0] == "flows":
+                wrong.append(f"{rel}: imports {module} (flows sit on top of wudao, never below)")
+                continue
+            if module.split(".")[0] != "wudao" or here == "__init__":
+                continue
+            there = _part(module)
+            if there == here:
+                continue
+            if here == "model" or here in ("errors", "results", "stack.state"):
+                wrong.append(f"{rel}: imports {module} ({here} imports nothing else of the package)")
+            elif (here, there) in SIBLINGS or _layer(there) > _layer(here):
+                wrong.append(f"{rel}: imports {module} ({there} is not below {here})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_check_sees_a_violation(tmp_path):
+    """The parser finds imports inside functions and ignores TYPE_CHECKING ones (so the check above can fail)."""
+    sample = tmp_path / "m.py"
+    sample.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from wudao.train import loop\n"
+                      "def f():\n    from wudao.eval.kg import parse_kg\n    import flows.cli\n")  # fmt: skip
+    assert _imports(sample) == ["typing", "wudao.eval.kg", "flows.cli"]
