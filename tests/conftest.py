@@ -8,9 +8,12 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -133,18 +136,16 @@ def _pg_bin() -> Path | None:
     return found[-1].parent if found else None
 
 
-@pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory):
-    """A throwaway PostgreSQL cluster on a free loopback port (skipped where no server binaries exist)."""
-    if url := os.environ.get("WUDAO_TEST_POSTGRES_URL"):
-        yield url
-        return
+@contextmanager
+def postgres_cluster(root: Path, password: str | None = None) -> Iterator[int]:
+    """A throwaway PostgreSQL cluster under `root` on a free loopback port (superuser `wudao`); yields the port.
+    With `password`, TCP logins need it (scram-sha-256) as on a real server; without, they are trusted. Skips the
+    test where no server binaries exist."""
     bin_dir = _pg_bin()
     if bin_dir is None:
         pytest.skip("no PostgreSQL server binaries (install the postgresql package)")
-    root = tmp_path_factory.mktemp("pg")
     data, sock = root / "data", root / "sock"
-    sock.mkdir()
+    sock.mkdir(parents=True)
     run_as: list[str] = []
     if os.geteuid() == 0:  # initdb refuses to run as root: run the cluster as the postgres user
         if shutil.which("runuser") is None:
@@ -152,20 +153,42 @@ def postgres_url(tmp_path_factory):
         run_as = ["runuser", "-u", "postgres", "--"]
         shutil.chown(root, "postgres")
         shutil.chown(sock, "postgres")
-        os.chmod(root.parent, 0o755)
-        os.chmod(root.parent.parent, 0o755)
+        for parent in root.parents:  # the postgres user must be able to reach `root`
+            if not parent.stat().st_mode & stat.S_IXOTH:
+                os.chmod(parent, parent.stat().st_mode | stat.S_IXOTH)
+    auth = ["--auth=trust"]
+    if password is not None:
+        pwfile = root / "pwfile"
+        pwfile.touch(mode=0o600)
+        pwfile.write_text(password + "\n")
+        if run_as:
+            shutil.chown(pwfile, "postgres")
+        auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
     port = free_port()
-    subprocess.run([*run_as, str(bin_dir / "initdb"), "-D", str(data), "-U", "wudao", "--auth=trust", "-E", "UTF8"],
+    # --no-sync / fsync=off: a throwaway cluster, and fsyncs cost seconds on a shared disk.
+    subprocess.run([*run_as, str(bin_dir / "initdb"), "-D", str(data), "-U", "wudao", *auth, "-E", "UTF8", "--no-sync"],
                    check=True, capture_output=True)  # fmt: skip
+    if password is not None:
+        pwfile.unlink()
     subprocess.run(
         [*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "pg.log"), "start",
-         "-o", f"-h 127.0.0.1 -p {port} -k {sock}"],
+         "-o", f"-h 127.0.0.1 -p {port} -k {sock} -c fsync=off"],
         check=True, capture_output=True,
     )  # fmt: skip
     try:
-        yield f"postgresql+psycopg://wudao@127.0.0.1:{port}/postgres"
+        yield port
     finally:
         subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """A throwaway PostgreSQL cluster on a free loopback port (skipped where no server binaries exist)."""
+    if url := os.environ.get("WUDAO_TEST_POSTGRES_URL"):
+        yield url
+        return
+    with postgres_cluster(tmp_path_factory.mktemp("pg")) as port:
+        yield f"postgresql+psycopg://wudao@127.0.0.1:{port}/postgres"
 
 
 @pytest.fixture(scope="session")

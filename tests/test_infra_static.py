@@ -1,4 +1,5 @@
-"""Static checks of the production files (Docker does not run on these machines, so nothing here builds)."""
+"""Static checks of the production files (no Docker daemon here, so nothing builds: test_infra_tools.py runs
+Compose's loader, hadolint and the Kubernetes worker's template code, test_production.py the production path itself)."""
 
 from __future__ import annotations
 
@@ -62,17 +63,26 @@ def test_prefect_yaml_deploys_every_flow_under_the_names_wudao_trigger_uses():
     assert set(deployed) == set(FLOW_NAMES)
     assert deployed["lifelong-cycle"]["schedules"], "the cycle runs on a schedule"
     assert deployed["train"]["work_pool"]["name"] == deployed["lifelong-cycle"]["work_pool"]["name"] == "wudao-gpu"
+    # No job variables: they would have to be valid for the process and the Kubernetes pool alike.
+    assert not any(dep["work_pool"].get("job_variables") for dep in spec["deployments"])
+    # Flow runs start in $WUDAO_CODE_DIR, read on the worker; its default is where the images keep the code.
+    shell, chdir = (next(iter(step.values())) for step in spec["pull"])
+    default = re.fullmatch(r'echo "\$\{WUDAO_CODE_DIR:-(\S+)\}"', shell["script"]).group(1)
+    assert chdir["directory"] == "{{ " + shell["id"] + ".stdout }}"
+    for dockerfile in ("worker", "trainer"):
+        assert f"WORKDIR {default}\n" in (ROOT / "docker" / f"{dockerfile}.Dockerfile").read_text()
 
 
 def test_compose_databases_exist_and_services_are_wired():
     services = _compose()["services"]
     created = set(re.findall(r"CREATE DATABASE (\w+);", (ROOT / "infra" / "postgres-init.sql").read_text()))
     assert created == {"catalog", "mlflow", "mlflow_auth", "prefect"}, "separate databases per owner"
-    used = set()
-    for svc in services.values():
-        text = yaml.safe_dump(svc)
-        used |= set(re.findall(r"@postgres/(\w+)", text))
+    # Database URLs name only the database; the server and login are libpq's PGHOST/PGUSER/PGPASSWORD.
+    used = set(re.findall(r"postgresql\+\w+:///(\w+)", yaml.safe_dump(services) + (ROOT / "infra" / "mlflow-auth.ini").read_text()))
     assert used == created, f"databases used {used} vs created {created}"
+    for name, svc in services.items():
+        if re.search(r"postgresql\+\w+:///", yaml.safe_dump(svc)):
+            assert svc["environment"]["PGHOST"] == "postgres" and svc["environment"]["PGPASSWORD"].startswith("${"), name
     assert "--app-name basic-auth" in " ".join(services["mlflow"]["command"])
     assert services["mlflow"]["environment"]["MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD"] == "true"
     assert "PREFECT_SERVER_API_AUTH_STRING" in services["prefect-server"]["environment"]
@@ -83,11 +93,12 @@ def test_compose_databases_exist_and_services_are_wired():
         env = dict(_env_items(services[name]["environment"]))
         assert env["PREFECT_API_URL"].startswith("http://prefect-server:") and env["MLFLOW_TRACKING_URI"].startswith("http://mlflow:")
         assert env["PREFECT_API_AUTH_STRING"] == services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
-        assert env["MLFLOW_TRACKING_PASSWORD"] == services["mlflow"]["environment"]["MLFLOW_ADMIN_PASSWORD"]
+        assert env["MLFLOW_TRACKING_PASSWORD"] == services["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"]
     # Pools named in prefect.yaml are the ones the workers serve.
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     pools = {dep["work_pool"]["name"] for dep in spec["deployments"]}
-    served = {re.search(r"--pool (\S+)", " ".join(map(str, [services[n]["command"]]))).group(1) for n in ("worker", "trainer")}
+    commands = {n: services[n]["command"] for n in ("worker", "trainer")}
+    served = {re.search(r"--pool (\S+)", c if isinstance(c, str) else " ".join(c)).group(1) for c in commands.values()}
     assert pools == served
 
 
@@ -108,11 +119,21 @@ def test_k8s_job_template_launches_torchrun_on_the_pod_gpus_without_secrets():
     assert job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
-def test_dockerfiles_run_as_non_root_and_copy_existing_paths():
+def test_dockerfiles_pin_their_base_run_as_non_root_and_copy_existing_paths():
+    pyproject = (ROOT / "pyproject.toml").read_text()
     for dockerfile in (ROOT / "docker").glob("*.Dockerfile"):
         text = dockerfile.read_text()
-        assert text.lstrip().startswith(("FROM", "#")) and "\nFROM " in "\n" + text
-        assert re.search(r"^USER (?!root)\S+", text, re.M), f"{dockerfile.name} runs as root"
+        bases = re.findall(r"^FROM (\S+)", text, re.M)
+        assert bases, dockerfile.name
+        for base in bases:  # a release, e.g. python:3.11.13-slim-bookworm; not `latest`, `3.11-slim` or untagged
+            assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*", base), f"{dockerfile.name}: base {base} is not pinned to a release"
+        users = re.findall(r"^USER (\S+)", text, re.M)
+        # Numeric and not 0: Kubernetes can only check runAsNonRoot against a numeric user.
+        assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) > 0, f"{dockerfile.name} runs as root"
+        for pin in re.findall(r'"((?:mlflow|psycopg|boto3)\S*?[<>=][^"]+)"', text):
+            assert f'"{pin}"' in pyproject, f"{dockerfile.name}: {pin} differs from pyproject.toml's bounds"
+        if dockerfile.stem in ("worker", "trainer"):
+            assert re.search(r'pip install .*"\.\[prod[,\]]', text), f"{dockerfile.name} must install the prod extra"
         for line in re.findall(r"^COPY (.+)$", text, re.M):
             for src in line.split()[:-1]:
                 assert (ROOT / src).exists(), f"{dockerfile.name}: COPY {src} does not exist"
