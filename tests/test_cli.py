@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer.main
 
 WUDAO = str(Path(sys.executable).parent / "wudao")
 
@@ -19,10 +20,24 @@ def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) 
     return subprocess.run([WUDAO, *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600)
 
 
+def _commands(group) -> list[str]:
+    """Every top-level command and group of a typer app."""
+    click_group = typer.main.get_command(group)
+    return sorted(click_group.commands)
+
+
 def test_help_lists_every_command():
+    from flows.cli import app
+
     out = run("--help").stdout
-    for command in ("stack", "db", "demo-data", "ingest", "train", "cycle", "config"):
+    commands = _commands(app)
+    assert {"stack", "db", "demo-data", "ingest", "train", "cycle", "deploy", "trigger", "config", "kg", "eval"} <= set(commands)
+    for command in commands:
         assert command in out
+    for group in ("stack", "db", "kg", "eval"):
+        sub = run(group, "--help").stdout
+        for command in typer.main.get_command(app).commands[group].commands:
+            assert command in sub, f"wudao {group} --help lists {command}"
 
 
 def test_bad_usage_exits_2():

@@ -77,13 +77,7 @@ def version_of_checkpoint(settings: Settings, checkpoint_uri: str | None) -> Cha
     """The registered version made from `checkpoint_uri` (the newest, if registered twice), or None."""
     if not checkpoint_uri:
         return None
-    c = client(settings)
-    try:
-        versions = c.search_model_versions(f"name='{settings.registry.model_name}'")
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
+    versions = _search_versions(client(settings), f"name='{settings.registry.model_name}'")
     found = [v for v in versions if v.tags.get("wudao.checkpoint_uri") == checkpoint_uri]
     if not found:
         return None
@@ -93,13 +87,7 @@ def version_of_checkpoint(settings: Settings, checkpoint_uri: str | None) -> Cha
 
 def learned_slices(settings: Settings) -> set[str]:
     """Every slice some complete version was trained on (its `wudao.slices`), champion or not."""
-    c = client(settings)
-    try:
-        versions = c.search_model_versions(f"name='{settings.registry.model_name}'")
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return set()
-        raise
+    versions = _search_versions(client(settings), f"name='{settings.registry.model_name}'")
     return {s for v in versions if all(v.tags.get(t) for t in REQUIRED_TAGS) for s in json.loads(v.tags.get("wudao.slices", "[]"))}
 
 
@@ -178,13 +166,18 @@ def parent_record(c: MlflowClient, name: str, parent: Champion | None) -> gates.
 
 def _existing_version(c: MlflowClient, name: str, cycle_run_id: str) -> str | None:
     """The version a failed earlier attempt of this registration already created (so a retry does not add one)."""
+    found = _search_versions(c, f"name='{name}' and run_id='{cycle_run_id}'")
+    return str(max(int(v.version) for v in found)) if found else None
+
+
+def _search_versions(c: MlflowClient, filter_string: str) -> list:
+    """Model versions matching the filter; none while the registered model does not exist yet."""
     try:
-        found = c.search_model_versions(f"name='{name}' and run_id='{cycle_run_id}'")
+        return c.search_model_versions(filter_string)
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
+            return []
         raise
-    return str(max(int(v.version) for v in found)) if found else None
 
 
 def _log_model(settings: Settings, store, trained: Trained, cycle_run_id: str, tags: dict[str, str]) -> str:

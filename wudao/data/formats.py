@@ -112,22 +112,17 @@ def _coco_items(ann, by_key, is_new, store, rejected, claimed) -> list[WorkItem]
     root = ann.key[: COCO_CAPTIONS.search(ann.key).start()].rstrip("/")
     ann_new = is_new(ann)
     try:
-        index = json.loads(store.get_bytes(ann.key))
-        images = {img["id"]: img["file_name"] for img in index["images"]}
-        captions: dict[int, list[str]] = {}
-        for a in index["annotations"]:
-            caption = str(a["caption"])
-            if encodable(caption):
-                captions.setdefault(a["image_id"], []).append(caption)
-            elif ann_new:
-                rejected.append(Rejected(ann.key, _record(a["image_id"]), Reason.INVALID_UNICODE,
-                                         f"caption of image {a['image_id']!r} holds a lone surrogate escape"[:200]))  # fmt: skip
-    except (ValueError, KeyError, TypeError, StorageError, RecursionError) as e:
+        index = parse_coco_captions(store.get_bytes(ann.key))
+    except (ValueError, StorageError) as e:
         if ann_new:
-            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-            rejected.append(Rejected(ann.key, None, Reason.MALFORMED_JSON, f"not a COCO captions file: {why}"[:200]))
+            rejected.append(Rejected(ann.key, None, Reason.MALFORMED_JSON, f"not a COCO captions file: {e}"[:200]))
             return [WorkItem("unsupported", ann.key, [ann])]
         return []
+    images, captions = index.files, index.captions
+    if ann_new:
+        rejected += [Rejected(ann.key, _record(image_id), Reason.INVALID_UNICODE,
+                              f"caption of image {image_id!r} holds a lone surrogate escape"[:200])
+                     for image_id in index.unencodable]  # fmt: skip
     items = []
     # Ids of mixed types (1 and "1") cannot be compared: order by type name, then value, which is stable.
     for image_id, file_name in sorted(images.items(), key=lambda kv: (type(kv[0]).__name__, str(kv[0]))):
@@ -152,6 +147,38 @@ def _coco_items(ann, by_key, is_new, store, rejected, claimed) -> list[WorkItem]
     if ann_new:
         items.append(WorkItem("unsupported", ann.key, [ann]))  # the index itself: only recorded as seen
     return items
+
+
+@dataclass
+class CocoCaptions:
+    """An MS-COCO captions file (`annotations/captions_<split>.json`) as found: ids are kept as they are."""
+
+    files: dict
+    """Image id -> `file_name` (not checked: a reader decides what to do with a name that is not a string)."""
+    captions: dict
+    """Image id -> its captions (those that are valid Unicode)."""
+    unencodable: list
+    """Image ids of captions dropped for holding a lone surrogate escape (one entry per such caption)."""
+
+
+def parse_coco_captions(raw: bytes) -> CocoCaptions:
+    """The one parser of COCO captions files (ingest and FID); ValueError when `raw` is not one."""
+    try:
+        index = json.loads(raw)
+        files = {img["id"]: img["file_name"] for img in index["images"]}
+        captions: dict = {}
+        unencodable = []
+        for a in index["annotations"]:
+            caption = str(a["caption"])
+            if encodable(caption):
+                captions.setdefault(a["image_id"], []).append(caption)
+            else:
+                unencodable.append(a["image_id"])
+    except RecursionError as e:
+        raise ValueError("nested too deeply") from e
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from e
+    return CocoCaptions(files, captions, unencodable)
 
 
 def _record(image_id) -> int | None:

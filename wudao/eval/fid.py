@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from wudao.data.formats import parse_coco_captions
 from wudao.data.images import ImageRejected, normalize_image
 from wudao.data.quarantine import Reason
 from wudao.storage import ObjectStore, StorageError, join_key, sha256_file
@@ -285,11 +286,9 @@ def load_coco(store: ObjectStore, split: str | None = None) -> CocoIndex:
     key = f"annotations/captions_{split}.json"
     try:
         raw = store.get_bytes(key)
-        index = json.loads(raw)
-        files = {int(img["id"]): str(img["file_name"]) for img in index["images"]}
-        captions: dict[int, list[str]] = {}
-        for a in index["annotations"]:
-            captions.setdefault(int(a["image_id"]), []).append(str(a["caption"]))
+        parsed = parse_coco_captions(raw)
+        files = {int(i): str(name) for i, name in parsed.files.items()}
+        captions = {int(i): c for i, c in parsed.captions.items()}
     except StorageError as e:
         raise FIDError(f"no {store.url(key)}: give an MS-COCO root (annotations/captions_<split>.json + <split>/ images)") from e
     except (ValueError, KeyError, TypeError) as e:
