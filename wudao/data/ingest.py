@@ -239,8 +239,13 @@ def _default_readers(source_store: ObjectStore, settings: IngestSettings, n_batc
         yield Readers(lambda batch, tok: _Lazy(read_parts(batch, source_store, settings, tok)), window=1)
         return
     # spawn, not fork: the parent may hold threads (tokenizers, lingua) that a forked child would inherit broken.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_core_each) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_core_each)
+    try:
         yield Readers(lambda batch, tok: pool.submit(read_batch, batch, source_store, settings, tok), window=2 * workers)
+    finally:
+        # Every result is in (or the ingest failed): the workers' exit (freeing their language models takes a second
+        # or two) need not hold up the commit; the interpreter still joins them before it exits.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _one_core_each() -> None:
