@@ -41,7 +41,7 @@ def test_a_version_is_born_with_its_tags_and_an_incomplete_one_is_refused(s3_set
     monkeypatch.setattr(MlflowClient, "create_model_version", create_then_die)
     with pytest.raises(Died):
         stages_store = stages.platform_store(s)
-        registry.register_cycle(s, store=stages_store, train_result=trained, evaluation=evaluation, parent=None,
+        registry.register_cycle(s, store=stages_store, trained=trained, evaluation=evaluation, parent=None,
                                 cycle_run_id=cycle_run)  # fmt: skip
     monkeypatch.undo()
     c = MlflowClient(s.mlflow_tracking_uri)

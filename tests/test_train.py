@@ -249,7 +249,7 @@ def test_the_torchrun_launcher_trains_the_same_run_in_a_subprocess(local_setting
                  "catalog_url": local_settings.catalog_url, "model": local_settings.model.model_dump(),
                  "train": {**local_settings.train.model_dump(), "steps": 2, "batch_size": 4, "micro_batch_size": 2,
                            "launcher": "torchrun", "nproc_per_node": 2}}  # fmt: skip
-    settings = local_settings.model_copy(update={"train": local_settings.train.model_copy(update=overrides["train"])})
+    settings = local_settings.model_copy(update={"train": type(local_settings.train).model_validate(overrides["train"])})
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     result = run_train_torchrun(settings, overrides, None, None)
     assert result["steps"] == 2 and len(result["history"]) == 2, "rank 0 reports the whole run, history included"
