@@ -304,7 +304,7 @@ def _render_tune(r: dict[str, Any]) -> None:
     chance = f", chance {r['chance_accuracy']:.2f}" if "chance_accuracy" in r else ""
     typer.echo(f"dev:     accuracy {r['dev_accuracy']:.2f}  (zero-shot base {r['base_accuracy']:.2f}, "
                f"majority {r['majority_accuracy']:.2f}{chance}; train {r['train_accuracy']:.2f})")  # fmt: skip
-    base = f"base {r['base']}" + (f" (version {r['base_version']})" if r["base_version"] else " (unregistered checkpoint)")
+    base = f"base {r['base']}" + ("" if r["base_version"] else " (unregistered checkpoint)")
     typer.echo(f"adapter: {r['adapter_uri']}  ({base})")
     typer.echo(f"MLflow:  {r['adapter_model_uri']}  run {r['run_url']}")
 

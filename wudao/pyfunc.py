@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 
 from wudao.storage import ObjectStore, join_key, key_in_store
 
@@ -113,14 +114,14 @@ class WudaoTunedLM(WudaoLM):
         self.tuned = Tuned.apply(self.generator.model, self.generator.tokenizer, spec, state)
         self.blank = MASK
 
-    # No type hints on purpose: MLflow 3 builds the signature from `predict`'s hints when it has them and then
-    # drops the declared params (`lang`, `max_new_tokens`) from every request, with only a logged warning.
-    def predict(self, context, model_input, params=None):
+    # A DataFrame hint on purpose: with a hint MLflow 3 can infer a schema from (`list[str]`), it replaces the
+    # declared signature and drops the declared params (`lang`, `max_new_tokens`) from every request, with only a
+    # logged warning. A DataFrame is also what arrives: the declared schema makes the list a one-column frame.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         """Texts with a blank through the adapter, the rest through the base (`WudaoLM.predict`)."""
         p = {**ADAPTER_PARAMS, **(params or {})}
-        if hasattr(model_input, "iloc"):  # without hints MLflow hands a list of strings over as a one-column frame
-            model_input = model_input.iloc[:, 0] if model_input.ndim == 2 else model_input
-            model_input = model_input.tolist()
+        if isinstance(model_input, (pd.DataFrame, pd.Series)):
+            model_input = (model_input.iloc[:, 0] if model_input.ndim == 2 else model_input).tolist()
         texts = [str(t) for t in model_input]
         if p["mode"] != "text":
             return super().predict(context, texts, params)

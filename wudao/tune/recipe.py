@@ -118,6 +118,7 @@ def tune(model: GLMModel, tokenizer, task: Task, cfg: TuneSettings, *, base_chec
                        task_digest=task.digest, base_checkpoint_uri=base_checkpoint_uri,
                        tokenizer_version=tokenizer_version, model_config=model.cfg.to_dict())  # fmt: skip
     model.eval()
+    frozen = [p for p in model.parameters() if p.requires_grad]  # handed back trainable, as they came
     if cfg.method == "finetune":
         encoder, trained = None, copy.deepcopy(model).train()
         params = list(trained.parameters())
@@ -125,7 +126,7 @@ def tune(model: GLMModel, tokenizer, task: Task, cfg: TuneSettings, *, base_chec
         encoder = spec.encoder(_prompt_init(model, cfg.method, _seed_tokens(model, tokenizer, task, cfg.prompt_len)))
         encoder = encoder.to(model.tok_emb.weight.device)
         trained = model
-        for p in model.parameters():
+        for p in frozen:
             p.requires_grad_(False)
         params = list(encoder.parameters())
     tuned = Tuned(trained, tokenizer, ids, task.kind, task.labels)
@@ -157,7 +158,7 @@ def tune(model: GLMModel, tokenizer, task: Task, cfg: TuneSettings, *, base_chec
             if on_step is not None:
                 on_step(step, history[-1])
     finally:
-        for p in model.parameters():
+        for p in frozen:
             p.requires_grad_(True)
     trained.eval()
     with torch.no_grad():

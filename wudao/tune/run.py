@@ -47,12 +47,12 @@ def resolve_base(settings: Settings, ref: str) -> Base:
         if found is None:
             raise TuneError(f"model {settings.registry.model_name} has no @{ref} yet: run a cycle first "
                             "(`wudao cycle SOURCE`), or pass --model with a checkpoint URI")  # fmt: skip
-        return Base(found.checkpoint_uri, settings.registry.model_name, found.version)
+        return Base(found.checkpoint_uri, settings.registry.model_name, str(found.version))
     if ref.startswith("models:/"):
         name, found = registry.version_of(settings, ref)
-        return Base(found.checkpoint_uri, name, found.version)
+        return Base(found.checkpoint_uri, name, str(found.version))
     found = registry.version_of_checkpoint(settings, ref)
-    return Base(ref, settings.registry.model_name if found else None, found.version if found else None)
+    return Base(ref, settings.registry.model_name if found else None, str(found.version) if found else None)
 
 
 def adapter_id(task_name: str, method: str, key: Any) -> str:
