@@ -15,6 +15,8 @@ from wudao.data.multimodal import cogview_layout, cogview_prompt
 from wudao.data.tokenizer import train_tokenizer
 from wudao.model import VQVAE, GLMConfig, GLMModel, Sampling, VQConfig, sample_image_codes
 
+from tests.test_model_glm import memorise
+
 
 def test_vq_and_glm_learn_to_draw_the_demo_shapes(tmp_path):
     threads = torch.get_num_threads()
@@ -55,14 +57,7 @@ def _draw(tmp_path):
         rows.append(glm_sample(tokens, [span], ids.gmask, ids, 96, rng))
     batch = stack_rows(rows, "document").tensors()
     model = GLMModel(GLMConfig(vocab_size=offset + 64, d_model=96, n_layers=2, n_heads=4, max_seq_len=96, moe_every=2, n_experts=4))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for _ in range(400):
-        out = model.loss(**batch)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        if out.lm_loss.item() < 0.02:
-            break
+    memorise(model, batch, until=0.02)
     model.eval()
     errors = []
     with torch.no_grad():

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -254,6 +255,49 @@ def generate_cmd(
         return {"model": uri, "prompt": image_prompt, **stages.draw(s, gen, image_prompt, out, candidates, seed)}
 
     _run(json_out, work, _print_kv)
+
+
+class TuneMethod(str, Enum):
+    ptuning = "ptuning"
+    ptuning_v1 = "ptuning-v1"
+    finetune = "finetune"
+
+
+@app.command("tune")
+def tune_cmd(
+    task_dir: Annotated[Path, typer.Argument(help="Task folder: train.jsonl + dev.jsonl of {\"text\": \"... [MASK] ...\", \"label\"|\"target\": ...}.")],
+    model_uri: Annotated[str, typer.Option("--model", help="champion (default), candidate, models:/name/version, or a checkpoint URI.")] = "champion",
+    method: Annotated[TuneMethod | None, typer.Option(help="ptuning (v2: prefix keys/values in every layer), ptuning-v1 (input prompts) or finetune (every weight); default tune.method.")] = None,
+    prompt_len: Annotated[int | None, typer.Option(min=1, max=64, help="Prefix entries (v2) or pseudo tokens (v1); default tune.prompt_len.")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default tune.steps).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Adapt a trained model to a task with the model frozen (P-tuning) or not (finetune); store the adapter,
+    register it in MLflow (`wudao-adapters`, tagged with the base version) and report dev accuracy beside the
+    zero-shot base and the majority baseline."""
+    from wudao.tune.run import run_tune
+
+    def work():
+        given = {"method": method.value if method else None, "prompt_len": prompt_len, "steps": steps}
+        overrides = {k: v for k, v in given.items() if v is not None}
+        return run_tune(_settings(**({"tune": overrides} if overrides else {})), task_dir, model_uri)
+
+    _run(json_out, work, _render_tune)
+
+
+def _render_tune(r: dict[str, Any]) -> None:
+    t = r["task"]
+    labels = f", labels {json.dumps(t['labels'], ensure_ascii=False)}" if "labels" in t else ""
+    typer.echo(f"task:    {t['name']} ({t['kind']}{labels}): {t['train']} train, {t['dev']} dev rows")
+    prompt = f", {r['prompt_len']} prompt positions" if r["prompt_len"] else ""
+    typer.echo(f"method:  {r['method']}{prompt}: {r['trainable_params']:,} trainable parameters = "
+               f"{100 * r['trainable_fraction']:.2f}% of {r['model_params']:,}; {r['steps']} steps in {r['seconds']} s")  # fmt: skip
+    chance = f", chance {r['chance_accuracy']:.2f}" if "chance_accuracy" in r else ""
+    typer.echo(f"dev:     accuracy {r['dev_accuracy']:.2f}  (zero-shot base {r['base_accuracy']:.2f}, "
+               f"majority {r['majority_accuracy']:.2f}{chance}; train {r['train_accuracy']:.2f})")  # fmt: skip
+    base = f"base {r['base']}" + ("" if r["base_version"] else " (unregistered checkpoint)")
+    typer.echo(f"adapter: {r['adapter_uri']}  ({base})")
+    typer.echo(f"MLflow:  {r['adapter_model_uri']}  run {r['run_url']}")
 
 
 @app.command("promote")

@@ -252,6 +252,39 @@ class EvalSettings(BaseModel):
     """Images per Inception forward pass and per VQ decode."""
 
 
+class TuneSettings(BaseModel):
+    """Adapting a trained model to a task with the model frozen (P-tuning) or not (fine-tuning): `wudao tune`."""
+
+    method: Literal["ptuning", "ptuning-v1", "finetune"] = "ptuning"
+    """`ptuning`: P-tuning v2, trained prefix keys/values in every layer (Liu et al. 2022); `ptuning-v1`: trained
+    input embeddings of pseudo tokens before the text (Liu et al. 2021); `finetune`: every weight trained (the
+    reference P-tuning is measured against; its adapter is a whole model)."""
+    prompt_len: int = Field(8, ge=1, le=64)
+    """Prefix entries per layer (v2) or pseudo tokens (v1). P-tuning v2 reports 20-100 for large models on hard
+    tasks; a small model on a cloze task needs few, and each costs 2·d_model parameters per layer (v2)."""
+    steps: int = Field(300, ge=1)
+    """Optimizer steps (each on `batch_size` examples drawn with replacement from train.jsonl)."""
+    batch_size: int = Field(16, ge=1)
+    """Examples per step."""
+    lr: float = Field(3e-2, gt=0)
+    """Peak learning rate of the prompts. P-tuning v2 uses 5e-3 to 1e-2 on large models; a small model's prefix
+    learned the continent task far faster at 3e-2 (the base of tests/test_tune.py, 300 steps: dev 0.88 at 3e-2,
+    0.38 at 1e-2, zero-shot 0.44)."""
+    finetune_lr: float = Field(1e-3, gt=0)
+    """Peak learning rate of `finetune` (every weight; far lower, or the model forgets what it knew)."""
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of the steps spent warming the LR up; then cosine decay to 0.1x."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay (0: decay would pull prompts towards zero, which means nothing for keys/values)."""
+    reparam_hidden: int = Field(0, ge=0)
+    """Width of the prompt reparameterisation MLP (P-tuning v1's prompt encoder, v2's prefix projection); 0 = the
+    prompts are trained directly. The MLP's weights count as trainable and can exceed 1% of a small model."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Generation tasks (`target` rows): tokens generated for the dev exact-match accuracy."""
+    seed: int = 0
+    """Seed of the prompt initialisation and of the batches (each step's batch is a function of seed and step)."""
+
+
 class StackSettings(BaseModel):
     """The embedded one-machine stack started by `wudao stack up` (all services bind to 127.0.0.1)."""
 
@@ -290,6 +323,9 @@ class RegistrySettings(BaseModel):
     """MLflow experiment that holds one parent run per cycle."""
     model_name: str = "wudao"
     """Registered model name; versions carry the aliases `candidate` and `champion`."""
+    adapter_model_name: str = "wudao-adapters"
+    """Registered model of tuned adapters (`wudao tune`); each version is tagged with the base version it was
+    trained on (`wudao.base_model`, `wudao.base_version`) and serves the base plus the adapter."""
     gates: GateSettings = GateSettings()
     """What a candidate must pass to become `@champion` (each result is a version tag and a row of the gates table)."""
 
@@ -356,6 +392,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
     eval: EvalSettings = EvalSettings()
+    tune: TuneSettings = TuneSettings()
     stack: StackSettings = StackSettings()
     registry: RegistrySettings = RegistrySettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()

@@ -5,6 +5,9 @@
 - image: `{"inputs": ["a red circle on a blue background"], "params": {"mode": "image", "candidates": 4}}` draws
   each caption (CogView self-reranking over `candidates`) and returns base64-encoded PNGs.
 
+A tuned adapter's version (`wudao tune`, registered model `wudao-adapters`) serves `WudaoTunedLM`: the same base
+plus the adapter, which answers text with a `[MASK]` (its label, or the blank filled with the trained prompts).
+
 The version's artefacts are the checkpoint, its tokenizer and, when one exists, the image tokenizer (VQ-VAE) the
 platform used when the version was registered.
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 
 from wudao.storage import ObjectStore, join_key, key_in_store
 
@@ -89,3 +93,41 @@ class WudaoLM(mlflow.pyfunc.PythonModel):
         buf = io.BytesIO()
         Image.fromarray((image_CHW.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(buf, format="PNG")
         return base64.b64encode(buf.getvalue()).decode()
+
+
+ADAPTER_PARAMS = {**PARAMS, "lang": ""}
+"""An adapter's request params: PARAMS, plus `lang` (which label set a cloze adapter scores; "" = guessed from the
+text: Chinese characters -> zh, else en)."""
+
+
+class WudaoTunedLM(WudaoLM):
+    """A base version plus a tuned adapter (artefact `adapter`): text with one `[MASK]` is answered by the adapter
+    (cloze adapters return the label, generation adapters the text with its blank filled); text without a blank
+    and images are answered by the base (a finetune adapter's weights, when the adapter is a whole model)."""
+
+    def load_context(self, context) -> None:
+        from wudao.data.tokenizer import MASK
+        from wudao.tune.adapter import Tuned, read_adapter
+
+        super().load_context(context)
+        spec, state = read_adapter(Path(context.artifacts["adapter"]))
+        self.tuned = Tuned.apply(self.generator.model, self.generator.tokenizer, spec, state)
+        self.blank = MASK
+
+    # A DataFrame hint on purpose: with a hint MLflow 3 can infer a schema from (`list[str]`), it replaces the
+    # declared signature and drops the declared params (`lang`, `max_new_tokens`) from every request, with only a
+    # logged warning. A DataFrame is also what arrives: the declared schema makes the list a one-column frame.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+        """Texts with a blank through the adapter, the rest through the base (`WudaoLM.predict`)."""
+        p = {**ADAPTER_PARAMS, **(params or {})}
+        if isinstance(model_input, (pd.DataFrame, pd.Series)):
+            model_input = (model_input.iloc[:, 0] if model_input.ndim == 2 else model_input).tolist()
+        texts = [str(t) for t in model_input]
+        if p["mode"] != "text":
+            return super().predict(context, texts, params)
+        tuned = [i for i, t in enumerate(texts) if self.blank in t]
+        out = dict(zip(tuned, self.tuned.predict([texts[i] for i in tuned], lang=p["lang"] or None,
+                                                 max_new_tokens=int(p["max_new_tokens"]))))  # fmt: skip
+        rest = [i for i in range(len(texts)) if i not in out]
+        out.update(zip(rest, super().predict(context, [texts[i] for i in rest], params) if rest else []))
+        return [out[i] for i in range(len(texts))]

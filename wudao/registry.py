@@ -93,6 +93,11 @@ def learned_slices(settings: Settings) -> set[str]:
 
 def checkpoint_of(settings: Settings, model_uri: str) -> str:
     """The checkpoint behind `models:/name/version` or `models:/name@alias`."""
+    return version_of(settings, model_uri)[1].checkpoint_uri
+
+
+def version_of(settings: Settings, model_uri: str) -> tuple[str, Champion]:
+    """The registered model's name and the complete version behind `models:/name/version` or `models:/name@alias`."""
     c = client(settings)
     ref = model_uri.removeprefix("models:/")
     try:
@@ -104,7 +109,7 @@ def checkpoint_of(settings: Settings, model_uri: str) -> str:
             mv = c.get_model_version(name, version)
     except (MlflowException, ValueError) as e:
         raise RegistryError(f"no model version {model_uri}: {e}") from e
-    return _complete(mv).checkpoint_uri
+    return name, _complete(mv)
 
 
 HISTORY_TAG = "wudao.champion_history"
@@ -180,26 +185,35 @@ def _search_versions(c: MlflowClient, filter_string: str) -> list:
         raise
 
 
-def _log_model(settings: Settings, store, trained: Trained, cycle_run_id: str, tags: dict[str, str]) -> str:
+def log_model_version(settings: Settings, store, checkpoint_uri: str, tokenizer_version: str, cycle_run_id: str,
+                      tags: dict[str, str],
+                      *, name: str | None = None, extra_artifacts: dict[str, str] | None = None,
+                      params: dict[str, Any] | None = None, python_model=None) -> str:  # fmt: skip
     """Log the checkpoint as a pyfunc LoggedModel in the cycle's run, then register it with all its tags in one
     call: a version never exists without its files or without the `wudao.*` tags every reader needs (a kill
-    between a registration and tags set afterwards left versions that broke promote, generate and the cycle)."""
+    between a registration and tags set afterwards left versions that broke promote, generate and the cycle).
+
+    `name` (default `registry.model_name`), `extra_artifacts` (an adapter's folder), `params` (the request params
+    the signature declares) and `python_model` (default `WudaoLM`) serve tuned adapters, registered the same way
+    under their own model."""
     from wudao.data.tokenizer import tokenizer_key
     from wudao.pyfunc import PARAMS, WudaoLM, model_artifacts
 
     with tempfile.TemporaryDirectory(prefix="wudao-register-") as tmp:
-        artifacts = model_artifacts(store, trained.checkpoint_uri, tokenizer_key(trained.tokenizer_version),
+        artifacts = model_artifacts(store, checkpoint_uri, tokenizer_key(tokenizer_version),
                                     settings.ingest.image_size, Path(tmp))  # fmt: skip
+        artifacts.update(extra_artifacts or {})
         with mlflow.start_run(run_id=cycle_run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=WudaoLM(),
+                python_model=python_model or WudaoLM(),
                 artifacts=artifacts,
                 pip_requirements=[f"wudao=={wudao.__version__}"],
                 # Declares the request params, so serving accepts them (params absent from the signature are dropped).
-                signature=infer_signature(["The capital of France is [MASK]."], ["The capital of France is Paris."], params=PARAMS),
+                signature=infer_signature(["The capital of France is [MASK]."], ["The capital of France is Paris."],
+                                          params=params or PARAMS),
             )
-    c, name = client(settings), settings.registry.model_name
+    c, name = client(settings), name or settings.registry.model_name
     try:
         c.create_registered_model(name)
     except MlflowException as e:
@@ -250,7 +264,7 @@ def register_cycle(
         tags["wudao.prefect_flow_run_id"] = prefect_flow_run_id
     version = _existing_version(c, name, cycle_run_id)
     if version is None:
-        version = _log_model(settings, store, trained, cycle_run_id, tags)
+        version = log_model_version(settings, store, trained.checkpoint_uri, trained.tokenizer_version, cycle_run_id, tags)
     else:  # a retry: the earlier attempt's version gets this attempt's tags (idempotent)
         for k, v in tags.items():
             c.set_model_version_tag(name, version, k, v)

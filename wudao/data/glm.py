@@ -84,6 +84,17 @@ def sentence_end_ids(tok) -> frozenset[int]:
     return frozenset(out)
 
 
+def cloze_prompt(text: str, tokenizer, ids: SpecialIds) -> tuple[list[int], str]:
+    """Part A ids of a text holding one `[MASK]`, and the lead (" " or "") an answer takes inside that blank.
+
+    Byte-level BPE attaches a space to the following word, so in "is [MASK]" the answer is " Paris", not "Paris":
+    the space before the blank moves into the answers, which GLM scores or generates inside the blank.
+    """
+    before, after = text.split(MASK, 1)
+    lead = " " if before.endswith(" ") else ""
+    return tokenizer.encode(before.rstrip(" ")).ids + [ids.mask] + tokenizer.encode(after).ids, lead
+
+
 @dataclass
 class GLMBatch:
     """One padded batch, numpy on the host; `tensors()` gives exactly the keywords of `GLMModel.loss`."""

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from wudao.data.formats import encodable
-from wudao.data.glm import SpecialIds
+from wudao.data.glm import SpecialIds, cloze_prompt
+from wudao.data.tokenizer import MASK
 from wudao.model import GLMModel, continue_text
 from wudao.model.generation import cloze_scores_many
 
@@ -92,15 +93,9 @@ def parse_kg(facts_text: str, templates_text: str) -> KG:
 
 
 def _cloze_inputs(template: str, subject: str, tokenizer, ids: SpecialIds) -> tuple[list[int], str]:
-    """Part A token ids with one [MASK] where [Y] is, and the text that precedes an object in context.
-
-    Byte-level BPE attaches a space to the following word, so "is [Y]" must score " Paris", not "Paris": the
-    space before [Y] moves into the candidates.
-    """
-    before, after = template.replace("[X]", subject).split("[Y]")
-    lead = " " if before.endswith(" ") else ""
-    part_a = tokenizer.encode(before.rstrip(" ")).ids + [ids.mask] + tokenizer.encode(after).ids
-    return part_a, lead
+    """Part A token ids with one [MASK] where [Y] is, and the text that precedes an object in context (" Paris"
+    after "is [Y]": see `cloze_prompt`)."""
+    return cloze_prompt(template.replace("[X]", subject).replace("[Y]", MASK), tokenizer, ids)
 
 
 @dataclass

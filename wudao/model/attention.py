@@ -27,6 +27,15 @@ def glm_attention_mask(sep_B: torch.Tensor, q_start: int, n_query: int, n_key: i
     return (causal_TS[None] | part_a_BS[:, None, :])[:, None]
 
 
+def with_prefix(mask_B1TS: torch.Tensor, n_prefix: int) -> torch.Tensor:
+    """The mask with `n_prefix` leading key columns every query may attend (P-tuning v2 prefix keys/values):
+    the rule between real tokens is unchanged, Part A and Part B alike see the whole prefix."""
+    if n_prefix == 0:
+        return mask_B1TS
+    B, _, T, _ = mask_B1TS.shape
+    return torch.cat([mask_B1TS.new_ones(B, 1, T, n_prefix), mask_B1TS], -1)
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype; optional PB-relax input scaling (CogView).
 
@@ -112,14 +121,25 @@ class GLMAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(
-        self, x_BTD: torch.Tensor, mask_B1TS: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self,
+        x_BTD: torch.Tensor,
+        mask_B1TS: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """`prefix` = this layer's P-tuning v2 keys and values (H, P, K) each, put before the tokens' keys (the
+        cache holds tokens only); `mask_B1TS` then has P leading columns (`with_prefix`)."""
         B, T, D = x_BTD.shape
         # (B, T, 3D) -> 3 x (B, H, T, K)
         q_BHTK, k_BHTK, v_BHTK = (
             t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in self.qkv(x_BTD).split(D, dim=-1)
         )
         k_BHSK, v_BHSK = (k_BHTK, v_BHTK) if cache is None else cache.update(layer, k_BHTK, v_BHTK)
+        if prefix is not None:
+            # In the activations' dtype: under bf16 autocast the projections are bf16, the trained prefix fp32.
+            k_BHSK = torch.cat([prefix[0].to(k_BHSK.dtype).expand(B, -1, -1, -1), k_BHSK], 2)
+            v_BHSK = torch.cat([prefix[1].to(v_BHSK.dtype).expand(B, -1, -1, -1), v_BHSK], 2)
         if self.pb_relax:
             out_BHTK = pb_relax_attention(q_BHTK, k_BHSK, v_BHSK, mask_B1TS, self.pb_alpha)
         else:

@@ -19,6 +19,7 @@ import torch
 
 from wudao.model.attention import KVCache
 from wudao.model.glm import GLMModel
+from wudao.model.prompts import Prompts
 
 
 class BlankIds(Protocol):
@@ -88,10 +89,10 @@ def _part_b(tokens_BT: torch.Tensor, mask_pos: int, first_block_pos: int) -> tup
     return pos_BT, block_BT
 
 
-def _encode_part_a(model: GLMModel, a_1A: torch.Tensor, extra: int) -> KVCache:
+def _encode_part_a(model: GLMModel, a_1A: torch.Tensor, extra: int, prompts: Prompts | None = None) -> KVCache:
     """Run Part A (bidirectional: sep = its length) once into a fresh batch-1 cache with room for `extra` more."""
     cache = model.new_kv_cache(1, a_1A.size(1) + extra)
-    model.hidden(a_1A, sep_B=torch.tensor([a_1A.size(1)], device=a_1A.device), kv_cache=cache)
+    model.hidden(a_1A, sep_B=torch.tensor([a_1A.size(1)], device=a_1A.device), kv_cache=cache, prompts=prompts)
     return cache
 
 
@@ -109,29 +110,31 @@ def fill_blank(
     vocab_range: tuple[int, int] | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    prompts: Prompts | None = None,
 ) -> list[list[int]]:
     """Generate the content of the blank in `part_a`; one token list per sample, `[eop]` not included.
 
     `vocab_range=(lo, hi)` restricts sampling to ids lo..hi-1 (image codes). `use_cache=False` recomputes
-    the whole sequence every step (the reference the cache is tested and benchmarked against).
+    the whole sequence every step (the reference the cache is tested and benchmarked against). `prompts`: a
+    tuned adapter's continuous prompts, read in every pass.
     """
     mask_pos = find_blank(part_a, ids) if mask_pos is None else mask_pos
     B = num_samples
     a_1A = torch.tensor([list(part_a)], device=model.tok_emb.weight.device)
     sep_B = torch.full((B,), a_1A.size(1), device=a_1A.device)
-    cache = _encode_part_a(model, a_1A, max_new_tokens + 1).repeat(B) if use_cache else None
+    cache = _encode_part_a(model, a_1A, max_new_tokens + 1, prompts).repeat(B) if use_cache else None
     part_b_BT = torch.full((B, 1), ids.sop, device=a_1A.device)
     done_B = torch.zeros(B, dtype=torch.bool, device=a_1A.device)
     for step in range(max_new_tokens):
         if use_cache:
             pos_BT, block_BT = _part_b(part_b_BT[:, -1:], mask_pos, step + 1)
-            logits_BV = model(part_b_BT[:, -1:], pos_BT, block_BT, sep_B, cache).logits_BTV[:, -1]
+            logits_BV = model(part_b_BT[:, -1:], pos_BT, block_BT, sep_B, cache, prompts=prompts).logits_BTV[:, -1]
         else:
             pos_BT, block_BT = _part_b(part_b_BT, mask_pos, 1)
             a_BA = a_1A.expand(B, -1)
             a_pos_BA = torch.arange(a_BA.size(1), device=a_BA.device).expand_as(a_BA)
             h_BTD, _ = model.hidden(torch.cat([a_BA, part_b_BT], 1), torch.cat([a_pos_BA, pos_BT], 1),
-                                    torch.cat([torch.zeros_like(a_BA), block_BT], 1), sep_B)  # fmt: skip
+                                    torch.cat([torch.zeros_like(a_BA), block_BT], 1), sep_B, prompts=prompts)  # fmt: skip
             logits_BV = model.project(h_BTD[:, -1])  # only the last position is needed
         if vocab_range is not None:
             keep_V = torch.zeros(logits_BV.size(-1), dtype=torch.bool, device=logits_BV.device)
@@ -150,11 +153,12 @@ def fill_blank(
 
 
 def continue_text(model: GLMModel, prompt: Sequence[int], ids: BlankIds, max_new_tokens: int,
-                  sampling: Sampling = Sampling(), generator: torch.Generator | None = None) -> list[int]:  # fmt: skip
+                  sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
+                  prompts: Prompts | None = None) -> list[int]:  # fmt: skip
     """GLM text continuation: the prompt followed by `[gMASK]` (the document-level objective), then generate."""
     part_a = [*prompt, ids.gmask]
     return fill_blank(model, part_a, ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                      mask_pos=len(prompt), generator=generator)[0]  # fmt: skip
+                      mask_pos=len(prompt), generator=generator, prompts=prompts)[0]  # fmt: skip
 
 
 def sample_image_codes(
@@ -184,13 +188,14 @@ def cloze_scores(
     ids: BlankIds,
     candidates: Sequence[Sequence[int]],
     mask_pos: int | None = None,
+    prompts: Prompts | None = None,
 ) -> list[ClozeScore]:
     """Log-probability of each candidate answer inside the blank of one Part A (GLM ClozeModel), `[eop]` included.
 
     One Part A with many candidates is the single-prompt case of `cloze_scores_many`.
     """
     mask = None if mask_pos is None else [mask_pos]
-    return cloze_scores_many(model, [part_a], ids, [candidates], mask_pos=mask)[0]
+    return cloze_scores_many(model, [part_a], ids, [candidates], mask_pos=mask, prompts=prompts)[0]
 
 
 @dataclass
@@ -264,6 +269,7 @@ def cloze_scores_many(
     mask_pos: Sequence[int] | None = None,
     max_tokens: int = 16384,
     max_nodes: int = 128,
+    prompts: Prompts | None = None,
 ) -> list[list[ClozeScore]]:
     """Cloze scores of many prompts at once: `candidates[i]` are the answers for the blank of `part_as[i]`.
 
@@ -276,12 +282,37 @@ def cloze_scores_many(
     most `max_nodes` nodes so that attention stays small for large answer spaces.
 
     With a capacity-limited MoE in eval mode (dropping tokens) results depend on the batch, as with any batched
-    forward; a dropless MoE (the default) is exact.
+    forward; a dropless MoE (the default) is exact. `prompts` (a tuned adapter's) apply to every row.
     """
-    if len(candidates) != len(part_as):
-        raise ValueError(f"{len(part_as)} prompts but {len(candidates)} candidate lists")
     if not part_as:
         return []
+    blanks, rows = _cloze_rows(model, part_as, ids, candidates, mask_pos, max_nodes)
+    length = [len(part_as[i]) + len(trie.tokens) for i, trie in rows]
+    order = sorted(range(len(rows)), key=length.__getitem__)
+    sums = [np.zeros(len(c)) for c in candidates]
+    start = 0
+    while start < len(order):
+        # Sorted by length, so the chunk's last row is its longest: grow while rows x longest fits the budget.
+        stop = start + 1
+        while stop < len(order) and (stop + 1 - start) * length[order[stop]] <= max_tokens:
+            stop += 1
+        chunk = [(part_as[rows[r][0]], blanks[rows[r][0]], rows[r][1]) for r in order[start:stop]]
+        for r, terms in zip(order[start:stop], _score_trie_rows(model, chunk, prompts)):
+            i, trie = rows[r]
+            np.add.at(sums[i], trie.score_candidate, terms)
+        start = stop
+    out = []
+    for i, cands in enumerate(candidates):
+        out.append([ClozeScore(float(s), float(s) / (len(c) + 1)) for s, c in zip(sums[i], cands)])
+    return out
+
+
+def _cloze_rows(model: GLMModel, part_as: Sequence[Sequence[int]], ids: BlankIds,
+                candidates: Sequence[Sequence[Sequence[int]]], mask_pos: Sequence[int] | None,
+                max_nodes: int) -> tuple[list[int], list[tuple[int, _AnswerTrie]]]:  # fmt: skip
+    """Checked inputs of a cloze scoring: each prompt's blank position, and its (prompt index, trie) rows."""
+    if len(candidates) != len(part_as):
+        raise ValueError(f"{len(part_as)} prompts but {len(candidates)} candidate lists")
     if any(not cands or any(len(c) == 0 for c in cands) for cands in candidates):
         raise ValueError("every prompt needs candidates, and every candidate at least one token")
     blanks = [find_blank(a, ids) for a in part_as] if mask_pos is None else list(mask_pos)
@@ -294,28 +325,42 @@ def cloze_scores_many(
         if id(cands) not in tries:
             tries[id(cands)] = _tries(cands, ids.sop, ids.eop, max_nodes)
         rows += [(i, trie) for trie in tries[id(cands)]]
-    length = [len(part_as[i]) + len(trie.tokens) for i, trie in rows]
-    order = sorted(range(len(rows)), key=length.__getitem__)
-    sums = [np.zeros(len(c)) for c in candidates]
-    start = 0
-    while start < len(order):
-        # Sorted by length, so the chunk's last row is its longest: grow while rows x longest fits the budget.
-        stop = start + 1
-        while stop < len(order) and (stop + 1 - start) * length[order[stop]] <= max_tokens:
-            stop += 1
-        chunk = [(part_as[rows[r][0]], blanks[rows[r][0]], rows[r][1]) for r in order[start:stop]]
-        for r, terms in zip(order[start:stop], _score_trie_rows(model, chunk)):
-            i, trie = rows[r]
-            np.add.at(sums[i], trie.score_candidate, terms)
-        start = stop
-    out = []
-    for i, cands in enumerate(candidates):
-        out.append([ClozeScore(float(s), float(s) / (len(c) + 1)) for s, c in zip(sums[i], cands)])
-    return out
+    return blanks, rows
 
 
-def _score_trie_rows(model: GLMModel, rows: list[tuple[Sequence[int], int, _AnswerTrie]]) -> list[np.ndarray]:
+def cloze_score_matrix(
+    model: GLMModel,
+    part_as: Sequence[Sequence[int]],
+    ids: BlankIds,
+    candidates: Sequence[Sequence[Sequence[int]]],
+    *,
+    prompts: Prompts | None = None,
+    max_nodes: int = 128,
+) -> torch.Tensor:
+    """(N, C) cloze scores as `cloze_scores_many` computes them (Σ log p of candidate + `[eop]` in the blank), as
+    one differentiable forward: the logits of a verbalizer over a closed label set, for training prompts with
+    cross-entropy (GLM's ClozeModel). C is the longest candidate list; shorter lists are padded with -inf."""
+    blanks, rows = _cloze_rows(model, part_as, ids, candidates, None, max_nodes)
+    logp_S, sizes = _trie_logprobs(model, [(part_as[i], blanks[i], trie) for i, trie in rows], prompts)
+    C = max(len(c) for c in candidates)
+    flat_S = torch.from_numpy(np.concatenate([i * C + trie.score_candidate for i, trie in rows])).to(logp_S.device)
+    assert len(flat_S) == sum(sizes)
+    scores_NC = torch.zeros(len(part_as) * C, device=logp_S.device).index_add(0, flat_S, logp_S).view(len(part_as), C)
+    absent_NC = torch.arange(C)[None, :] >= torch.tensor([len(c) for c in candidates])[:, None]
+    return scores_NC.masked_fill(absent_NC.to(scores_NC.device), float("-inf"))
+
+
+def _score_trie_rows(model: GLMModel, rows: list[tuple[Sequence[int], int, _AnswerTrie]],
+                     prompts: Prompts | None = None) -> list[np.ndarray]:  # fmt: skip
     """For rows (Part A, blank position, trie) in one padded forward: each trie's scored log-probabilities."""
+    logp_S, sizes = _trie_logprobs(model, rows, prompts)
+    return np.split(logp_S.detach().cpu().numpy(), np.cumsum(sizes)[:-1])
+
+
+def _trie_logprobs(model: GLMModel, rows: list[tuple[Sequence[int], int, _AnswerTrie]],
+                   prompts: Prompts | None = None) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
+    """The scored log-probabilities of all rows' tries, concatenated row by row (differentiable), and how many
+    each row has."""
     device = model.tok_emb.weight.device
     R = len(rows)
     n_a = np.array([len(a) for a, _, _ in rows])
@@ -336,15 +381,11 @@ def _score_trie_rows(model: GLMModel, rows: list[tuple[Sequence[int], int, _Answ
         pos_RT[r, b] = blank  # GLM 2D positions: Part B sits at its blank, block positions count along the path
         block_RT[r, b] = trie.depth
         sees_RTT[r, b, b] = trie.sees
-    x_RTD = model.tok_emb(torch.from_numpy(tokens_RT).to(device))
-    x_RTD = x_RTD + model.pos_emb(torch.from_numpy(pos_RT).to(device))
-    x_RTD = x_RTD + model.block_pos_emb(torch.from_numpy(block_RT).to(device))
+    x_RTD = model.embed(*(torch.from_numpy(a).to(device) for a in (tokens_RT, pos_RT, block_RT)), prompts)
     # GLMModel.hidden, with a tree mask in place of the Part A / causal one it builds from sep.
     mask_R1TT = torch.from_numpy(sees_RTT).to(device)[:, None]
     real_RT = torch.from_numpy(np.arange(T) < (n_a + n_b)[:, None]).to(device)  # padding is not routed (MoE)
-    for block in model.blocks:
-        x_RTD, _ = block(x_RTD, mask_R1TT, None, real_RT)
-    h_RTD = model.ln_f(x_RTD)
+    h_RTD, _ = model.run_blocks(x_RTD, mask_R1TT, real_BT=real_RT, prompts=prompts)
     # Every node is scored (a leaf predicts [eop]): project each once, in slices of ~4M logits so that a large
     # vocabulary does not need a (nodes, V) tensor of the whole chunk.
     in_b_RT = (np.arange(T) >= n_a[:, None]) & (np.arange(T) < (n_a + n_b)[:, None])
@@ -360,7 +401,7 @@ def _score_trie_rows(model: GLMModel, rows: list[tuple[Sequence[int], int, _Answ
         p_S = node_S[pick_S] - s
         # log_softmax then gather: on CPU its fused kernel is ~3x faster than logsumexp over the same logits.
         logp_S[pick_S] = logits_PV.log_softmax(-1)[p_S, target_S[pick_S]]
-    return np.split(logp_S.cpu().numpy(), np.cumsum([len(trie.score_node) for _, _, trie in rows])[:-1])
+    return logp_S, [len(trie.score_node) for _, _, trie in rows]
 
 
 def rerank(

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wudao.model.attention import GLMAttention, KVCache, LayerNorm, glm_attention_mask
+from wudao.model.attention import GLMAttention, KVCache, LayerNorm, glm_attention_mask, with_prefix
 from wudao.model.config import GLMConfig
 from wudao.model.moe import MoE, MoEStats
+from wudao.model.prompts import Prompts
 
 
 @dataclass
@@ -98,9 +99,14 @@ class Block(nn.Module):
             self.ffn = DenseFFN(cfg.d_model, cfg.hidden)
 
     def forward(
-        self, x_BTD: torch.Tensor, mask_B1TS: torch.Tensor, cache: KVCache | None, real_BT: torch.Tensor | None = None
+        self,
+        x_BTD: torch.Tensor,
+        mask_B1TS: torch.Tensor,
+        cache: KVCache | None,
+        real_BT: torch.Tensor | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
-        h_BTD = x_BTD + self.ln_attn_out(self.attn(self.ln_attn_in(x_BTD), mask_B1TS, cache, self.layer))
+        h_BTD = x_BTD + self.ln_attn_out(self.attn(self.ln_attn_in(x_BTD), mask_B1TS, cache, self.layer, prefix))
         stats = None
         if isinstance(self.ffn, MoE):
             f_BTD, stats = self.ffn(self.ln_ffn_in(h_BTD), real_BT)
@@ -143,6 +149,48 @@ class GLMModel(nn.Module):
         cfg, p = self.cfg, self.tok_emb.weight
         return KVCache.empty(cfg.n_layers, batch, cfg.n_heads, max_len, cfg.d_model // cfg.n_heads, p.dtype, p.device)
 
+    def embed(
+        self,
+        input_ids_BT: torch.Tensor,
+        position_ids_BT: torch.Tensor,
+        block_position_ids_BT: torch.Tensor,
+        prompts: Prompts | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Token + position + block position embeddings (B, T, D). With P-tuning v1 prompts, the first P tokens'
+        embeddings are the prompt's: they must be in the pass that starts at position 0."""
+        tok_BTD = self.tok_emb(input_ids_BT)
+        n = prompts.n_input if prompts is not None else 0
+        if n and start == 0:
+            B, T, D = tok_BTD.shape
+            if T < n:
+                raise ValueError(f"a pass of {T} tokens cannot hold the {n} prompt positions")
+            tok_BTD = torch.cat([prompts.input_PD.to(tok_BTD.dtype).expand(B, n, D), tok_BTD[:, n:]], 1)
+        elif n and start < n:
+            raise ValueError(f"prompt positions 0..{n - 1} must be in the first pass (this one starts at {start})")
+        return tok_BTD + self.pos_emb(position_ids_BT) + self.block_pos_emb(block_position_ids_BT)
+
+    def run_blocks(
+        self,
+        x_BTD: torch.Tensor,
+        mask_B1TS: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        real_BT: torch.Tensor | None = None,
+        prompts: Prompts | None = None,
+    ) -> tuple[torch.Tensor, GLMAux]:
+        """Every block, then the final LN, under a mask over the tokens' keys (B, 1, T, S); P-tuning v2 prefix
+        columns are added here. Callers that build their own mask (tree attention) start here."""
+        n_prefix = prompts.n_prefix if prompts is not None else 0
+        if n_prefix and prompts.key_LHPK.size(0) != len(self.blocks):
+            raise ValueError(f"prefix has {prompts.key_LHPK.size(0)} layers, the model {len(self.blocks)}")
+        mask_B1TS = with_prefix(mask_B1TS, n_prefix)
+        stats = []
+        for i, block in enumerate(self.blocks):
+            x_BTD, s = block(x_BTD, mask_B1TS, kv_cache, real_BT, prompts.layer(i) if n_prefix else None)
+            if s is not None:
+                stats.append(s)
+        return self.ln_f(x_BTD), GLMAux.combine(stats, self.cfg, x_BTD.device)
+
     def hidden(
         self,
         input_ids_BT: torch.Tensor,
@@ -151,9 +199,12 @@ class GLMModel(nn.Module):
         sep_B: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         real_BT: torch.Tensor | None = None,
+        prompts: Prompts | None = None,
     ) -> tuple[torch.Tensor, GLMAux]:
         """Final-LN hidden states (B, T, D). Defaults: positions continue the cache, block 0, sep 0 (causal LM),
-        every token real. `real_BT` (bool) is False on padding, which MoE layers then do not route."""
+        every token real. `real_BT` (bool) is False on padding, which MoE layers then do not route. `prompts`:
+        trained continuous prompts (wudao/model/prompts.py) read by the frozen model; pass the same ones to
+        every pass of a cached generation."""
         B, T = input_ids_BT.shape
         device = input_ids_BT.device
         start = kv_cache.length if kv_cache is not None else 0
@@ -165,16 +216,12 @@ class GLMModel(nn.Module):
             sep_B = torch.zeros(B, dtype=torch.long, device=device)
         if start + T > self.cfg.max_seq_len or int(position_ids_BT.max()) >= self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        x_BTD = self.tok_emb(input_ids_BT) + self.pos_emb(position_ids_BT) + self.block_pos_emb(block_position_ids_BT)
+        x_BTD = self.embed(input_ids_BT, position_ids_BT, block_position_ids_BT, prompts, start)
         mask_B1TS = glm_attention_mask(sep_B, start, T, start + T)
-        stats = []
-        for block in self.blocks:
-            x_BTD, s = block(x_BTD, mask_B1TS, kv_cache, real_BT)
-            if s is not None:
-                stats.append(s)
+        h_BTD, aux = self.run_blocks(x_BTD, mask_B1TS, kv_cache, real_BT, prompts)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.ln_f(x_BTD), GLMAux.combine(stats, self.cfg, device)
+        return h_BTD, aux
 
     def project(self, h_xD: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., D) -> logits (..., V)."""
@@ -188,8 +235,9 @@ class GLMModel(nn.Module):
         sep_B: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         real_BT: torch.Tensor | None = None,
+        prompts: Prompts | None = None,
     ) -> GLMOutput:
-        h_BTD, aux = self.hidden(input_ids_BT, position_ids_BT, block_position_ids_BT, sep_B, kv_cache, real_BT)
+        h_BTD, aux = self.hidden(input_ids_BT, position_ids_BT, block_position_ids_BT, sep_B, kv_cache, real_BT, prompts)
         return GLMOutput(self.project(h_BTD), aux)
 
     def loss(
@@ -201,9 +249,10 @@ class GLMModel(nn.Module):
         target_ids_BT: torch.Tensor,
         loss_mask_BT: torch.Tensor,
         real_BT: torch.Tensor | None = None,
+        prompts: Prompts | None = None,
     ) -> GLMLoss:
         """GLM loss on Part B only; takes exactly the tensors of `GLMBatch.tensors()` as keywords."""
-        h_BTD, aux = self.hidden(input_ids_BT, position_ids_BT, block_position_ids_BT, sep_B, real_BT=real_BT)
+        h_BTD, aux = self.hidden(input_ids_BT, position_ids_BT, block_position_ids_BT, sep_B, real_BT=real_BT, prompts=prompts)
         keep_BT = loss_mask_BT.bool()
         # Project only the target positions: Part B is a small share of the row and V can be large.
         logits_NV = self.project(h_BTD[keep_BT])
