@@ -200,7 +200,8 @@ def _existing_version(c: MlflowClient, name: str, cycle_run_id: str) -> str | No
     return str(max(int(v.version) for v in found)) if found else None
 
 
-def _log_model(settings: Settings, store, train_result: dict[str, Any], cycle_run_id: str, tags: dict[str, str]) -> str:
+def _log_model(settings: Settings, store, train_result: dict[str, Any], cycle_run_id: str, tags: dict[str, str],
+               kg_files: dict[str, bytes] | None = None) -> str:  # fmt: skip
     """Log the checkpoint as a pyfunc LoggedModel in the cycle's run, then register it with all its tags in one
     call: a version never exists without its files or without the `wudao.*` tags every reader needs (a kill
     between a registration and tags set afterwards left versions that broke promote, generate and the cycle)."""
@@ -209,7 +210,7 @@ def _log_model(settings: Settings, store, train_result: dict[str, Any], cycle_ru
 
     with tempfile.TemporaryDirectory(prefix="wudao-register-") as tmp:
         artifacts = model_artifacts(store, train_result["checkpoint_uri"], tokenizer_key(train_result["tokenizer_version"]),
-                                    settings.ingest.image_size, Path(tmp))  # fmt: skip
+                                    settings.ingest.image_size, Path(tmp), kg=kg_files)  # fmt: skip
         with mlflow.start_run(run_id=cycle_run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
@@ -239,6 +240,7 @@ def register_cycle(
     cycle_run_id: str,
     stage_run_id: str | None = None,
     prefect_flow_run_id: str | None = None,
+    kg_artifact: dict[str, Any] | None = None,
 ) -> Registration:
     """Register the trained checkpoint as a model version of the cycle's run, apply the gates, tag the lineage and
     move the aliases. Safe to retry: a version this cycle already registered is reused, and tags and aliases are
@@ -268,9 +270,11 @@ def register_cycle(
         tags["wudao.eval.fid_key"] = str(fid.get("key", ""))
     if prefect_flow_run_id:
         tags["wudao.prefect_flow_run_id"] = prefect_flow_run_id
+    if kg_artifact:  # {"uri", "files"}: the KG logged with the version for checked generation; or {"uri", "error"}
+        tags["wudao.kg"] = kg_artifact["uri"] if "files" in kg_artifact else f"not logged: {kg_artifact['error']}"
     version = _existing_version(c, name, cycle_run_id)
     if version is None:
-        version = _log_model(settings, store, train_result, cycle_run_id, tags)
+        version = _log_model(settings, store, train_result, cycle_run_id, tags, (kg_artifact or {}).get("files"))
     else:  # a retry: the earlier attempt's version gets this attempt's tags (idempotent)
         for k, v in tags.items():
             c.set_model_version_tag(name, version, k, v)
