@@ -1,12 +1,13 @@
 """Knowledge-checked generation: combine the KG and the model, and double-check what the model writes.
 
-`generate_checked` samples K candidates for a prompt (a blank to fill or a text to continue), reads the
+`generate_checked` takes K candidates for a prompt (a blank to fill or a text to continue): the greedy answer
+and K-1 samples. It reads the
 template-shaped claims each makes with the claim checker of `wudao eval kg` (`wudao.eval.kg.ClaimChecker`), and
 returns the candidate with the fewest contradicted claims; ties go to the highest likelihood, log p(fill + [eop] |
 prompt) under the model (GLM's cloze score, whatever sampling drew the fill). Every claim comes back annotated
 supported / contradicted / unverifiable. So the answer never holds more contradictions than any other candidate
-tried -- but it can be no better than the best of the K: a model that knows nothing about a subject guesses in
-all K.
+tried, the greedy answer of plain generation included -- but it can be no better than the best of the K: a model
+that knows nothing about a subject guesses in all K.
 
 When the prompt's blank stands where a KG template has [Y] and [X] is a known subject ("The capital of France is
 [MASK]."), the relation is known: the blank is constrained to the KG's answers (object and aliases; the model's
@@ -86,8 +87,8 @@ def _known_blank(checker: ClaimChecker, prompt: str, token: str) -> Claim | None
 def generate_checked(gen: Generator, checker: ClaimChecker, prompt: str, *, candidates: int = 4,
                      max_new_tokens: int = 32, sampling: Sampling = Sampling(temperature=1.0), seed: int = 0,
                      constrain: bool = True) -> CheckedText:  # fmt: skip
-    """Sample `candidates` fills or continuations of `prompt` (seeded), or score the KG's answers for a blank whose
-    relation is known (`constrain`); return the candidate with the fewest contradicted claims."""
+    """The greedy fill or continuation of `prompt` and `candidates` - 1 samples (seeded), or the KG's answers for a
+    blank whose relation is known (`constrain`); return the candidate with the fewest contradicted claims."""
     if candidates < 1:
         raise CheckError(f"candidates must be at least 1, got {candidates}")
     if candidates > 1 and sampling.temperature <= 0:
@@ -113,9 +114,12 @@ def generate_checked(gen: Generator, checker: ClaimChecker, prompt: str, *, cand
     if answers:
         fills = [gen.tokenizer.encode(blank.lead + a).ids for a in answers]
     else:
-        generator = torch.Generator().manual_seed(seed)
-        fills = fill_blank(gen.model, part_a, gen.ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                           num_samples=candidates, generator=generator)  # fmt: skip
+        # The greedy answer (what plain `wudao generate` returns) is always candidate 1, so the kept one never
+        # contradicts the KG more than it; the other K-1 are sampled (seeded).
+        fills = fill_blank(gen.model, part_a, gen.ids, max_new_tokens=max_new_tokens)
+        if candidates > 1:
+            fills += fill_blank(gen.model, part_a, gen.ids, max_new_tokens=max_new_tokens, sampling=sampling,
+                                num_samples=candidates - 1, generator=torch.Generator().manual_seed(seed))  # fmt: skip
     scores = cloze_scores(gen.model, part_a, gen.ids, fills)
     tried = []
     for fill, score in zip(fills, scores):
