@@ -27,7 +27,7 @@ import torch
 
 from wudao.config import TuneSettings
 from wudao.data.demo import TASK_TEMPLATES, TEMPLATES, country_facts, write_task
-from wudao.data.glm import SpecialIds, cloze_prompt, glm_sample, stack_rows
+from wudao.data.glm import SpecialIds, blank_prompt, glm_sample, stack_rows
 from wudao.data.tokenizer import MASK, train_tokenizer
 from wudao.model import GLMConfig, GLMModel
 from wudao.storage import LocalStore
@@ -54,7 +54,8 @@ def base(tmp_path_factory):
     rows, rng = [], np.random.default_rng(0)
     for lang, subject, obj in facts:
         for template in TEMPLATES[("continent", lang)]:
-            part_a, lead = cloze_prompt(template.replace("[X]", subject).replace("[Y]", MASK), tok, ids)
+            blank = blank_prompt(tok, template.replace("[X]", subject).replace("[Y]", MASK), ids)
+            part_a, lead = blank.part_a, blank.lead
             m, answer = part_a.index(ids.mask), tok.encode(lead + obj).ids
             rows.append(glm_sample(np.array(part_a[:m] + answer + part_a[m + 1 :]), [(m, m + len(answer))], ids.mask, ids, 32, rng))
     batch = stack_rows(rows, "token").tensors()

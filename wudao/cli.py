@@ -229,10 +229,13 @@ def generate_cmd(
     image_prompt: Annotated[str | None, typer.Option(help="A caption to draw (needs --out and a VQ model).")] = None,
     out: Annotated[Path | None, typer.Option(help="PNG file for --image-prompt.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="0 = greedy (default; 1.0 with --check-facts).")] = None,
     top_k: Annotated[int, typer.Option(min=0)] = 0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    candidates: Annotated[int, typer.Option(min=1, help="Images to sample; CogView self-reranking keeps the best.")] = 1,
+    candidates: Annotated[int | None, typer.Option(min=1, help="Images to sample (CogView self-reranking keeps the best; default 1), or texts with --check-facts (default 4).")] = None,
+    check_facts: Annotated[bool, typer.Option("--check-facts", help="Keep the candidate text with the fewest claims the KG contradicts; annotate every claim.")] = False,
+    kg: Annotated[str | None, typer.Option(help="KG folder for --check-facts, local or s3:// (default: eval.kg_uri).")] = None,
+    constrain: Annotated[bool, typer.Option(help="With --check-facts: a blank whose relation the KG knows takes the KG's answer.")] = True,
     seed: int = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -243,18 +246,50 @@ def generate_cmd(
     if image_prompt is not None and out is None:
         typer.echo("error: --image-prompt needs --out FILE.png", err=True)
         raise typer.Exit(2)
+    if check_facts and text is None:
+        typer.echo("error: --check-facts checks text: give --text", err=True)
+        raise typer.Exit(2)
+    temperature = temperature if temperature is not None else 1.0 if check_facts else 0.0
+    candidates = candidates or (4 if check_facts else 1)
+    if check_facts and candidates > 1 and temperature == 0:
+        typer.echo(f"error: --candidates {candidates} needs --temperature > 0 (greedy decoding draws one candidate {candidates} times)", err=True)
+        raise typer.Exit(2)
+    kg = kg or (_settings().eval.kg_uri if check_facts else None)
+    if check_facts and not kg:
+        typer.echo("error: --check-facts needs --kg DIR (or eval.kg_uri; `wudao kg build OUT` writes one)", err=True)
+        raise typer.Exit(2)
     from wudao import stages
     from wudao.model import Sampling
 
     def work():
         s = _settings()
-        gen, uri = stages.generator_for(s, model_uri)
         sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+        if check_facts:
+            from wudao.checked import generate_checked
+            from wudao.eval.kg import ClaimChecker
+
+            checker = ClaimChecker(stages.load_kg(s, kg))  # a bad KG fails before the model loads
+            gen, uri = stages.generator_for(s, model_uri)
+            result = generate_checked(gen, checker, text, candidates=candidates, max_new_tokens=max_new_tokens,
+                                      sampling=sampling, seed=seed, constrain=constrain)  # fmt: skip
+            return {"model": uri, "kg": kg, "prompt": text, **result.to_dict()}
+        gen, uri = stages.generator_for(s, model_uri)
         if text is not None:
             return {"model": uri, "prompt": text, "text": gen.text(text, max_new_tokens, sampling, seed)}
         return {"model": uri, "prompt": image_prompt, **stages.draw(s, gen, image_prompt, out, candidates, seed)}
 
-    _run(json_out, work, _print_kv)
+    _run(json_out, work, _render_checked if check_facts else _print_kv)
+
+
+def _render_checked(r: dict[str, Any]) -> None:
+    typer.echo(r["text"])
+    for c in r["claims"]:
+        typer.echo(f"  [{c['verdict']}] {c['claim']}" + ("" if c["generated"] else "  (in the prompt)"))
+    if (con := r["constrained"]) is not None:
+        said = f"constrained to the KG's {', '.join(con['answers'])}" if con["applied"] else f"not constrained: {con['reason']}"
+        typer.echo(f"blank = {con['relation']} of {con['subject']} ({con['lang']}): {said}")
+    counts = [f"{c['contradicted']} contradicted" for c in r["candidates"]]
+    typer.echo(f"candidates tried: {r['candidates_tried']} ({', '.join(counts)}); kept #{r['chosen'] + 1}")
 
 
 class TuneMethod(str, Enum):

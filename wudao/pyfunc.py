@@ -3,13 +3,18 @@
 - text (default): `{"inputs": ["The capital of France is [MASK]."], "params": {"max_new_tokens": 8}}` fills each
   blank, or continues a prompt without one (greedy);
 - image: `{"inputs": ["a red circle on a blue background"], "params": {"mode": "image", "candidates": 4}}` draws
-  each caption (CogView self-reranking over `candidates`) and returns base64-encoded PNGs.
+  each caption (CogView self-reranking over `candidates`) and returns base64-encoded PNGs;
+- knowledge-checked text: `{"inputs": [...], "params": {"check_facts": true, "candidates": 4, "temperature": 1.0}}`
+  returns one object per input, as `wudao generate --check-facts --json` prints it (`wudao.checked`).
 
 A tuned adapter's version (`wudao tune`, registered model `wudao-adapters`) serves `WudaoTunedLM`: the same base
 plus the adapter, which answers text with a `[MASK]` (its label, or the blank filled with the trained prompts).
 
 The version's artefacts are the checkpoint, its tokenizer and, when one exists, the image tokenizer (VQ-VAE) the
-platform used when the version was registered.
+platform used when the version was registered, and the KG it was evaluated with (`eval.kg_uri`). The KG travels
+inside the version, not as a URI or a request parameter: a served model may run where the platform's store and
+credentials are not, the checks stay those the version was evaluated with even after the KG folder changes, and
+no request can make the server read a path of its choosing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import warnings
+
 import mlflow
 import pandas as pd
 
@@ -28,9 +35,15 @@ from wudao.storage import ObjectStore, join_key, key_in_store
 PARAMS = {"max_new_tokens": 32, "mode": "text", "candidates": 1, "seed": 0}
 """The request parameters the signature declares (serving drops any it does not declare)."""
 
+CHECK_PARAMS = {"check_facts": False, "constrain": True, "temperature": 0.0, "top_k": 0, "top_p": 1.0}
+"""Knowledge-checked generation (`wudao.checked`): `candidates` texts are sampled with these settings (0 = greedy)."""
+PARAMS.update(CHECK_PARAMS)
 
-def model_artifacts(store: ObjectStore, checkpoint_uri: str, tokenizer_key: str, image_size: int, into: Path) -> dict[str, str]:
-    """Download what a version needs into `into` and name it for `mlflow.pyfunc.log_model(artifacts=…)`."""
+
+def model_artifacts(store: ObjectStore, checkpoint_uri: str, tokenizer_key: str, image_size: int, into: Path,
+                    kg: dict[str, bytes] | None = None) -> dict[str, str]:  # fmt: skip
+    """Download what a version needs into `into` and name it for `mlflow.pyfunc.log_model(artifacts=…)`; `kg`:
+    the KG's files by name (facts.jsonl, templates.jsonl), for checked generation."""
     from wudao.train import vq
 
     prefix = key_in_store(store, checkpoint_uri)
@@ -45,7 +58,16 @@ def model_artifacts(store: ObjectStore, checkpoint_uri: str, tokenizer_key: str,
         (vq_dir / "config.json").write_text(json.dumps({**store.get_json(join_key("vq", version, "config.json")),
                                                         "image_size": image_size, "version": version}))  # fmt: skip
         artifacts["vq"] = str(vq_dir)
+    if kg:
+        for name, data in kg.items():
+            (into / "kg").mkdir(parents=True, exist_ok=True)
+            (into / "kg" / name).write_bytes(data)
+        artifacts["kg"] = str(into / "kg")
     return artifacts
+
+
+# MLflow asks every hint-free `predict` for type hints; ours has none on purpose (see `WudaoLM.predict`).
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method", category=UserWarning)
 
 
 class WudaoLM(mlflow.pyfunc.PythonModel):
@@ -72,12 +94,40 @@ class WudaoLM(mlflow.pyfunc.PythonModel):
             self.vq = VQVAE(VQConfig(**cfg))
             self.vq.load_state_dict(load_file(vq_dir / "model.safetensors"))
             self.vq.eval()
+        self.checker = None
+        if "kg" in context.artifacts:
+            from wudao.eval.kg import KG_FACTS, KG_TEMPLATES, ClaimChecker, parse_kg
 
-    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
+            kg_dir = Path(context.artifacts["kg"])
+            self.checker = ClaimChecker(parse_kg((kg_dir / KG_FACTS).read_text("utf-8"), (kg_dir / KG_TEMPLATES).read_text("utf-8")))
+
+    # No type hints on `model_input` or the result: MLflow 3 would infer the signature from them and drop the
+    # declared params (mlflow#14908), so serving would ignore every parameter. Inputs arrive as a one-column
+    # DataFrame (the signature's string column) or, called directly, as a list.
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
         p = {**PARAMS, **(params or {})}
+        model_input = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
+        if p["check_facts"] and p["mode"] == "text":
+            return [self._checked(str(prompt), p) for prompt in model_input]
         if p["mode"] == "image":
             return [self._draw(str(caption), int(p["candidates"]), int(p["seed"])) for caption in model_input]
-        return [self.generator.text(str(prompt), int(p["max_new_tokens"])) for prompt in model_input]
+        return [self.generator.text(str(prompt), int(p["max_new_tokens"]), _sampling(p), int(p["seed"])) for prompt in model_input]
+
+    def _checked(self, prompt: str, p: dict[str, Any]) -> dict[str, Any]:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from wudao.checked import CheckError, generate_checked
+
+        if self.checker is None:
+            raise MlflowException("check_facts: this version carries no KG (it was registered without eval.kg_uri); "
+                                  "register one evaluated with a KG", INVALID_PARAMETER_VALUE)  # fmt: skip
+        try:
+            return generate_checked(self.generator, self.checker, prompt, candidates=int(p["candidates"]),
+                                    max_new_tokens=int(p["max_new_tokens"]), sampling=_sampling(p), seed=int(p["seed"]),
+                                    constrain=bool(p["constrain"])).to_dict()  # fmt: skip
+        except CheckError as e:  # the client's parameters: HTTP 400, not 500
+            raise MlflowException(str(e), INVALID_PARAMETER_VALUE) from None
 
     def _draw(self, caption: str, candidates: int, seed: int) -> str:
         import torch
@@ -93,6 +143,12 @@ class WudaoLM(mlflow.pyfunc.PythonModel):
         buf = io.BytesIO()
         Image.fromarray((image_CHW.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(buf, format="PNG")
         return base64.b64encode(buf.getvalue()).decode()
+
+
+def _sampling(p: dict[str, Any]):
+    from wudao.model import Sampling
+
+    return Sampling(temperature=float(p["temperature"]), top_k=int(p["top_k"]), top_p=float(p["top_p"]))
 
 
 ADAPTER_PARAMS = {**PARAMS, "lang": ""}
@@ -114,16 +170,14 @@ class WudaoTunedLM(WudaoLM):
         self.tuned = Tuned.apply(self.generator.model, self.generator.tokenizer, spec, state)
         self.blank = MASK
 
-    # A DataFrame hint on purpose: with a hint MLflow 3 can infer a schema from (`list[str]`), it replaces the
-    # declared signature and drops the declared params (`lang`, `max_new_tokens`) from every request, with only a
-    # logged warning. A DataFrame is also what arrives: the declared schema makes the list a one-column frame.
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
-        """Texts with a blank through the adapter, the rest through the base (`WudaoLM.predict`)."""
+    # No type hints, as `WudaoLM.predict` (mlflow#14908: a hint replaces the declared signature and its params).
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        """Texts with a blank through the adapter, the rest (and checked generation) through the base."""
         p = {**ADAPTER_PARAMS, **(params or {})}
         if isinstance(model_input, (pd.DataFrame, pd.Series)):
             model_input = (model_input.iloc[:, 0] if model_input.ndim == 2 else model_input).tolist()
         texts = [str(t) for t in model_input]
-        if p["mode"] != "text":
+        if p["mode"] != "text" or p["check_facts"]:
             return super().predict(context, texts, params)
         tuned = [i for i, t in enumerate(texts) if self.blank in t]
         out = dict(zip(tuned, self.tuned.predict([texts[i] for i in tuned], lang=p["lang"] or None,

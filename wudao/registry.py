@@ -188,12 +188,14 @@ def _search_versions(c: MlflowClient, filter_string: str) -> list:
 def log_model_version(settings: Settings, store, checkpoint_uri: str, tokenizer_version: str, cycle_run_id: str,
                       tags: dict[str, str],
                       *, name: str | None = None, extra_artifacts: dict[str, str] | None = None,
-                      params: dict[str, Any] | None = None, python_model=None) -> str:  # fmt: skip
+                      params: dict[str, Any] | None = None, python_model=None,
+                      kg_files: dict[str, bytes] | None = None) -> str:  # fmt: skip
     """Log the checkpoint as a pyfunc LoggedModel in the cycle's run, then register it with all its tags in one
     call: a version never exists without its files or without the `wudao.*` tags every reader needs (a kill
     between a registration and tags set afterwards left versions that broke promote, generate and the cycle).
 
-    `name` (default `registry.model_name`), `extra_artifacts` (an adapter's folder), `params` (the request params
+    `kg_files` (the KG the version was evaluated with) travels inside it for checked generation. `name` (default
+    `registry.model_name`), `extra_artifacts` (an adapter's folder), `params` (the request params
     the signature declares) and `python_model` (default `WudaoLM`) serve tuned adapters, registered the same way
     under their own model."""
     from wudao.data.tokenizer import tokenizer_key
@@ -201,7 +203,7 @@ def log_model_version(settings: Settings, store, checkpoint_uri: str, tokenizer_
 
     with tempfile.TemporaryDirectory(prefix="wudao-register-") as tmp:
         artifacts = model_artifacts(store, checkpoint_uri, tokenizer_key(tokenizer_version),
-                                    settings.ingest.image_size, Path(tmp))  # fmt: skip
+                                    settings.ingest.image_size, Path(tmp), kg=kg_files)  # fmt: skip
         artifacts.update(extra_artifacts or {})
         with mlflow.start_run(run_id=cycle_run_id):
             info = mlflow.pyfunc.log_model(
@@ -233,6 +235,7 @@ def register_cycle(
     cycle_run_id: str,
     stage_run_id: str | None = None,
     prefect_flow_run_id: str | None = None,
+    kg_artifact: dict[str, Any] | None = None,
 ) -> Registration:
     """Register the trained checkpoint as a model version of the cycle's run, apply the gates, tag the lineage and
     move the aliases. Safe to retry: a version this cycle already registered is reused, and tags and aliases are
@@ -262,9 +265,12 @@ def register_cycle(
         tags["wudao.eval.fid_key"] = evaluation.fid.key or ""
     if prefect_flow_run_id:
         tags["wudao.prefect_flow_run_id"] = prefect_flow_run_id
+    if kg_artifact:  # {"uri", "files"}: the KG logged with the version for checked generation; or {"uri", "error"}
+        tags["wudao.kg"] = kg_artifact["uri"] if "files" in kg_artifact else f"not logged: {kg_artifact['error']}"
     version = _existing_version(c, name, cycle_run_id)
     if version is None:
-        version = log_model_version(settings, store, trained.checkpoint_uri, trained.tokenizer_version, cycle_run_id, tags)
+        version = log_model_version(settings, store, trained.checkpoint_uri, trained.tokenizer_version, cycle_run_id, tags,
+                                    kg_files=(kg_artifact or {}).get("files"))
     else:  # a retry: the earlier attempt's version gets this attempt's tags (idempotent)
         for k, v in tags.items():
             c.set_model_version_tag(name, version, k, v)

@@ -1,16 +1,27 @@
 """Text and image generation from a trained GLM, with its tokenizer: what `wudao generate` and the MLflow
-pyfunc model both call."""
+pyfunc model both call; and `mlflow models serve` of a version, for tests and benchmarks of the REST API."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from wudao.data.glm import SpecialIds
+from wudao.data.glm import SpecialIds, blank_prompt
 from wudao.data.multimodal import cogview_prompt
-from wudao.data.tokenizer import GMASK, MASK, SMASK
 from wudao.model import GLMModel, Sampling, continue_text, fill_blank, rerank, sample_image_codes
 
 
@@ -30,15 +41,12 @@ class Generator:
         """Fill the first blank of a prompt with `[MASK]`/`[sMASK]`/`[gMASK]` (the blank replaced in the returned
         text), or continue a prompt without one."""
         gen = torch.Generator().manual_seed(seed)
-        ids = self.tokenizer.encode(prompt).ids
-        if not any(t in prompt for t in (MASK, SMASK, GMASK)):
+        blank = blank_prompt(self.tokenizer, prompt, self.ids)
+        if blank is None:
+            ids = self.tokenizer.encode(prompt).ids
             return prompt + self.tokenizer.decode(continue_text(self.model, ids, self.ids, max_new_tokens, sampling, gen))
-        filled = fill_blank(self.model, ids, self.ids, max_new_tokens=max_new_tokens, sampling=sampling, generator=gen)[0]
-        for token in (MASK, SMASK, GMASK):
-            if token in prompt:
-                before, _, after = prompt.partition(token)
-                return before + self.tokenizer.decode(filled) + after
-        return prompt
+        filled = fill_blank(self.model, blank.part_a, self.ids, max_new_tokens=max_new_tokens, sampling=sampling, generator=gen)[0]
+        return blank.text(self.tokenizer.decode(filled))
 
     @torch.no_grad()
     def image_codes(self, caption: str, *, grid: int, codebook_size: int, candidates: int = 1,
@@ -56,3 +64,56 @@ class Generator:
             prompts = [cogview_prompt(self.ids, offset, codes=c.numpy().reshape(grid, grid), image_first=True) for c in codes]
             best, _ = rerank(self.model, prompts, caption_ids, self.ids)
         return codes[best].numpy().reshape(grid, grid)
+
+
+@contextlib.contextmanager
+def mlflow_serve(model_uri: str, log: Path, env: dict[str, str] | None = None, port: int | None = None,
+                 timeout_s: float = 300.0) -> Iterator[str]:  # fmt: skip
+    """`mlflow models serve -m MODEL_URI --env-manager local` on 127.0.0.1:PORT (default: a free one) in its own
+    process group, for as long as the block runs; yields the base URL once `/ping` answers. The server's output
+    goes to `log`."""
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), "-w", "1", "-t", "600"]  # fmt: skip
+    full_env = {**os.environ, **(env or {})}
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"  # its uvicorn, ours
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
+                                start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow models serve exited with {proc.returncode}; see {log}")
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow models serve did not answer /ping within {timeout_s:.0f} s; see {log}")
+            time.sleep(1)
+        yield url
+    finally:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):  # uvicorn's workers may linger
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(wait)
+                break
+
+
+def invoke(url: str, inputs: list[str], params: dict, timeout_s: float = 600.0) -> list:
+    """POST to a served model's /invocations; the predictions, or an error naming the HTTP status and message."""
+    body = json.dumps({"inputs": inputs, "params": params}).encode()
+    req = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return json.loads(r.read())["predictions"]
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None

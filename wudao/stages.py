@@ -17,9 +17,9 @@ from wudao import registry
 from wudao.catalog import Catalog, Slice
 from wudao.config import Settings
 from wudao.data.ingest import Readers, canonical_source, ingest
-from wudao.storage import ObjectStore, S3Store, open_store, store_from_settings
 from wudao.errors import WudaoError
 from wudao.results import Evaluation, FIDSummary, IngestResult, KGSummary, Registration, Trained, TrainResult
+from wudao.storage import ObjectStore, S3Store, StorageError, open_store, store_from_settings
 
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -243,9 +243,9 @@ def _cycle_fid(settings: Settings, checkpoint_uri: str, mlflow_run_id: str | Non
     return {**report, "key": f"{report['reference_key']}/k{report['candidates']}"}
 
 
-def load_kg(settings: Settings, kg_uri: str):
-    """A KG folder (local or s3://) in the documented format; a missing file is one clear error."""
-    from wudao.eval.kg import KG_FACTS, KG_TEMPLATES, parse_kg
+def kg_files(settings: Settings, kg_uri: str) -> dict[str, bytes]:
+    """A KG folder's files (local or s3://) by name; a missing folder or file is one clear error."""
+    from wudao.eval.kg import KG_FACTS, KG_TEMPLATES
 
     if not kg_uri.startswith("s3://") and not Path(kg_uri).is_dir():
         raise StageError(f"KG folder {kg_uri} does not exist (make one with `wudao kg build OUT`)")
@@ -253,7 +253,15 @@ def load_kg(settings: Settings, kg_uri: str):
     missing = [name for name in (KG_FACTS, KG_TEMPLATES) if not store.exists(name)]
     if missing:
         raise StageError(f"KG folder {kg_uri} lacks {', '.join(missing)}")
-    return parse_kg(store.get_bytes(KG_FACTS).decode("utf-8", "replace"), store.get_bytes(KG_TEMPLATES).decode("utf-8", "replace"))
+    return {name: store.get_bytes(name) for name in (KG_FACTS, KG_TEMPLATES)}
+
+
+def load_kg(settings: Settings, kg_uri: str):
+    """A KG folder (local or s3://) in the documented format; a missing file is one clear error."""
+    from wudao.eval.kg import KG_FACTS, KG_TEMPLATES, parse_kg
+
+    files = kg_files(settings, kg_uri)
+    return parse_kg(files[KG_FACTS].decode("utf-8", "replace"), files[KG_TEMPLATES].decode("utf-8", "replace"))
 
 
 def run_eval_kg(settings: Settings, model: str, kg_uri: str, limit: int | None, with_facts: bool = False,
@@ -284,8 +292,16 @@ def run_register(
     """Register the trained checkpoint as a model version, apply the promotion gates, move the aliases."""
     # The parent is the version the candidate was trained from, else the champion it would replace.
     parent = registry.version_of_checkpoint(settings, trained.resumed_from) or registry.champion(settings)
+    kg = None
+    if kg_uri := evaluation.kg.get("kg") if evaluation.kg else None:  # the KG this version was evaluated with travels with it
+        try:
+            kg = {"uri": kg_uri, "files": kg_files(settings, kg_uri)}
+        except (StageError, StorageError, OSError) as e:  # gone since the evaluation: the version is still registered, and says why it has none
+            print(f"warning: KG {kg_uri} not logged with the version ({e}): it cannot check facts when served", file=sys.stderr)
+            kg = {"uri": kg_uri, "error": str(e).splitlines()[0]}
     return registry.register_cycle(
         settings,
+        kg_artifact=kg,
         store=platform_store(settings),
         trained=trained,
         evaluation=evaluation,

@@ -84,15 +84,40 @@ def sentence_end_ids(tok) -> frozenset[int]:
     return frozenset(out)
 
 
-def cloze_prompt(text: str, tokenizer, ids: SpecialIds) -> tuple[list[int], str]:
-    """Part A ids of a text holding one `[MASK]`, and the lead (" " or "") an answer takes inside that blank.
+@dataclass(frozen=True)
+class BlankPrompt:
+    """A prompt holding a blank, encoded as the model saw blanks in training.
 
-    Byte-level BPE attaches a space to the following word, so in "is [MASK]" the answer is " Paris", not "Paris":
-    the space before the blank moves into the answers, which GLM scores or generates inside the blank.
+    Byte-level BPE attaches a space to the following word, so a trained span is " Paris", never "Paris" after a
+    lone " " token: the space before the blank moves out of Part A into the answer (`lead`).
     """
-    before, after = text.split(MASK, 1)
+
+    part_a: list[int]
+    """Token ids: the text before the blank (without that space), the blank token, the text after."""
+    before: str
+    """The text before the blank, without the space that moved into the answer."""
+    lead: str
+    """" " when a space preceded the blank (it belongs to the answer), else ""."""
+    after: str
+    token: str
+    """The blank token: `[MASK]`, `[sMASK]` or `[gMASK]`."""
+
+    def text(self, answer: str) -> str:
+        """The prompt with the blank replaced by `answer` (decoded fill tokens carry their own leading space)."""
+        return self.before + answer + self.after
+
+
+def blank_prompt(tok, text: str, ids: SpecialIds) -> BlankPrompt | None:
+    """The first blank of `text` (any of `[MASK]`, `[sMASK]`, `[gMASK]`), or None when it has none."""
+    found = [(text.find(t), t) for t in (MASK, SMASK, GMASK) if t in text]
+    if not found:
+        return None
+    at, token = min(found)
+    before, after = text[:at], text[at + len(token) :]
     lead = " " if before.endswith(" ") else ""
-    return tokenizer.encode(before.rstrip(" ")).ids + [ids.mask] + tokenizer.encode(after).ids, lead
+    before = before[: len(before) - len(lead)]
+    blank = {MASK: ids.mask, SMASK: ids.smask, GMASK: ids.gmask}[token]
+    return BlankPrompt(tok.encode(before).ids + [blank] + tok.encode(after).ids, before, lead, after, token)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from wudao.data.formats import encodable
-from wudao.data.glm import SpecialIds, cloze_prompt
+from wudao.data.glm import SpecialIds, blank_prompt
 from wudao.data.tokenizer import MASK
 from wudao.model import GLMModel, continue_text
 from wudao.model.generation import cloze_scores_many
@@ -93,9 +93,13 @@ def parse_kg(facts_text: str, templates_text: str) -> KG:
 
 
 def _cloze_inputs(template: str, subject: str, tokenizer, ids: SpecialIds) -> tuple[list[int], str]:
-    """Part A token ids with one [MASK] where [Y] is, and the text that precedes an object in context (" Paris"
-    after "is [Y]": see `cloze_prompt`)."""
-    return cloze_prompt(template.replace("[X]", subject).replace("[Y]", MASK), tokenizer, ids)
+    """Part A token ids with one [MASK] where [Y] is, and the text that precedes an object in context.
+
+    Byte-level BPE attaches a space to the following word, so "is [Y]" must score " Paris", not "Paris": the
+    space before [Y] moves into the candidates (`wudao.data.glm.blank_prompt`, as generation encodes blanks).
+    """
+    blank = blank_prompt(tokenizer, template.replace("[X]", subject).replace("[Y]", MASK), ids)
+    return blank.part_a, blank.lead
 
 
 @dataclass
@@ -248,37 +252,118 @@ def evaluate_kg(model: GLMModel, tokenizer, kg: KG, *, limit: int | None = None,
                     problems=dict(problems), per_fact=per_fact)  # fmt: skip
 
 
+VERDICTS = ("supported", "contradicted", "unverifiable")
+_ENDS = ".。!！?？;；\n"
+"""Characters that end a sentence."""
+_NOT_IN_OBJECT = _ENDS + ",，"
+"""A claimed object never holds one of these (unless it is a KG object, "St. John's"): "Paris, a big city" is not
+read as an object, and a sentence end never is."""
+_SENTENCE_START = r"(?:^|(?<=[.。!！?？;；:：\n]))\s*"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One template-shaped sentence of a text: (subject, relation, object) judged against the KG."""
+
+    claim: str
+    """The sentence as written."""
+    subject: str
+    relation: str
+    object: str
+    lang: str
+    verdict: str
+    """supported (the KG holds this object or an alias), contradicted (it holds others), unverifiable (it holds no
+    object for this subject and relation)."""
+    start: int
+    end: int
+    """Character span of the sentence in the text."""
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("claim", "subject", "relation", "object", "lang", "verdict")}
+
+
+class ClaimChecker:
+    """The claims a text makes about KG subjects, FActScore-style: a claim is a sentence that is one of the KG's
+    templates with [X] = a subject of the template's language and [Y] = anything up to the template's next text.
+
+    A claim starts where a sentence starts (so "Guinea's capital is" is not read inside "Equatorial Guinea's
+    capital is"), and its object holds no sentence end or comma unless it is one of the KG's own objects.
+    """
+
+    def __init__(self, kg: KG) -> None:
+        self.kg = kg
+        self._known: dict[tuple[str, str, str], dict[str, None]] = defaultdict(dict)
+        dotted: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for f in kg.facts:
+            for name in (f.object, *f.aliases):
+                self._known[(f.subject, f.relation, f.lang)][name] = None
+                if any(c in _NOT_IN_OBJECT for c in name):
+                    dotted[(f.relation, f.lang)].add(name)
+        self._dotted = {k: "|".join(re.escape(n) for n in sorted(v, key=len, reverse=True)) for k, v in dotted.items()}
+        # Longest first: where one subject holds another ("Niger" in "Nigeria"), the templates' text tells them apart.
+        self._subjects = sorted({(f.subject, f.lang) for f in kg.facts}, key=lambda s: -len(s[0]))
+        self._patterns: dict[tuple[str, str, bool], re.Pattern] = {}
+
+    def answers(self, subject: str, relation: str, lang: str) -> list[str]:
+        """What the KG says (objects, then aliases), in KG order; [] when it says nothing."""
+        return list(self._known.get((subject, relation, lang), {}))
+
+    def judge(self, subject: str, relation: str, lang: str, obj: str) -> str:
+        truth = self._known.get((subject, relation, lang))
+        return "unverifiable" if not truth else "supported" if obj in truth else "contradicted"
+
+    def _pattern(self, template: str, subject: str, relation: str, lang: str, open_end: bool) -> re.Pattern:
+        key = (template, subject, open_end)
+        if key not in self._patterns:
+            before, after = template.replace("[X]", subject).split("[Y]")
+            obj = f"[^{re.escape(_NOT_IN_OBJECT)}]+?"
+            if dotted := self._dotted.get((relation, lang)):
+                obj = f"(?:{dotted})|{obj}"
+            tail = re.escape(after) if after else f"(?=[{re.escape(_ENDS)}])"
+            if open_end and after and after[-1] in _ENDS:  # a prompt's own end may stand for the final mark
+                tail = re.escape(after[:-1]) + f"(?:{re.escape(after[-1])}|$)"
+            elif open_end and not after:
+                tail = f"(?=[{re.escape(_ENDS)}]|$)"
+            self._patterns[key] = re.compile(f"{_SENTENCE_START}(?P<claim>{re.escape(before)}(?P<obj>{obj}){tail})")
+        return self._patterns[key]
+
+    def claims(self, text: str, *, open_end: bool = False) -> list[Claim]:
+        """Every template-shaped claim in `text`, in order. `open_end`: the text's end is a real end (a prompt, a
+        finished answer), so a final sentence may lack its mark; otherwise (text cut at a token limit) it may not."""
+        found = []
+        for subject, lang in self._subjects:
+            if subject not in text:
+                continue
+            for (relation, tlang), templates in self.kg.templates.items():
+                if tlang != lang:
+                    continue
+                for template in templates:
+                    for m in self._pattern(template, subject, relation, lang, open_end).finditer(text):
+                        obj = m.group("obj").strip()
+                        found.append(Claim(m.group("claim"), subject, relation, obj, lang,
+                                           self.judge(subject, relation, lang, obj), m.start("claim"), m.end("claim")))  # fmt: skip
+        return sorted(found, key=lambda c: (c.start, c.end))
+
+
+def verdict_counts(claims: list[Claim]) -> dict[str, int]:
+    return {v: sum(c.verdict == v for c in claims) for v in VERDICTS}
+
+
 def check_claims(model: GLMModel, tokenizer, kg: KG, ids: SpecialIds, rng: np.random.Generator, n_subjects: int,
                  max_new_tokens: int, facts: list[Fact] | None = None) -> dict[str, float | int]:  # fmt: skip
     """Generate from `<subject>` for sampled subjects (of `facts`, default all); judge every template-shaped claim
-    about the subject against the whole KG."""
-    known: dict[tuple[str, str, str], set[str]] = defaultdict(set)
-    for f in kg.facts:
-        known[(f.subject, f.relation, f.lang)].update([f.object, *f.aliases])
+    of the text (`ClaimChecker`) against the whole KG."""
+    checker = ClaimChecker(kg)
     subjects = sorted({(f.subject, f.lang) for f in (kg.facts if facts is None else facts)})
     if n_subjects and len(subjects) > n_subjects:
         subjects = [subjects[i] for i in sorted(rng.choice(len(subjects), n_subjects, replace=False))]
     counts = Counter()
-    for subject, lang in subjects:
+    for subject, _ in subjects:
         text = subject + tokenizer.decode(continue_text(model, tokenizer.encode(subject).ids, ids, max_new_tokens))
-        for (relation, tlang), templates in kg.templates.items():
-            if tlang != lang:
-                continue
-            for template in templates:
-                before, after = (re.escape(p) for p in template.replace("[X]", subject).split("[Y]"))
-                stop = re.escape(after[:1]) if after else r"[.。,，;；!！?？\n]"
-                for m in re.finditer(before + r"(.+?)(?=" + (stop or "$") + ")", text):
-                    claimed = m.group(1).strip()
-                    truth = known.get((subject, relation, lang))
-                    if not truth:
-                        counts["unverifiable"] += 1
-                    elif claimed in truth:
-                        counts["supported"] += 1
-                    else:
-                        counts["contradicted"] += 1
+        counts.update(verdict_counts(checker.claims(text)))
     total = sum(counts.values())
-    rates = {f"{k}_rate": (counts[k] / total if total else 0.0) for k in ("supported", "contradicted", "unverifiable")}
-    return {"claims": total, "subjects": len(subjects), **{k: counts[k] for k in ("supported", "contradicted", "unverifiable")}, **rates}
+    rates = {f"{k}_rate": (counts[k] / total if total else 0.0) for k in VERDICTS}
+    return {"claims": total, "subjects": len(subjects), **{k: counts[k] for k in VERDICTS}, **rates}
 
 
 def naive_cloze_sums(model: GLMModel, part_a: list[int], ids: SpecialIds, candidates: list[list[int]]) -> list[float]:

@@ -313,8 +313,8 @@ def _cloze_rows(model: GLMModel, part_as: Sequence[Sequence[int]], ids: BlankIds
     """Checked inputs of a cloze scoring: each prompt's blank position, and its (prompt index, trie) rows."""
     if len(candidates) != len(part_as):
         raise ValueError(f"{len(part_as)} prompts but {len(candidates)} candidate lists")
-    if any(not cands or any(len(c) == 0 for c in cands) for cands in candidates):
-        raise ValueError("every prompt needs candidates, and every candidate at least one token")
+    if any(not cands for cands in candidates):  # an empty candidate is fine: it scores [eop] right after [sop]
+        raise ValueError("every prompt needs candidates")
     blanks = [find_blank(a, ids) for a in part_as] if mask_pos is None else list(mask_pos)
     longest = max(len(a) + 1 + max(map(len, cands)) for a, cands in zip(part_as, candidates))
     if longest > model.cfg.max_seq_len:  # the length one candidate's own forward would have

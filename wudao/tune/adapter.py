@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from wudao.errors import WudaoError
-from wudao.data.glm import SpecialIds, cloze_prompt
+from wudao.data.glm import SpecialIds, blank_prompt
 from wudao.data.tokenizer import MASK
 from wudao.model import GLMConfig, GLMModel
 from wudao.model.generation import cloze_score_matrix, fill_blank
@@ -145,8 +145,8 @@ class Tuned:
         """Part A of a row (v1 placeholders first: their embeddings are the prompt's) and the answer's lead."""
         if text.count(MASK) != 1:
             raise AdapterError(f"a text for a tuned adapter holds exactly one {MASK} (this one {text.count(MASK)}): {text[:80]!r}")
-        part_a, lead = cloze_prompt(text, self.tokenizer, self.ids)
-        return [self.ids.cls] * self.n_input + part_a, lead
+        blank = blank_prompt(self.tokenizer, text, self.ids)
+        return [self.ids.cls] * self.n_input + blank.part_a, blank.lead
 
     def label_set(self, text: str, lang: str | None) -> list[str]:
         """The labels a row is scored against: its language's. Without `lang`, text with Chinese characters is
