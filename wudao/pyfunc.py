@@ -67,7 +67,7 @@ def model_artifacts(store: ObjectStore, checkpoint_uri: str, tokenizer_key: str,
 
 
 # MLflow asks every hint-free `predict` for type hints; ours has none on purpose (see `WudaoLM.predict`).
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method", category=UserWarning)
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class WudaoLM(mlflow.pyfunc.PythonModel):
