@@ -16,18 +16,21 @@ LAYERS: list[set[str]] = [
     {"catalog"},
     {"data"},
     {"train", "eval"},  # siblings: both read data, neither imports the other
-    {"serving", "pyfunc", "gates", "tracking", "registry", "history", "stack"},
-    {"stages"},
+    {"tune"},  # adapting a trained model: the training schedule of `train`, the model, the data
+    {"serving", "checked", "pyfunc", "gates", "tracking", "registry", "history", "stack"},
+    {"stages", "tune.run"},
     {"cli"},
 ]
 SIBLINGS = [("train", "eval"), ("eval", "train")]
+OWN_LAYER = {"stack.state", "tune.run"}
+"""Modules placed apart from their package: the stack's state is a leaf, a tuning run orchestrates like a stage."""
 
 
 def _part(module: str) -> str:
-    """`wudao.data.ingest` -> `data`; `wudao.stack.state` -> `stack.state` (a leaf of its own)."""
+    """`wudao.data.ingest` -> `data`; `wudao.stack.state` -> `stack.state` (OWN_LAYER)."""
     parts = module.split(".")[1:]
-    if parts[:2] == ["stack", "state"]:
-        return "stack.state"
+    if ".".join(parts[:2]) in OWN_LAYER:
+        return ".".join(parts[:2])
     return parts[0] if parts else "wudao"
 
 

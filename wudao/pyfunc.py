@@ -25,8 +25,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import warnings
-
 import mlflow
 import pandas as pd
 
@@ -66,10 +64,6 @@ def model_artifacts(store: ObjectStore, checkpoint_uri: str, tokenizer_key: str,
     return artifacts
 
 
-# MLflow asks every hint-free `predict` for type hints; ours has none on purpose (see `WudaoLM.predict`).
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
-
-
 class WudaoLM(mlflow.pyfunc.PythonModel):
     """Blank filling and text continuation; text -> image when the version carries an image tokenizer."""
 
@@ -101,10 +95,11 @@ class WudaoLM(mlflow.pyfunc.PythonModel):
             kg_dir = Path(context.artifacts["kg"])
             self.checker = ClaimChecker(parse_kg((kg_dir / KG_FACTS).read_text("utf-8"), (kg_dir / KG_TEMPLATES).read_text("utf-8")))
 
-    # No type hints on `model_input` or the result: MLflow 3 would infer the signature from them and drop the
-    # declared params (mlflow#14908), so serving would ignore every parameter. Inputs arrive as a one-column
-    # DataFrame (the signature's string column) or, called directly, as a list.
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+    # `model_input` is hinted as a DataFrame on purpose: MLflow 3 infers a signature from any other hint (`list[str]`)
+    # and it replaces the declared one, dropping every declared param from requests (mlflow#14908); without a hint it
+    # warns at import. A DataFrame is what serving passes (the signature's string column); a list works when called
+    # directly.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         p = {**PARAMS, **(params or {})}
         model_input = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
         if p["check_facts"] and p["mode"] == "text":
@@ -170,8 +165,7 @@ class WudaoTunedLM(WudaoLM):
         self.tuned = Tuned.apply(self.generator.model, self.generator.tokenizer, spec, state)
         self.blank = MASK
 
-    # No type hints, as `WudaoLM.predict` (mlflow#14908: a hint replaces the declared signature and its params).
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):  # hint: see WudaoLM
         """Texts with a blank through the adapter, the rest (and checked generation) through the base."""
         p = {**ADAPTER_PARAMS, **(params or {})}
         if isinstance(model_input, (pd.DataFrame, pd.Series)):
