@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= $(or $(WUDAO_HOME),.wudao)/demo-data
 
-.PHONY: venv demo test test-fast stack-down clean
+.PHONY: venv demo lint test test-fast stack-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,13 @@ demo: $(STAMP)
 	$(DEMO_ENV) $(BIN)/wudao deploy --detach --cron "0 2 * * *" --source $(DEMO_ABS)/corpus/slice-01
 	$(BIN)/wudao trigger lifelong-cycle --param source=$(DEMO_ABS)/corpus/slice-01 --wait
 
-# The whole suite, end-to-end tests included (real SeaweedFS, MLflow and Prefect servers on loopback).
-test: $(STAMP)
+# Format and lint (config in pyproject.toml); `ruff format .` fixes the formatting.
+lint: $(STAMP)
+	$(BIN)/ruff format --check --quiet .
+	$(BIN)/ruff check --quiet .
+
+# Lint, then the whole suite, end-to-end tests included (real object store, MLflow and Prefect servers on loopback).
+test: lint
 	$(BIN)/python -m pytest -q
 
 # Everything but the end-to-end cycle tests.

@@ -30,8 +30,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    model = GLMModel(GLMConfig(vocab_size=8192, d_model=args.d_model, n_layers=args.layers, n_heads=8, max_seq_len=512,
-                               moe_every=2, n_experts=4))  # fmt: skip
+    model = GLMModel(
+        GLMConfig(
+            vocab_size=8192,
+            d_model=args.d_model,
+            n_layers=args.layers,
+            n_heads=8,
+            max_seq_len=512,
+            moe_every=2,
+            n_experts=4,
+        )
+    )
     optimizer = torch.optim.AdamW(model.parameters())
     model.loss(**_tiny_batch()).loss.backward()
     optimizer.step()  # real optimizer state (two moments per parameter)
@@ -42,7 +51,10 @@ def main() -> None:
             t = time.perf_counter()
             raw_dir = Path(tmp) / f"raw-{i}"
             raw_dir.mkdir()
-            save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, raw_dir / "model.safetensors")
+            save_file(
+                {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+                raw_dir / "model.safetensors",
+            )
             buf = io.BytesIO()
             torch.save(optimizer.state_dict(), buf)
             with open(raw_dir / "optim.pt", "wb") as f:
@@ -51,19 +63,35 @@ def main() -> None:
                 os.fsync(f.fileno())
             raw.append(time.perf_counter() - t)
             t = time.perf_counter()
-            save_checkpoint(store, f"checkpoints/bench/step-{i:08d}", model, {"step": i}, optimizer_state=optimizer.state_dict(),
-                            train_state={"step": i})  # fmt: skip
+            save_checkpoint(
+                store,
+                f"checkpoints/bench/step-{i:08d}",
+                model,
+                {"step": i},
+                optimizer_state=optimizer.state_dict(),
+                train_state={"step": i},
+            )
             ours.append(time.perf_counter() - t)
         size = sum(p.stat().st_size for p in (Path(tmp) / "raw-0").iterdir())
-    result = {"checkpoint_over_raw_write": statistics.median(ours) / statistics.median(raw), "checkpoint_mb": size / 1e6,
-              "ours_s": statistics.median(ours), "raw_s": statistics.median(raw)}  # fmt: skip
+    result = {
+        "checkpoint_over_raw_write": statistics.median(ours) / statistics.median(raw),
+        "checkpoint_mb": size / 1e6,
+        "ours_s": statistics.median(ours),
+        "raw_s": statistics.median(raw),
+    }
     print(json.dumps(result) if args.json else "\n".join(f"{k:26s} {v:.3f}" for k, v in result.items()))
 
 
 def _tiny_batch() -> dict[str, torch.Tensor]:
     ids = torch.randint(20, 8000, (2, 16))
-    return {"input_ids_BT": ids, "position_ids_BT": torch.arange(16).expand(2, 16), "block_position_ids_BT": torch.zeros(2, 16, dtype=torch.long),
-            "sep_B": torch.tensor([8, 8]), "target_ids_BT": ids, "loss_mask_BT": torch.arange(16).expand(2, 16) >= 8}  # fmt: skip
+    return {
+        "input_ids_BT": ids,
+        "position_ids_BT": torch.arange(16).expand(2, 16),
+        "block_position_ids_BT": torch.zeros(2, 16, dtype=torch.long),
+        "sep_B": torch.tensor([8, 8]),
+        "target_ids_BT": ids,
+        "loss_mask_BT": torch.arange(16).expand(2, 16) >= 8,
+    }
 
 
 if __name__ == "__main__":

@@ -60,9 +60,16 @@ def main() -> None:
         started = time.perf_counter()
         extractor(images)
         extract_s = time.perf_counter() - started
-    result = {"cached_speedup": first_s / second_s, "images_per_s": len(images) / extract_s, "first_s": first_s,
-              "second_s": second_s, "n": args.n, "resolution": args.resolution, "torch_threads": torch.get_num_threads(),
-              "device": str(extractor.device)}  # fmt: skip
+    result = {
+        "cached_speedup": first_s / second_s,
+        "images_per_s": len(images) / extract_s,
+        "first_s": first_s,
+        "second_s": second_s,
+        "n": args.n,
+        "resolution": args.resolution,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(extractor.device),
+    }
     table = "\n".join(f"{k:16s} {v:.2f}" if isinstance(v, float) else f"{k:16s} {v}" for k, v in result.items())
     print(json.dumps(result) if args.json else table)
 

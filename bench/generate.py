@@ -41,8 +41,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = GLMConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.d_model // 64,
-                    max_seq_len=args.prompt + args.new_tokens + 2, moe_every=0)  # fmt: skip
+    cfg = GLMConfig(
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=args.d_model // 64,
+        max_seq_len=args.prompt + args.new_tokens + 2,
+        moe_every=0,
+    )
     model = GLMModel(cfg).eval()
     prompt = [*torch.randint(10, args.vocab, (args.prompt,)).tolist(), Ids.gmask]
 
@@ -71,8 +77,11 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"GLM d={args.d_model} L={args.layers} V={args.vocab}, prompt {args.prompt} + 256 new tokens, greedy, "
-          f"{torch.get_num_threads()} threads (median of {args.repeats})", file=sys.stderr)  # fmt: skip
+    print(
+        f"GLM d={args.d_model} L={args.layers} V={args.vocab}, prompt {args.prompt} + 256 new tokens, greedy, "
+        f"{torch.get_num_threads()} threads (median of {args.repeats})",
+        file=sys.stderr,
+    )
     print(f"{'':>10} {'seconds':>8} {'tokens/s':>9}")
     print(f"{'KV cache':>10} {cached:>8.3f} {args.new_tokens / cached:>9.1f}")
     print(f"{'no cache':>10} {uncached:>8.3f} {args.new_tokens / uncached:>9.1f}")

@@ -33,10 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
-_EN_WORDS = ("the of and to in is was for on that with as by at from it an be this are or his which but not have had "
-             "they you were their one all we can her has there been if more when will would who so no time people year "
-             "water day way city river house work world school life family night morning story garden window road "
-             "bridge market village mountain teacher student music book letter friend summer winter boat field").split()  # fmt: skip
+_EN_WORDS = (
+    "the of and to in is was for on that with as by at from it an be this are or his which but not have had "
+    "they you were their one all we can her has there been if more when will would who so no time people year "
+    "water day way city river house work world school life family night morning story garden window road "
+    "bridge market village mountain teacher student music book letter friend summer winter boat field"
+).split()
 _HAN = [chr(c) for c in range(0x4E00, 0x4E00 + 1500)]
 
 
@@ -58,11 +60,15 @@ def make_corpus(root: Path, megabytes: int, seed: int = 0) -> int:
                     words[rng.randrange(len(words))] = rng.choice(_EN_WORDS)
                     text = " ".join(words)
                 elif rng.random() < 0.5:
-                    text = " ".join(" ".join(rng.choice(_EN_WORDS) for _ in range(rng.randint(8, 18))).capitalize() + "."
-                                    for _ in range(rng.randint(6, 14)))  # fmt: skip
+                    text = " ".join(
+                        " ".join(rng.choice(_EN_WORDS) for _ in range(rng.randint(8, 18))).capitalize() + "."
+                        for _ in range(rng.randint(6, 14))
+                    )
                 else:
-                    text = "".join("".join(rng.choice(_HAN) for _ in range(rng.randint(10, 30))) + "。"
-                                   for _ in range(rng.randint(6, 14)))  # fmt: skip
+                    text = "".join(
+                        "".join(rng.choice(_HAN) for _ in range(rng.randint(10, 30))) + "。"
+                        for _ in range(rng.randint(6, 14))
+                    )
                 recent = (recent + [text])[-200:]
                 line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
                 f.write(line)
@@ -85,15 +91,21 @@ def _warm_up(settings, work: Path) -> None:
 
     make_corpus(work / "warmup", 2, seed=2)
     report = run_ingest(settings, str(work / "warmup"))
-    (work / "tokenizer.json").write_bytes((work / "objects" / "tokenizer" / report["tokenizer_version"] / "tokenizer.json").read_bytes())
+    (work / "tokenizer.json").write_bytes(
+        (work / "objects" / "tokenizer" / report["tokenizer_version"] / "tokenizer.json").read_bytes()
+    )
 
 
 def _peaks() -> dict:
     """Peak RSS and CPU seconds of this process and of the processes it started (CPU time does not drift with a
     noisy neighbour the way wall time does: it shows where the work went)."""
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"max_rss_mb": me.ru_maxrss / 1024, "worker_max_rss_mb": children.ru_maxrss / 1024,
-            "main_cpu_s": me.ru_utime + me.ru_stime, "worker_cpu_s": children.ru_utime + children.ru_stime}  # fmt: skip
+    return {
+        "max_rss_mb": me.ru_maxrss / 1024,
+        "worker_max_rss_mb": children.ru_maxrss / 1024,
+        "main_cpu_s": me.ru_utime + me.ru_stime,
+        "worker_cpu_s": children.ru_utime + children.ru_stime,
+    }
 
 
 def run_ours(corpus: Path, work: Path, workers: int) -> dict:
@@ -103,8 +115,14 @@ def run_ours(corpus: Path, work: Path, workers: int) -> dict:
     _warm_up(settings, work)
     start = time.perf_counter()
     report = run_ingest(settings, str(corpus))
-    return {"seconds": time.perf_counter() - start, "documents": report["documents_accepted"], "near": report["duplicates_near"],
-            "exact": report["duplicates_exact"], "tokens": report["tokens"], **_peaks()}  # fmt: skip
+    return {
+        "seconds": time.perf_counter() - start,
+        "documents": report["documents_accepted"],
+        "near": report["duplicates_near"],
+        "exact": report["duplicates_exact"],
+        "tokens": report["tokens"],
+        **_peaks(),
+    }
 
 
 def run_dask(corpus: Path, work: Path, workers: int) -> dict:
@@ -125,15 +143,26 @@ def run_dask(corpus: Path, work: Path, workers: int) -> dict:
         start = time.perf_counter()
         report = ingest_flow.with_options(task_runner=runner)(source=str(corpus), overrides=overrides)
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "documents": report["documents_accepted"], "near": report["duplicates_near"],
-            "exact": report["duplicates_exact"], "tokens": report["tokens"], **_peaks()}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "documents": report["documents_accepted"],
+        "near": report["duplicates_near"],
+        "exact": report["duplicates_exact"],
+        "tokens": report["tokens"],
+        **_peaks(),
+    }
 
 
 def run_datatrove(corpus: Path, work: Path, workers: int, tokenizer_file: Path) -> dict:
     import re
 
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
+    from datatrove.pipeline.dedup import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
     from datatrove.pipeline.dedup.minhash import MinhashConfig
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.tokens import DocumentTokenizer
@@ -161,18 +190,27 @@ def run_datatrove(corpus: Path, work: Path, workers: int, tokenizer_file: Path) 
         [JsonlReader(str(corpus)), MinhashDedupSignature(output_folder=sigs, config=config, language=BilingualWords())],
         [MinhashDedupBuckets(input_folder=sigs, output_folder=buckets, config=config)],
         [MinhashDedupCluster(input_folder=buckets, output_folder=remove, config=config)],
-        [JsonlReader(str(corpus)), MinhashDedupFilter(input_folder=remove),
-         DocumentTokenizer(output_folder=tokens, tokenizer_name_or_path=str(tokenizer_file), eos_token="[EOS]")],
-    ]  # fmt: skip
+        [
+            JsonlReader(str(corpus)),
+            MinhashDedupFilter(input_folder=remove),
+            DocumentTokenizer(output_folder=tokens, tokenizer_name_or_path=str(tokenizer_file), eos_token="[EOS]"),
+        ],
+    ]
     for n, pipeline in enumerate(stages):
         tasks = {0: workers, 1: config.num_buckets, 2: 1, 3: workers}[n]  # clustering runs as a single task
-        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(tasks, workers), logging_dir=f"{logs}/{n}").run()
+        LocalPipelineExecutor(
+            pipeline=pipeline, tasks=tasks, workers=min(tasks, workers), logging_dir=f"{logs}/{n}"
+        ).run()
     return {"seconds": time.perf_counter() - start, **_peaks()}
 
 
 def _child(mode: str, corpus: Path, work: Path, workers: int) -> dict:
     """Each pipeline in a fresh process pinned to `workers` cores, so peak RSS, imports and cores are its own."""
-    out = subprocess.run([sys.executable, __file__, "--_child", mode, str(corpus), str(work), str(workers)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--_child", mode, str(corpus), str(work), str(workers)],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
     print(f"{mode} ({workers} worker(s)): {out.stdout.strip().splitlines()[-1]}", file=sys.stderr, flush=True)
@@ -199,7 +237,11 @@ def main() -> None:
         mode, corpus, work, workers = args._child
         _pin(int(workers))
         run = {"ours": run_ours, "dask": run_dask}.get(mode)
-        result = run(Path(corpus), Path(work), int(workers)) if run else run_datatrove(Path(corpus), Path(work), int(workers), Path(work).parent / "ours-1" / "tokenizer.json")
+        result = (
+            run(Path(corpus), Path(work), int(workers))
+            if run
+            else run_datatrove(Path(corpus), Path(work), int(workers), Path(work).parent / "ours-1" / "tokenizer.json")
+        )
         print(json.dumps(result))
         return
     counts = sorted({int(w) for w in args.workers.split(",")})

@@ -33,8 +33,15 @@ from wudao.data.demo import write_demo  # noqa: E402
 from wudao.data.glm import SpecialIds  # noqa: E402
 from wudao.data.tokenizer import train_tokenizer  # noqa: E402
 from wudao.eval.kg import (  # noqa: E402
-    KG_FACTS, KG_TEMPLATES, _cloze_inputs, answer_spaces, check_claims, evaluate_kg, naive_cloze_sums, parse_kg,
-)  # fmt: skip
+    KG_FACTS,
+    KG_TEMPLATES,
+    _cloze_inputs,
+    answer_spaces,
+    check_claims,
+    evaluate_kg,
+    naive_cloze_sums,
+    parse_kg,
+)
 from wudao.model import GLMConfig, GLMModel  # noqa: E402
 from wudao.model.generation import _encode_part_a, _part_b, cloze_scores_many  # noqa: E402
 
@@ -63,8 +70,12 @@ def main() -> None:
     ap.add_argument("--old-all", action="store_true", help="run the old scorer on every fact too (minutes)")
     ap.add_argument("--repeat", type=int, default=3, help="alternating repeats of each sample comparison (min taken)")
     ap.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary (the ingest default)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); on a shared box "
-                    "1 can be much faster than oversubscribed cores")  # fmt: skip
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0 = torch's default); on a shared box 1 can be much faster than oversubscribed cores",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -111,8 +122,13 @@ def main() -> None:
             ref_out, t = timed(lambda: [reference(model, a, ids, c) for _, a, c in ps])
             ref_s.append(t)
         diff = max(float(np.abs(np.subtract(n, r)).max()) for n, r in zip(new_out, ref_out))
-        return {"facts": len(sample), "new_s": min(new_s), "ref_s": min(ref_s), "ratio": min(ref_s) / min(new_s),
-                "max_abs_diff": diff}  # fmt: skip
+        return {
+            "facts": len(sample),
+            "new_s": min(new_s),
+            "ref_s": min(ref_s),
+            "ratio": min(ref_s) / min(new_s),
+            "max_abs_diff": diff,
+        }
 
     with torch.no_grad():
         new_all, new_all_s = timed(lambda: new(probes))
@@ -126,24 +142,42 @@ def main() -> None:
     _, claims_s = timed(lambda: check_claims(model, tok, kg, ids, np.random.default_rng(0), 20, 24))
     old_all_est = old["ref_s"] / old["facts"] * len(kg.facts)
     result = {
-        "facts": len(kg.facts), "probes": len(probes), "rows": sum(len(p[2]) for p in probes),
-        "threads": torch.get_num_threads(), "new_all_facts_s": new_all_s, "old_all_facts_s": old_all_s,
-        "old_all_facts_s_estimated": old_all_est, "new_over_old_all_facts": (old_all_s or old_all_est) / new_all_s,
-        "old": old, "naive": naive, "evaluate_kg_all_facts_s": eval_s, "claims_20_subjects_s": claims_s,
-        "p_at_1": report.p_at_1, "chance": report.chance, "majority": report.majority,
-    }  # fmt: skip
+        "facts": len(kg.facts),
+        "probes": len(probes),
+        "rows": sum(len(p[2]) for p in probes),
+        "threads": torch.get_num_threads(),
+        "new_all_facts_s": new_all_s,
+        "old_all_facts_s": old_all_s,
+        "old_all_facts_s_estimated": old_all_est,
+        "new_over_old_all_facts": (old_all_s or old_all_est) / new_all_s,
+        "old": old,
+        "naive": naive,
+        "evaluate_kg_all_facts_s": eval_s,
+        "claims_20_subjects_s": claims_s,
+        "p_at_1": report.p_at_1,
+        "chance": report.chance,
+        "majority": report.majority,
+    }
     if args.json:
         print(json.dumps(result))
         return
-    print(f"demo KG: {result['facts']} facts, {result['probes']} fact x template prompts, {result['rows']} candidate rows; "
-          f"d_model 64, 2 layers, vocab {tok.get_vocab_size()}, {result['threads']} thread(s)")  # fmt: skip
+    print(
+        f"demo KG: {result['facts']} facts, {result['probes']} fact x template prompts, {result['rows']} candidate rows; "
+        f"d_model 64, 2 layers, vocab {tok.get_vocab_size()}, {result['threads']} thread(s)"
+    )
     print(f"{'reference':10s} {'facts':>6s} {'ref s':>8s} {'new s':>8s} {'new/ref':>8s} {'max |diff|':>10s}")
     for name, r in (("old", old), ("naive", naive)):
-        print(f"{name:10s} {r['facts']:6d} {r['ref_s']:8.2f} {r['new_s']:8.2f} {r['ratio']:7.1f}x {r['max_abs_diff']:10.1e}")
+        print(
+            f"{name:10s} {r['facts']:6d} {r['ref_s']:8.2f} {r['new_s']:8.2f} {r['ratio']:7.1f}x {r['max_abs_diff']:10.1e}"
+        )
     old_line = f"{old_all_s:.1f} s measured" if old_all_s else f"~{old_all_est:.0f} s estimated from its sample"
-    print(f"all {result['facts']} facts: new {new_all_s:.1f} s, old {old_line} -> {result['new_over_old_all_facts']:.1f}x")
-    print(f"evaluate_kg on all facts (bootstrap + claims included): {eval_s:.1f} s; claim checks alone (20 subjects x 24 "
-          f"tokens): {claims_s:.2f} s; P@1 {report.p_at_1:.3f} (chance {report.chance:.3f}, majority {report.majority:.3f})")  # fmt: skip
+    print(
+        f"all {result['facts']} facts: new {new_all_s:.1f} s, old {old_line} -> {result['new_over_old_all_facts']:.1f}x"
+    )
+    print(
+        f"evaluate_kg on all facts (bootstrap + claims included): {eval_s:.1f} s; claim checks alone (20 subjects x 24 "
+        f"tokens): {claims_s:.2f} s; P@1 {report.p_at_1:.3f} (chance {report.chance:.3f}, majority {report.majority:.3f})"
+    )
 
 
 if __name__ == "__main__":

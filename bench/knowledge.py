@@ -81,11 +81,15 @@ def generated_verdicts(gen, checker: ClaimChecker, prompt: str, text: str) -> li
 def summarise(rows: list[dict]) -> dict:
     counts = {k: sum(r[k] for r in rows) for k in ("supported", "contradicted", "unverifiable")}
     claims = sum(counts.values())
-    return {"prompts": len(rows), "claims": claims, **counts,
-            "contradicted_rate": counts["contradicted"] / claims if claims else None,
-            "supported_rate": counts["supported"] / claims if claims else None,
-            "contradicted_per_prompt": counts["contradicted"] / len(rows) if rows else None,
-            "claims_per_prompt": claims / len(rows) if rows else None}  # fmt: skip
+    return {
+        "prompts": len(rows),
+        "claims": claims,
+        **counts,
+        "contradicted_rate": counts["contradicted"] / claims if claims else None,
+        "supported_rate": counts["supported"] / claims if claims else None,
+        "contradicted_per_prompt": counts["contradicted"] / len(rows) if rows else None,
+        "claims_per_prompt": claims / len(rows) if rows else None,
+    }
 
 
 def answer_all(answer, prompts: list[tuple[str, str]]) -> dict[str, list[dict]]:
@@ -98,7 +102,9 @@ def answer_all(answer, prompts: list[tuple[str, str]]) -> dict[str, list[dict]]:
             if method == "selection" and kind == "continuation":
                 continue  # nothing to constrain: the same as checked
             text, verdicts = answer(method, prompt, seed)
-            rows[method].append({"kind": kind, "prompt": prompt, "text": text, **{v: verdicts.count(v) for v in VERDICTS}})
+            rows[method].append(
+                {"kind": kind, "prompt": prompt, "text": text, **{v: verdicts.count(v) for v in VERDICTS}}
+            )
     return rows
 
 
@@ -109,8 +115,10 @@ def report(rows: dict[str, list[dict]]) -> dict:
         out[kind] = {m: v for m, v in out[kind].items() if v["prompts"]}
         checked = out[kind]["checked"]
         for base in ("plain", "greedy"):
-            out[kind][f"checked_over_{base}"] = {k: (checked[k] / out[kind][base][k] if out[kind][base][k] else None)
-                                                 for k in ("contradicted_rate", "contradicted_per_prompt")}  # fmt: skip
+            out[kind][f"checked_over_{base}"] = {
+                k: (checked[k] / out[kind][base][k] if out[kind][base][k] else None)
+                for k in ("contradicted_rate", "contradicted_per_prompt")
+            }
     return out
 
 
@@ -133,8 +141,9 @@ def main() -> None:
         demo = work / "demo"
         if not (demo / "kg" / "facts.jsonl").exists():
             write_demo(demo, slices=3, seed=0, images=0)
-        settings = Settings(home=work / "home", storage_uri=str(work / "objects"),
-                            train={"steps": args.steps} if args.steps else {}).resolved()  # fmt: skip
+        settings = Settings(
+            home=work / "home", storage_uri=str(work / "objects"), train={"steps": args.steps} if args.steps else {}
+        ).resolved()
         run_ingest(settings, str(demo / "corpus" / "slice-01"))  # a no-op when already ingested
         t0 = time.perf_counter()
         trained = run_train(settings, start="scratch")
@@ -156,26 +165,45 @@ def main() -> None:
             if method in ("plain", "greedy"):
                 text = gen.text(prompt, args.max_new_tokens, sampling if method == "plain" else Sampling(), seed)
                 return text, generated_verdicts(gen, checker, prompt, text)
-            r = generate_checked(gen, checker, prompt, candidates=args.candidates, max_new_tokens=args.max_new_tokens,
-                                 sampling=sampling, seed=seed, constrain=method == "checked")  # fmt: skip
+            r = generate_checked(
+                gen,
+                checker,
+                prompt,
+                candidates=args.candidates,
+                max_new_tokens=args.max_new_tokens,
+                sampling=sampling,
+                seed=seed,
+                constrain=method == "checked",
+            )
             return r.text, [c.verdict for c, g in zip(r.claims, r.generated) if g]
 
         t0 = time.perf_counter()
         answers = {name: answer_all(local, prompts) for name, prompts in splits.items()}
         gen_s = time.perf_counter() - t0
         result = {
-            "model": {"checkpoint": uri, "steps": trained["steps"], "final_loss": trained["final_loss"],
-                      "trained_on": trained["slice_ids"], "train_s": round(train_s, 1)},
+            "model": {
+                "checkpoint": uri,
+                "steps": trained["steps"],
+                "final_loss": trained["final_loss"],
+                "trained_on": trained["slice_ids"],
+                "train_s": round(train_s, 1),
+            },
             "split": "seen = KG subjects whose first_slice is slice-01 (the training text); held-out = slice-02/03 "
-                     "subjects, never in the training text",  # fmt: skip
-            "settings": {"subjects_per_split": args.subjects, "candidates": args.candidates, "temperature": args.temperature,
-                         "top_p": args.top_p, "max_new_tokens": args.max_new_tokens},  # fmt: skip
+            "subjects, never in the training text",
+            "settings": {
+                "subjects_per_split": args.subjects,
+                "candidates": args.candidates,
+                "temperature": args.temperature,
+                "top_p": args.top_p,
+                "max_new_tokens": args.max_new_tokens,
+            },
             "in_process": {name: report(rows) for name, rows in answers.items()},
             "generate_s": round(gen_s, 1),
         }
         if args.rest:
-            result["rest"] = through_rest(settings, trained, kg_files(settings, str(demo / "kg")), gen, checker, splits,
-                                          answers, args, work)  # fmt: skip
+            result["rest"] = through_rest(
+                settings, trained, kg_files(settings, str(demo / "kg")), gen, checker, splits, answers, args, work
+            )
         result["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
@@ -185,14 +213,20 @@ def main() -> None:
             for m in METHODS:
                 if m in methods:
                     v = methods[m]
-                    print(f"{name:8s} {kind:12s} {m:9s} prompts {v['prompts']:4d} claims {v['claims']:4d} "
-                          f"contradicted rate {_fmt(v['contradicted_rate'])} per prompt {_fmt(v['contradicted_per_prompt'])} "
-                          f"supported rate {_fmt(v['supported_rate'])}")  # fmt: skip
-            print(f"{name:8s} {kind:12s} checked/plain {json.dumps(methods['checked_over_plain'])} "
-                  f"checked/greedy {json.dumps(methods['checked_over_greedy'])}")  # fmt: skip
+                    print(
+                        f"{name:8s} {kind:12s} {m:9s} prompts {v['prompts']:4d} claims {v['claims']:4d} "
+                        f"contradicted rate {_fmt(v['contradicted_rate'])} per prompt {_fmt(v['contradicted_per_prompt'])} "
+                        f"supported rate {_fmt(v['supported_rate'])}"
+                    )
+            print(
+                f"{name:8s} {kind:12s} checked/plain {json.dumps(methods['checked_over_plain'])} "
+                f"checked/greedy {json.dumps(methods['checked_over_greedy'])}"
+            )
     if "rest" in result:
         print(f"REST: {json.dumps(result['rest']['same_as_in_process'])}")
-    print(f"model trained {result['model']['train_s']} s, answers {result['generate_s']} s, total {result['seconds']} s")
+    print(
+        f"model trained {result['model']['train_s']} s, answers {result['generate_s']} s, total {result['seconds']} s"
+    )
 
 
 def _fmt(v: float | None) -> str:
@@ -211,14 +245,24 @@ def through_rest(settings, trained, kg, gen, checker, splits, answers, args, wor
 
     model_dir = work / "pyfunc"
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = model_artifacts(platform_store(settings), trained["checkpoint_uri"],
-                                    tokenizer_key(trained["tokenizer_version"]), settings.ingest.image_size, Path(tmp), kg=kg)  # fmt: skip
+        artifacts = model_artifacts(
+            platform_store(settings),
+            trained["checkpoint_uri"],
+            tokenizer_key(trained["tokenizer_version"]),
+            settings.ingest.image_size,
+            Path(tmp),
+            kg=kg,
+        )
         if model_dir.exists():
             import shutil
 
             shutil.rmtree(model_dir)
-        mlflow.pyfunc.save_model(model_dir, python_model=WudaoLM(), artifacts=artifacts,
-                                 signature=infer_signature(["x"], ["y"], params=PARAMS))  # fmt: skip
+        mlflow.pyfunc.save_model(
+            model_dir,
+            python_model=WudaoLM(),
+            artifacts=artifacts,
+            signature=infer_signature(["x"], ["y"], params=PARAMS),
+        )
     base = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     t0 = time.perf_counter()
     with mlflow_serve(str(model_dir), work / "serve.log") as url:
@@ -228,15 +272,32 @@ def through_rest(settings, trained, kg, gen, checker, splits, answers, args, wor
                 params = {**base, "seed": seed, **({"temperature": 0.0} if method == "greedy" else {})}
                 text = invoke(url, [prompt], params)[0]
                 return text, generated_verdicts(gen, checker, prompt, text)
-            out = invoke(url, [prompt], {**base, "seed": seed, "check_facts": True, "candidates": args.candidates,
-                                          "constrain": method == "checked"})[0]  # fmt: skip
+            out = invoke(
+                url,
+                [prompt],
+                {
+                    **base,
+                    "seed": seed,
+                    "check_facts": True,
+                    "candidates": args.candidates,
+                    "constrain": method == "checked",
+                },
+            )[0]
             return out["text"], [c["verdict"] for c in out["claims"] if c["generated"]]
 
         rest = {name: answer_all(remote, prompts) for name, prompts in splits.items()}
-    same = {name: {m: sum(a["text"] == b["text"] for a, b in zip(answers[name][m], rest[name][m])) / len(rest[name][m])
-                   for m in rest[name]} for name in rest}  # fmt: skip
-    return {"results": {name: report(rows) for name, rows in rest.items()}, "same_as_in_process": same,
-            "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    same = {
+        name: {
+            m: sum(a["text"] == b["text"] for a, b in zip(answers[name][m], rest[name][m])) / len(rest[name][m])
+            for m in rest[name]
+        }
+        for name in rest
+    }
+    return {
+        "results": {name: report(rows) for name, rows in rest.items()},
+        "same_as_in_process": same,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 if __name__ == "__main__":

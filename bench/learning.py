@@ -77,7 +77,9 @@ def build_probes(facts: list[dict], templates: dict, slice_name: str) -> list[Pr
         for t in templates[key]:
             before, after = t.replace("[X]", f["subject"]).split("[Y]")
             lead = " " if before.endswith(" ") else ""
-            probes.append(Probe(f["relation"], before.rstrip(" "), after, lead, space[key], space[key].index(f["object"])))
+            probes.append(
+                Probe(f["relation"], before.rstrip(" "), after, lead, space[key], space[key].index(f["object"]))
+            )
     return probes
 
 
@@ -91,7 +93,10 @@ def baselines(facts: list[dict], probes: list[Probe]) -> tuple[float, float]:
         lang_counts = next(c for (r, _), c in counts.items() if r == p.relation and p.space[0] in c)
         by_rel_u[p.relation].append(1 / len(p.space))
         by_rel_m[p.relation].append(float(lang_counts.most_common(1)[0][0] == p.space[p.gold]))
-    return (float(np.mean([np.mean(v) for v in by_rel_u.values()])), float(np.mean([np.mean(v) for v in by_rel_m.values()])))
+    return (
+        float(np.mean([np.mean(v) for v in by_rel_u.values()])),
+        float(np.mean([np.mean(v) for v in by_rel_m.values()])),
+    )
 
 
 def macro_p_at_1(probes: list[Probe], correct: list[bool]) -> dict[str, float]:
@@ -107,7 +112,9 @@ def macro_p_at_1(probes: list[Probe], correct: list[bool]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _score_rows(logits_fn, rows: list[tuple[list[int], list[int], list[int], int]], pad: int, chunk: int = 256) -> list[float]:
+def _score_rows(
+    logits_fn, rows: list[tuple[list[int], list[int], list[int], int]], pad: int, chunk: int = 256
+) -> list[float]:
     """rows: (input ids, target ids, position ids, sep); the score is the sum of log p over non-pad targets."""
     out = []
     for c in range(0, len(rows), chunk):
@@ -152,7 +159,9 @@ def gmask_rows(tok, ids: SpecialIds, p: Probe) -> list[tuple]:
     rows = []
     for obj in p.space:
         rest = tok.encode(p.lead + obj + p.after).ids
-        rows.append((a + [ids.sop] + rest[:-1], [-1] * len(a) + rest, list(range(len(a))) + [len(a) - 1] * len(rest), len(a)))
+        rows.append(
+            (a + [ids.sop] + rest[:-1], [-1] * len(a) + rest, list(range(len(a))) + [len(a) - 1] * len(rest), len(a))
+        )
     return rows
 
 
@@ -196,9 +205,14 @@ def causal_batch(tokens: np.ndarray, step: int, batch: int, seq_len: int, pad: i
     starts = rng.integers(len(tokens), size=batch)
     rows = np.stack([tokens[(s + np.arange(seq_len + 1)) % len(tokens)] for s in starts]).astype(np.int64)
     x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
-    return {"input_ids_BT": x, "position_ids_BT": torch.arange(seq_len).expand(batch, -1),
-            "block_position_ids_BT": torch.zeros_like(x), "sep_B": torch.zeros(batch, dtype=torch.long),
-            "target_ids_BT": y, "loss_mask_BT": torch.ones_like(x, dtype=torch.bool)}  # fmt: skip
+    return {
+        "input_ids_BT": x,
+        "position_ids_BT": torch.arange(seq_len).expand(batch, -1),
+        "block_position_ids_BT": torch.zeros_like(x),
+        "sep_B": torch.zeros(batch, dtype=torch.long),
+        "target_ids_BT": y,
+        "loss_mask_BT": torch.ones_like(x, dtype=torch.bool),
+    }
 
 
 def train_variant(variant: str, tok, ids: SpecialIds, tokens: np.ndarray, args) -> tuple[object, float, float]:
@@ -207,22 +221,53 @@ def train_variant(variant: str, tok, ids: SpecialIds, tokens: np.ndarray, args) 
     if variant == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=args.d_model, n_layer=args.layers, n_head=args.heads,
-                                           n_positions=args.seq_len * 2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))  # fmt: skip
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=V,
+                n_embd=args.d_model,
+                n_layer=args.layers,
+                n_head=args.heads,
+                n_positions=args.seq_len * 2,
+                resid_pdrop=0,
+                embd_pdrop=0,
+                attn_pdrop=0,
+            )
+        )
     else:
-        model = GLMModel(GLMConfig(vocab_size=V, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                                   max_seq_len=args.seq_len * 2, layer_order=args.layer_order, moe_every=args.moe_every,
-                                   n_experts=4))  # fmt: skip
+        model = GLMModel(
+            GLMConfig(
+                vocab_size=V,
+                d_model=args.d_model,
+                n_layers=args.layers,
+                n_heads=args.heads,
+                max_seq_len=args.seq_len * 2,
+                layer_order=args.layer_order,
+                moe_every=args.moe_every,
+                n_experts=4,
+            )
+        )
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))  # fmt: skip
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
     loader = None
     if variant == "glm":
-        loader = MixtureLoader(SliceTokens("s1", "v", tokens), [], ids=ids, sentence_ends=sentence_end_ids(tok),
-                               seq_len=args.seq_len, seed=args.seed, replay_fraction=0.0, slice_weights={},
-                               objective=GLMObjective(token_prob=args.token_prob, sentence_prob=args.sentence_prob,
-                                                      mask_ratio=args.mask_ratio))  # fmt: skip
+        loader = MixtureLoader(
+            SliceTokens("s1", "v", tokens),
+            [],
+            ids=ids,
+            sentence_ends=sentence_end_ids(tok),
+            seq_len=args.seq_len,
+            seed=args.seed,
+            replay_fraction=0.0,
+            slice_weights={},
+            objective=GLMObjective(
+                token_prob=args.token_prob, sentence_prob=args.sentence_prob, mask_ratio=args.mask_ratio
+            ),
+        )
     model.train()
     started, loss = time.perf_counter(), float("nan")
     for step in range(args.steps):
@@ -250,7 +295,10 @@ def train_variant(variant: str, tok, ids: SpecialIds, tokens: np.ndarray, args) 
 def logits_fn_for(variant: str, model):
     """(inputs) -> (final hidden states, projection to the vocabulary)."""
     if variant == "gpt2":
-        return lambda inp, pos, blk, sep: (model.transformer(input_ids=inp, position_ids=pos).last_hidden_state, model.lm_head)
+        return lambda inp, pos, blk, sep: (
+            model.transformer(input_ids=inp, position_ids=pos).last_hidden_state,
+            model.lm_head,
+        )
     return lambda inp, pos, blk, sep: (model.hidden(inp, pos, blk, sep)[0], model.project)
 
 
@@ -291,8 +339,14 @@ def main() -> None:
         keep = np.random.default_rng(0).choice(len(probes), args.probe_limit, replace=False)
         probes = [probes[i] for i in sorted(keep)]
     chance, majority = baselines(facts, probes)
-    result = {"slice_tokens": int(len(tokens)), "probes": len(probes), "chance": chance, "majority": majority,
-              "steps": args.steps, "tokens_per_step": args.batch * args.seq_len}  # fmt: skip
+    result = {
+        "slice_tokens": int(len(tokens)),
+        "probes": len(probes),
+        "chance": chance,
+        "majority": majority,
+        "steps": args.steps,
+        "tokens_per_step": args.batch * args.seq_len,
+    }
     for variant in args.variants.split(","):
         if variant == "gpt2":
             try:
@@ -307,9 +361,12 @@ def main() -> None:
             correct = probe(logits_fn_for(variant, model), tok, ids, probes, "gmask")
             result[variant]["p_at_1_gmask"] = macro_p_at_1(probes, correct)
         if not args.json:
-            print(f"{variant:7s} P@1 {result[variant]['p_at_1']['macro']:.3f} (chance {chance:.3f}, majority {majority:.3f})"
-                  f"  loss {loss:.3f}  {seconds:.0f}s  {result[variant]['p_at_1']}"
-                  + (f"  [gMASK] P@1 {result[variant]['p_at_1_gmask']['macro']:.3f}" if variant == "glm" else ""), flush=True)  # fmt: skip
+            print(
+                f"{variant:7s} P@1 {result[variant]['p_at_1']['macro']:.3f} (chance {chance:.3f}, majority {majority:.3f})"
+                f"  loss {loss:.3f}  {seconds:.0f}s  {result[variant]['p_at_1']}"
+                + (f"  [gMASK] P@1 {result[variant]['p_at_1_gmask']['macro']:.3f}" if variant == "glm" else ""),
+                flush=True,
+            )
     if args.json:
         print(json.dumps(result))
 

@@ -27,8 +27,12 @@ from wudao.stages import run_evaluate, run_ingest, run_train  # noqa: E402
 
 def run_setting(demo: Path, work: Path, replay: float, schedule: str, steps: int | None, kg_limit: int | None) -> dict:
     train = {"replay_fraction": replay, "schedule": schedule, **({"steps": steps} if steps else {})}
-    settings = Settings(home=work / "home", storage_uri=str(work / "objects"), train=train,
-                        eval={"kg_uri": str(demo / "kg"), "kg_limit": kg_limit, "kg_claim_subjects": 0}).resolved()  # fmt: skip
+    settings = Settings(
+        home=work / "home",
+        storage_uri=str(work / "objects"),
+        train=train,
+        eval={"kg_uri": str(demo / "kg"), "kg_limit": kg_limit, "kg_claim_subjects": 0},
+    ).resolved()
     cycles, checkpoint, train_s = [], "scratch", 0.0
     for n in (1, 2, 3):
         run_ingest(settings, str(demo / "corpus" / f"slice-{n:02d}"))
@@ -38,9 +42,14 @@ def run_setting(demo: Path, work: Path, replay: float, schedule: str, steps: int
         checkpoint = result["checkpoint_uri"]
         evaluation = run_evaluate(settings, checkpoint, None)
         kg = evaluation["kg"]["by_slice"]
-        cycles.append({"heldout_loss": evaluation["candidate"], "kg_p_at_1": {s: v["p_at_1"] for s, v in kg.items()},
-                       "chance": {s: v.get("chance") for s, v in kg.items()},
-                       "by_language": {lang: v["p_at_1"] for lang, v in evaluation["kg"]["by_language"].items()}})  # fmt: skip
+        cycles.append(
+            {
+                "heldout_loss": evaluation["candidate"],
+                "kg_p_at_1": {s: v["p_at_1"] for s, v in kg.items()},
+                "chance": {s: v.get("chance") for s, v in kg.items()},
+                "by_language": {lang: v["p_at_1"] for lang, v in evaluation["kg"]["by_language"].items()},
+            }
+        )
     first_kg, first_loss = "slice-01", "slice-00001"
     p1 = [c["kg_p_at_1"].get(first_kg) for c in cycles]
     loss = [c["heldout_loss"].get(first_loss) for c in cycles]
@@ -79,9 +88,12 @@ def main() -> None:
             row = run_setting(demo, Path(tmp) / f"run-{i}", replay, schedule, args.steps, args.kg_limit)
             rows.append(row)
             if not args.json:
-                print(f"replay {replay:<5} {schedule:8s} new-slice P@1 {', '.join(f'{v:.2f}' for v in row['new_slice_p_at_1'])}"
-                      f" | slice-1 P@1 drop {row['slice1_p_at_1_drop']:.2f}, held-out +{row['slice1_heldout_rise_pct']:.1f}%"
-                      f" | train {row['train_s']:.0f}s | all slices by language {row['p_at_1_by_language'][-1]}", flush=True)  # fmt: skip
+                print(
+                    f"replay {replay:<5} {schedule:8s} new-slice P@1 {', '.join(f'{v:.2f}' for v in row['new_slice_p_at_1'])}"
+                    f" | slice-1 P@1 drop {row['slice1_p_at_1_drop']:.2f}, held-out +{row['slice1_heldout_rise_pct']:.1f}%"
+                    f" | train {row['train_s']:.0f}s | all slices by language {row['p_at_1_by_language'][-1]}",
+                    flush=True,
+                )
             print(json.dumps(row), file=sys.stderr, flush=True)  # the whole row at once, in case a later setting fails
     if args.json:
         print(json.dumps({"settings": rows}))

@@ -38,9 +38,17 @@ def main() -> None:
     args = ap.parse_args()
     model_settings, cfg = ModelSettings(), TrainSettings(batch_size=8, micro_batch_size=8, seq_len=128)
     vocab = 4096
-    loader = MixtureLoader(synthetic_slice("new", 2_000_000, vocab, 0), [synthetic_slice("old", 2_000_000, vocab, 1)],
-                           ids=IDS, sentence_ends=frozenset({13, 14}), seq_len=cfg.seq_len, seed=0,
-                           replay_fraction=0.25, slice_weights={}, objective=GLMObjective())  # fmt: skip
+    loader = MixtureLoader(
+        synthetic_slice("new", 2_000_000, vocab, 0),
+        [synthetic_slice("old", 2_000_000, vocab, 1)],
+        ids=IDS,
+        sentence_ends=frozenset({13, 14}),
+        seq_len=cfg.seq_len,
+        seed=0,
+        replay_fraction=0.25,
+        slice_weights={},
+        objective=GLMObjective(),
+    )
     model = GLMModel(model_config(model_settings.model_copy(update={"max_seq_len": 128}), vocab, cfg.seq_len))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens_per_step = cfg.batch_size * cfg.seq_len

@@ -42,12 +42,33 @@ def _start(folder: Path, ttl: int | None, password: str) -> tuple[subprocess.Pop
     with open(folder / "auth.ini", "w") as f:
         config.write(f)
     port = free_port()
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(16), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # fmt: skip
-    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth.ini"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(16),
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--app-name",
+        "basic-auth",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+    ]
     log = open(folder / "server.log", "wb")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), f"http://127.0.0.1:{port}"
+    return subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    ), f"http://127.0.0.1:{port}"
 
 
 def _wait(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
@@ -69,10 +90,15 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    committed_ttl = int(re.search(r"^auth_cache_ttl_seconds = (\d+)", (ROOT / "infra" / "mlflow-auth.ini").read_text(), re.M).group(1))
+    committed_ttl = int(
+        re.search(r"^auth_cache_ttl_seconds = (\d+)", (ROOT / "infra" / "mlflow-auth.ini").read_text(), re.M).group(1)
+    )
     password = secrets.token_urlsafe(16)
     with tempfile.TemporaryDirectory(prefix="wudao-bench-") as tmp:
-        servers = {"cached": _start(Path(tmp) / "cached", None, password), "uncached": _start(Path(tmp) / "uncached", 0, password)}
+        servers = {
+            "cached": _start(Path(tmp) / "cached", None, password),
+            "uncached": _start(Path(tmp) / "uncached", 0, password),
+        }
         try:
             for name, (proc, url) in servers.items():
                 _wait(url, proc, Path(tmp) / name / "server.log")
@@ -90,8 +116,13 @@ def main() -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     cached, uncached = statistics.median(times["cached"]), statistics.median(times["uncached"])
-    result = {"requests": args.requests, "auth_cache_ttl_seconds": committed_ttl, "cached_ms": cached * 1000,
-              "uncached_ms": uncached * 1000, "uncached_over_cached": uncached / cached}  # fmt: skip
+    result = {
+        "requests": args.requests,
+        "auth_cache_ttl_seconds": committed_ttl,
+        "cached_ms": cached * 1000,
+        "uncached_ms": uncached * 1000,
+        "uncached_over_cached": uncached / cached,
+    }
     print(json.dumps(result) if args.json else "\n".join(f"{k:22s} {v:,.2f}" for k, v in result.items()))
 
 

@@ -88,8 +88,11 @@ def measure(n_experts: int, args) -> dict[str, float]:
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     moe = MoE(args.d_model, args.hidden, n_experts, top_k=args.top_k)
-    dense = nn.Sequential(nn.Linear(args.d_model, args.top_k * args.hidden, bias=False), nn.GELU(),
-                          nn.Linear(args.top_k * args.hidden, args.d_model, bias=False))  # fmt: skip
+    dense = nn.Sequential(
+        nn.Linear(args.d_model, args.top_k * args.hidden, bias=False),
+        nn.GELU(),
+        nn.Linear(args.top_k * args.hidden, args.d_model, bias=False),
+    )
     loop = LoopMoE(moe, args.hidden)
     for m in (moe, dense, loop):
         m.to(device, dtype)
@@ -140,14 +143,25 @@ def _ep_rank(rank: int, world: int, init_file: str, out_dir: str, args: dict) ->
 
 def measure_expert_parallel(args) -> dict[str, float]:
     """tokens/s of EP=2 (2 ranks x 1 thread) over EP=1 (1 process x 2 threads), alternated three times."""
-    cfg = dict(d_model=args.d_model, hidden=args.hidden, experts=8, top_k=args.top_k, tokens=args.tokens,
-               warmup=args.warmup, repeats=args.repeats)  # fmt: skip
+    cfg = dict(
+        d_model=args.d_model,
+        hidden=args.hidden,
+        experts=8,
+        top_k=args.top_k,
+        tokens=args.tokens,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
     rates: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(3):
         for world in (1, 2):
             with tempfile.TemporaryDirectory(prefix="wudao-bench-ep-") as tmp:
-                mp.spawn(_ep_rank, args=(world, str(Path(tmp) / "init"), tmp, {**cfg, "threads": 2 // world}),
-                         nprocs=world, join=True)  # fmt: skip
+                mp.spawn(
+                    _ep_rank,
+                    args=(world, str(Path(tmp) / "init"), tmp, {**cfg, "threads": 2 // world}),
+                    nprocs=world,
+                    join=True,
+                )
                 seconds = max(json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world))
             rates[world].append(args.tokens / seconds)
     ep1, ep2 = statistics.median(rates[1]), statistics.median(rates[2])
@@ -167,8 +181,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--no-ep", action="store_true", help="skip the expert-parallel measurement (2 gloo ranks)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu.sh)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weights and activations (the grouped GEMM path on CUDA needs bfloat16 on sm90+)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="weights and activations (the grouped GEMM path on CUDA needs bfloat16 on sm90+)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,25 +201,40 @@ def main() -> None:
         result[f"loop_ms{suffix}"] = round(1e3 * r["loop"], 1)
         result[f"grouped_over_dense{suffix}"] = round(r["grouped"] / r["dense"], 3)
         result[f"bmm_over_dense{suffix}"] = round(r["bmm"] / r["dense"], 3)
-    result.update(tokens=args.tokens, d_model=args.d_model, hidden=args.hidden, top_k=args.top_k,
-                  threads=torch.get_num_threads(), grouped_mm=hasattr(torch, "_grouped_mm"), device=args.device,
-                  dtype=args.dtype)  # fmt: skip
+    result.update(
+        tokens=args.tokens,
+        d_model=args.d_model,
+        hidden=args.hidden,
+        top_k=args.top_k,
+        threads=torch.get_num_threads(),
+        grouped_mm=hasattr(torch, "_grouped_mm"),
+        device=args.device,
+        dtype=args.dtype,
+    )
     if not args.no_ep:
         result.update(measure_expert_parallel(args))
     if args.json:
         print(json.dumps(result))
         return
-    print(f"forward+backward, {args.tokens} tokens, d={args.d_model}, expert hidden={args.hidden}, top-{args.top_k}, "
-          f"{torch.get_num_threads()} threads (median of {args.repeats})", file=sys.stderr)  # fmt: skip
+    print(
+        f"forward+backward, {args.tokens} tokens, d={args.d_model}, expert hidden={args.hidden}, top-{args.top_k}, "
+        f"{torch.get_num_threads()} threads (median of {args.repeats})",
+        file=sys.stderr,
+    )
     cols = ["moe", "grouped", "bmm", "dense", "loop"]
-    print(f"{'experts':>8} " + " ".join(f"{c + ' ms':>10}" for c in cols)
-          + f" {'moe/dense':>10} {'loop/moe':>9} {'max/mean load':>14}")  # fmt: skip
+    print(
+        f"{'experts':>8} "
+        + " ".join(f"{c + ' ms':>10}" for c in cols)
+        + f" {'moe/dense':>10} {'loop/moe':>9} {'max/mean load':>14}"
+    )
     for e, r in rows.items():
         ratios = f"{r['moe'] / r['dense']:>10.2f} {r['loop'] / r['moe']:>9.2f} {r['max_over_mean_load']:>14.2f}"
         print(f"{e:>8} " + " ".join(f"{1e3 * r[c]:>10.1f}" for c in cols) + " " + ratios)
     if not args.no_ep:
-        print(f"expert parallel, 8 experts: 2 ranks x 1 thread {result['ep2_tokens_per_s']} tokens/s, 1 process x 2 "
-              f"threads {result['ep1_tokens_per_s']} tokens/s: ep2/ep1 {result['ep2_over_ep1']}")  # fmt: skip
+        print(
+            f"expert parallel, 8 experts: 2 ranks x 1 thread {result['ep2_tokens_per_s']} tokens/s, 1 process x 2 "
+            f"threads {result['ep1_tokens_per_s']} tokens/s: ep2/ep1 {result['ep2_over_ep1']}"
+        )
 
 
 if __name__ == "__main__":

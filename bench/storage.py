@@ -37,8 +37,12 @@ def main() -> None:
         try:
             stack.wait_healthy(stack.OBJECT_STORE, home, cfg, pid)
             key_id, secret = stack.read_s3_credentials(home)
-            store = S3Store(f"s3://{cfg.bucket}/bench", endpoint_url=f"http://127.0.0.1:{cfg.s3_port}",
-                            access_key_id=key_id, secret_access_key=secret)  # fmt: skip
+            store = S3Store(
+                f"s3://{cfg.bucket}/bench",
+                endpoint_url=f"http://127.0.0.1:{cfg.s3_port}",
+                access_key_id=key_id,
+                secret_access_key=secret,
+            )
             src = Path(tmp) / "blob.bin"
             src.write_bytes(os.urandom(args.mib * 1024 * 1024))
             ours_put, raw_put, ours_get, raw_get = [], [], [], []
@@ -50,7 +54,9 @@ def main() -> None:
                 store.put_file(f"ours-{i}", src)
                 ours_put.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                store.client.download_file(cfg.bucket, f"bench/raw-{i}", str(Path(tmp) / "raw.out"), Config=store.transfer)
+                store.client.download_file(
+                    cfg.bucket, f"bench/raw-{i}", str(Path(tmp) / "raw.out"), Config=store.transfer
+                )
                 raw_get.append(time.perf_counter() - t)
                 t = time.perf_counter()
                 store.get_file(f"ours-{i}", Path(tmp) / "ours.out")

@@ -48,8 +48,9 @@ def train_base(work: Path, base_steps: int | None):
     demo = work / "demo"
     if not (demo / "tasks").is_dir():
         write_demo(demo, slices=3, seed=0, images=4)
-    settings = Settings(home=work / "home", storage_uri=str(work / "objects"),
-                        train={"steps": base_steps} if base_steps else {}).resolved()  # fmt: skip
+    settings = Settings(
+        home=work / "home", storage_uri=str(work / "objects"), train={"steps": base_steps} if base_steps else {}
+    ).resolved()
     run_ingest(settings, str(demo / "corpus" / "slice-01"))  # nothing new on a second run: no new slice
     started = time.perf_counter()
     trained = run_train(settings, start="scratch")
@@ -57,9 +58,13 @@ def train_base(work: Path, base_steps: int | None):
     store = platform_store(settings)
     ckpt = load_checkpoint(store, trained["checkpoint_uri"])
     tok = load_tokenizer(store.get_bytes(tokenizer_key(ckpt.manifest["tokenizer_version"])))
-    info = {"steps": trained["steps"], "final_loss": trained["final_loss"], "train_s": round(seconds, 1),
-            "reused": trained["restarted_at_step"] == trained["steps"],  # --work: the finished run was found
-            "params": sum(p.numel() for p in ckpt.model.parameters())}  # fmt: skip
+    info = {
+        "steps": trained["steps"],
+        "final_loss": trained["final_loss"],
+        "train_s": round(seconds, 1),
+        "reused": trained["restarted_at_step"] == trained["steps"],  # --work: the finished run was found
+        "params": sum(p.numel() for p in ckpt.model.parameters()),
+    }
     return ckpt.model, tok, demo / "tasks" / "continent", info
 
 
@@ -96,7 +101,14 @@ def main() -> None:
                 accs, secs = [], []
                 for seed in seeds:
                     cfg = TuneSettings(method=method, steps=args.steps, seed=seed)
-                    out = tune(model, tok, subset(task, fraction, seed), cfg, base_checkpoint_uri="bench", tokenizer_version="bench")
+                    out = tune(
+                        model,
+                        tok,
+                        subset(task, fraction, seed),
+                        cfg,
+                        base_checkpoint_uri="bench",
+                        tokenizer_version="bench",
+                    )
                     accs.append(out.metrics["dev_accuracy"])
                     secs.append(out.metrics["seconds"])
                     m = out.metrics
@@ -109,8 +121,11 @@ def main() -> None:
             row.update(trainable_params=m["trainable_params"], trainable_fraction=m["trainable_fraction"])
             result["methods"][method] = row
             # The baselines do not depend on the method or the train share: taken from the last full-task run.
-            result.update(base_accuracy=m["base_accuracy"], majority_accuracy=m["majority_accuracy"],
-                          chance_accuracy=m["chance_accuracy"])  # fmt: skip
+            result.update(
+                base_accuracy=m["base_accuracy"],
+                majority_accuracy=m["majority_accuracy"],
+                chance_accuracy=m["chance_accuracy"],
+            )
     full = f"{max(fractions):g}"
     acc = {meth: r["dev_accuracy"][full] for meth, r in result["methods"].items()}
     if "ptuning" in acc and "finetune" in acc:
@@ -122,14 +137,22 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"base: {base['steps']} steps of the default recipe in {base['train_s']} s, {base['params']:,} parameters; "
-          f"task {result['task']}")  # fmt: skip
-    print(f"{'method':12s} {'trainable':>18s}  " + "  ".join(f"{f'{f:g}':>6s}" for f in fractions) + "   (dev accuracy by train share)")
+    print(
+        f"base: {base['steps']} steps of the default recipe in {base['train_s']} s, {base['params']:,} parameters; "
+        f"task {result['task']}"
+    )
+    print(
+        f"{'method':12s} {'trainable':>18s}  "
+        + "  ".join(f"{f'{f:g}':>6s}" for f in fractions)
+        + "   (dev accuracy by train share)"
+    )
     for meth, r in result["methods"].items():
         params = f"{r['trainable_params']:,} ({100 * r['trainable_fraction']:.2f}%)"
         print(f"{meth:12s} {params:>18s}  " + "  ".join(f"{v:6.3f}" for v in r["dev_accuracy"].values()))
-    print(f"{'zero-shot base':31s}  {result['base_accuracy']:6.3f}   majority {result['majority_accuracy']:.3f}, "
-          f"chance {result['chance_accuracy']:.3f}")  # fmt: skip
+    print(
+        f"{'zero-shot base':31s}  {result['base_accuracy']:6.3f}   majority {result['majority_accuracy']:.3f}, "
+        f"chance {result['chance_accuracy']:.3f}"
+    )
     for k in ("ptuning_over_finetune", "ptuning_over_base", "ptuning_over_majority"):
         if result.get(k) is not None:
             print(f"{k}: {result[k]:.2f}")

@@ -15,11 +15,14 @@ import typer
 
 from wudao.cli import JsonOpt, _follows_line, _print_kv, _run, _settings, app
 
+
 @app.command("cycle")
 def cycle_cmd(
     source: Annotated[str, typer.Argument(help="A local folder or an s3://bucket/prefix with new raw data.")],
     steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: train.steps).")] = None,
-    kg: Annotated[str | None, typer.Option(help="KG folder to fact-check the candidate against (default: eval.kg_uri).")] = None,
+    kg: Annotated[
+        str | None, typer.Option(help="KG folder to fact-check the candidate against (default: eval.kg_uri).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run one lifelong cycle (ingest -> train -> evaluate -> register) as the Prefect flow `lifelong-cycle`."""
@@ -49,7 +52,9 @@ def cycle_cmd(
 
 def _render_cycle(result: dict[str, Any]) -> None:
     ing = result["ingest"]
-    typer.echo(f"ingest:   {ing['objects_new']} new object(s), {ing['documents_accepted']} documents -> {ing['slice_id'] or 'no new slice'}")
+    typer.echo(
+        f"ingest:   {ing['objects_new']} new object(s), {ing['documents_accepted']} documents -> {ing['slice_id'] or 'no new slice'}"
+    )
     if resumed := result.get("resumed_slice"):
         typer.echo(f"resume:   slice {resumed} was never learned (an earlier cycle stopped): learning it now")
     if result["status"] != "registered":
@@ -57,22 +62,34 @@ def _render_cycle(result: dict[str, Any]) -> None:
     else:
         t, r = result["train"], result["registration"]
         restarted = f" (resumed at step {t['restarted_at_step']})" if t.get("restarted_at_step") else ""
-        typer.echo(f"train:    {t['steps']} steps, final loss {t['final_loss']:.3f}, from {t['resumed_from'] or 'scratch'}{restarted}")
-        typer.echo(f"evaluate: held-out loss {json.dumps({k: round(v, 3) for k, v in result['evaluation']['candidate'].items()})}")
+        typer.echo(
+            f"train:    {t['steps']} steps, final loss {t['final_loss']:.3f}, from {t['resumed_from'] or 'scratch'}{restarted}"
+        )
+        typer.echo(
+            f"evaluate: held-out loss {json.dumps({k: round(v, 3) for k, v in result['evaluation']['candidate'].items()})}"
+        )
         if fid := result["evaluation"].get("fid"):
-            typer.echo(f"          FID {fid['fid']:.2f}, KID {fid['kid_mean']:.4f} ± {fid['kid_std']:.4f} over {fid['n_images']} captions")
+            typer.echo(
+                f"          FID {fid['fid']:.2f}, KID {fid['kid_mean']:.4f} ± {fid['kid_std']:.4f} over {fid['n_images']} captions"
+            )
             if follows := fid.get("follows"):
                 typer.echo(f"          {_follows_line(follows)}")
             for note in (fid.get("warning"), fid.get("weights_note")):
                 if note:
                     typer.echo(f"          note: {note}")
         if kg := result["evaluation"].get("kg"):
-            typer.echo(f"          KG P@1 {kg['p_at_1']:.3f} (chance {kg.get('chance', 0):.3f}, majority {kg.get('majority', 0):.3f}; "
-                       f"95% CI {kg['ci95'][0]:.3f}-{kg['ci95'][1]:.3f}), MRR {kg['mrr']:.3f} over {kg['n_facts']} facts")  # fmt: skip
+            typer.echo(
+                f"          KG P@1 {kg['p_at_1']:.3f} (chance {kg.get('chance', 0):.3f}, majority {kg.get('majority', 0):.3f}; "
+                f"95% CI {kg['ci95'][0]:.3f}-{kg['ci95'][1]:.3f}), MRR {kg['mrr']:.3f} over {kg['n_facts']} facts"
+            )
             for name, group in kg.get("by_slice", {}).items():
-                typer.echo(f"          KG P@1 {name}: {group['p_at_1']:.3f} (chance {group.get('chance', 0):.3f}, "
-                           f"majority {group.get('majority', 0):.3f}) over {group['n_facts']} facts")  # fmt: skip
-        typer.echo(f"register: version {r['model_version']} ({'champion' if r['champion'] else 'candidate'}; gate {r['gate']})")
+                typer.echo(
+                    f"          KG P@1 {name}: {group['p_at_1']:.3f} (chance {group.get('chance', 0):.3f}, "
+                    f"majority {group.get('majority', 0):.3f}) over {group['n_facts']} facts"
+                )
+        typer.echo(
+            f"register: version {r['model_version']} ({'champion' if r['champion'] else 'candidate'}; gate {r['gate']})"
+        )
         typer.echo(f"MLflow run:           {r['run_url']}")
         typer.echo(f"MLflow model version: {r['model_version_url']}")
     if result.get("prefect_flow_run_url"):
@@ -81,11 +98,25 @@ def _render_cycle(result: dict[str, Any]) -> None:
 
 @app.command("deploy")
 def deploy_cmd(
-    cron: Annotated[str | None, typer.Option(help='Schedule of lifelong-cycle, e.g. "0 2 * * *" (UTC); none = trigger only.')] = None,
-    source: Annotated[str | None, typer.Option(help="Default SOURCE parameter of lifelong-cycle (needed with --cron).")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="Flow runs executed at once (trainings still go one at a time).")] = 4,
-    detach: Annotated[bool, typer.Option("--detach", help="Serve in the background (stopped by `wudao stack down`).")] = False,
-    setup_only: Annotated[bool, typer.Option("--setup-only", help="Only prepare the server (training limit, result storage) for prefect.yaml deployments.")] = False,
+    cron: Annotated[
+        str | None, typer.Option(help='Schedule of lifelong-cycle, e.g. "0 2 * * *" (UTC); none = trigger only.')
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="Default SOURCE parameter of lifelong-cycle (needed with --cron).")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, help="Flow runs executed at once (trainings still go one at a time).")
+    ] = 4,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Serve in the background (stopped by `wudao stack down`).")
+    ] = False,
+    setup_only: Annotated[
+        bool,
+        typer.Option(
+            "--setup-only",
+            help="Only prepare the server (training limit, result storage) for prefect.yaml deployments.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Serve the flows lifelong-cycle, ingest, train, evaluate and register as `<flow>/default` deployments.
@@ -120,31 +151,43 @@ def deploy_cmd(
         return
     from flows.deploy import serve
 
-    typer.echo(f"serving lifelong-cycle, ingest, train, evaluate, register on {settings.prefect_api_url} (Ctrl+C to stop)", err=True)
+    typer.echo(
+        f"serving lifelong-cycle, ingest, train, evaluate, register on {settings.prefect_api_url} (Ctrl+C to stop)",
+        err=True,
+    )
     serve(settings, cron=cron, source=source, limit=limit)
 
 
 @app.command("trigger")
 def trigger_cmd(
-    flow: Annotated[str, typer.Argument(help="lifelong-cycle, ingest, train, evaluate or register (or FLOW/DEPLOYMENT).")],
-    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE (VALUE read as JSON when it parses); repeatable.")] = None,
+    flow: Annotated[
+        str, typer.Argument(help="lifelong-cycle, ingest, train, evaluate or register (or FLOW/DEPLOYMENT).")
+    ],
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="KEY=VALUE (VALUE read as JSON when it parses); repeatable."),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run to its end and print its result.")] = False,
-    timeout: Annotated[float | None, typer.Option(min=0, help="With --wait: stop following after this many seconds.")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="With --wait: stop following after this many seconds.")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Start a run of a deployed flow through the Prefect API (as the UI or `curl` would)."""
     from flows.deploy import parse_params, trigger
 
     def work():
-        from wudao.stack import StackError
-
         from prefect.settings import get_current_settings
+
+        from wudao.stack import StackError
 
         settings = _settings()
         api_url = settings.prefect_api_url or get_current_settings().api.url  # env / stack, else the Prefect profile
         if not api_url:  # else Prefect starts a throwaway server that knows no deployment
-            raise StackError("no Prefect server to trigger on: start the stack (`wudao stack up`, then `wudao deploy`) "
-                             "or set PREFECT_API_URL")  # fmt: skip
+            raise StackError(
+                "no Prefect server to trigger on: start the stack (`wudao stack up`, then `wudao deploy`) "
+                "or set PREFECT_API_URL"
+            )
         os.environ["PREFECT_API_URL"] = api_url
         return trigger(settings, flow, parse_params(param or []), wait=wait, timeout_s=timeout)
 

@@ -57,7 +57,9 @@ def ensure_training_limit(settings: Settings) -> None:
             client.read_global_concurrency_limit_by_name(settings.orchestration.training_limit)
         except ObjectNotFound:
             try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=settings.orchestration.training_limit, limit=1))
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=settings.orchestration.training_limit, limit=1)
+                )
             except ObjectAlreadyExists:  # created by a concurrent flow in between
                 pass
 
@@ -79,10 +81,13 @@ def training_slot(settings: Settings) -> Iterator[float]:
     try:
         # The lease is what frees the slot when its holder is killed: the server takes it back once the holder
         # stops renewing it (Prefect's minimum, 60 s, unless set longer).
-        held.enter_context(concurrency(o.training_limit, occupy=1, timeout_seconds=timeout, strict=True,
-                                       lease_duration=o.slot_lease_s))  # fmt: skip
+        held.enter_context(
+            concurrency(o.training_limit, occupy=1, timeout_seconds=timeout, strict=True, lease_duration=o.slot_lease_s)
+        )
     except TimeoutError as e:
-        waited = f"after waiting {o.busy_timeout_s:g} s" if o.when_busy == "wait" else "(orchestration.when_busy = refuse)"
+        waited = (
+            f"after waiting {o.busy_timeout_s:g} s" if o.when_busy == "wait" else "(orchestration.when_busy = refuse)"
+        )
         raise TrainingBusy(f"another training holds the global slot {o.training_limit!r} {waited}") from e
     with held:
         yield time.monotonic() - started
@@ -115,5 +120,4 @@ def ensure_server_setup(settings: Settings) -> dict[str, str]:
     from flows.results import ensure_result_storage
 
     ensure_training_limit(settings)
-    return {"training_limit": settings.orchestration.training_limit,
-            "result_storage": ensure_result_storage(settings)}  # fmt: skip
+    return {"training_limit": settings.orchestration.training_limit, "result_storage": ensure_result_storage(settings)}

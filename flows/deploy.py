@@ -25,8 +25,13 @@ def _flows() -> dict[str, Any]:
     from flows.lifelong import lifelong_cycle
     from flows.stages import evaluate_flow, register_flow, train_flow
 
-    return {"lifelong-cycle": lifelong_cycle, "ingest": ingest_flow, "train": train_flow, "evaluate": evaluate_flow,
-            "register": register_flow}  # fmt: skip
+    return {
+        "lifelong-cycle": lifelong_cycle,
+        "ingest": ingest_flow,
+        "train": train_flow,
+        "evaluate": evaluate_flow,
+        "register": register_flow,
+    }
 
 
 def serve(settings: Settings, *, cron: str | None, source: str | None, limit: int) -> None:
@@ -63,7 +68,9 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
     return params
 
 
-def trigger(settings: Settings, flow: str, params: dict[str, Any], *, wait: bool, timeout_s: float | None) -> dict[str, Any]:
+def trigger(
+    settings: Settings, flow: str, params: dict[str, Any], *, wait: bool, timeout_s: float | None
+) -> dict[str, Any]:
     """Create a flow run of a served or deployed flow through the API; with `wait`, follow it to its end and
     return its result (read back from the object store)."""
     from prefect.deployments import run_deployment
@@ -73,11 +80,18 @@ def trigger(settings: Settings, flow: str, params: dict[str, Any], *, wait: bool
     try:
         run = run_deployment(name, parameters=params, timeout=(timeout_s if wait else 0))
     except ObjectNotFound as e:
-        raise TriggerError(f"no deployment {name} on {settings.prefect_api_url or 'the Prefect server'}: run `wudao deploy` "
-                           f"(flows: {', '.join(FLOW_NAMES)})") from e  # fmt: skip
+        raise TriggerError(
+            f"no deployment {name} on {settings.prefect_api_url or 'the Prefect server'}: run `wudao deploy` "
+            f"(flows: {', '.join(FLOW_NAMES)})"
+        ) from e
     state = run.state
-    out: dict[str, Any] = {"flow_run_id": str(run.id), "flow_run_name": run.name, "deployment": name,
-                           "state": state.type.value if state else None, "parameters": params}  # fmt: skip
+    out: dict[str, Any] = {
+        "flow_run_id": str(run.id),
+        "flow_run_name": run.name,
+        "deployment": name,
+        "state": state.type.value if state else None,
+        "parameters": params,
+    }
     if settings.prefect_api_url:
         out["url"] = f"{settings.prefect_api_url.rstrip('/').removesuffix('/api')}/runs/flow-run/{run.id}"
     if wait and state is not None:
@@ -85,7 +99,9 @@ def trigger(settings: Settings, flow: str, params: dict[str, Any], *, wait: bool
             result = state.result()
             out["result"] = result.to_dict() if isinstance(result, StageResult) else result
         elif state.is_final():
-            raise TriggerError(f"flow run {run.name} ({run.id}) ended {state.type.value}: {(state.message or '').strip()}")
+            raise TriggerError(
+                f"flow run {run.name} ({run.id}) ended {state.type.value}: {(state.message or '').strip()}"
+            )
         else:
             out["note"] = f"still {state.type.value} after {timeout_s:g} s"
     return out

@@ -25,24 +25,37 @@ from wudao.stages import run_ingest, source_store_for
 
 
 @task(name="read-batch", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient, cache_policy=NO_CACHE)
-def read_batch_task(items: list[WorkItem], source: str, tokenizer_json: str | None, overrides: dict[str, Any] | None = None) -> list[Part]:
+def read_batch_task(
+    items: list[WorkItem], source: str, tokenizer_json: str | None, overrides: dict[str, Any] | None = None
+) -> list[Part]:
     settings = settings_from(overrides)
     return read_batch(items, source_store_for(settings, source), settings.ingest, tokenizer_json)
 
 
 @flow(name="ingest", **PERSIST)
-def ingest_flow(source: str, slice_name: str | None = None, overrides: dict[str, Any] | None = None,
-                max_in_flight: int = 4) -> IngestResult:  # fmt: skip
+def ingest_flow(
+    source: str, slice_name: str | None = None, overrides: dict[str, Any] | None = None, max_in_flight: int = 4
+) -> IngestResult:
     """Ingest the new objects of `source` into one slice; returns the ingest report. At most `max_in_flight`
     batches are read at once (memory does not grow with the source)."""
     logger = get_run_logger()
     readers = Readers(lambda batch, tok: read_batch_task.submit(batch, source, tok, overrides), window=max_in_flight)
-    report = run_ingest(settings_from(overrides), source, slice_name, readers=readers,
-                        progress=lambda done, total: logger.info("batch %d/%d reduced", done, total),
-                        on_wait=lambda: logger.info("waiting for another ingest to finish (catalog lock)"))  # fmt: skip
+    report = run_ingest(
+        settings_from(overrides),
+        source,
+        slice_name,
+        readers=readers,
+        progress=lambda done, total: logger.info("batch %d/%d reduced", done, total),
+        on_wait=lambda: logger.info("waiting for another ingest to finish (catalog lock)"),
+    )
     if report.slice_id:
-        logger.info("slice %s: %d documents, %d images, %d quarantined", report.slice_id, report.documents_accepted,
-                    report.images_accepted, report.quarantined)  # fmt: skip
+        logger.info(
+            "slice %s: %d documents, %d images, %d quarantined",
+            report.slice_id,
+            report.documents_accepted,
+            report.images_accepted,
+            report.quarantined,
+        )
     else:
         logger.info("no new slice from %s (%d new objects)", report.source, report.objects_new)
     return report

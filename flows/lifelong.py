@@ -16,8 +16,17 @@ from prefect.runtime import flow_run
 
 from flows.common import io, settings_from
 from flows.ingest import ingest_flow
-from flows.stages import (IO, PERSIST, begin_cycle_task, begin_stage_task, end_run_task, evaluate_flow, fail_dead_runs_task,
-                          register_flow, train_flow)  # fmt: skip
+from flows.stages import (
+    IO,
+    PERSIST,
+    begin_cycle_task,
+    begin_stage_task,
+    end_run_task,
+    evaluate_flow,
+    fail_dead_runs_task,
+    register_flow,
+    train_flow,
+)
 from wudao import stages, tracking
 from wudao.results import IngestResult
 
@@ -40,7 +49,9 @@ def lifelong_cycle(source: str, overrides: dict[str, Any] | None = None) -> dict
     settings = settings_from(overrides)
     for dead in io(fail_dead_runs_task, settings)(overrides):
         logger.warning("MLflow run %s of an earlier cycle: its process died; marked FAILED", dead["run_id"])
-    report = IngestResult.model_validate(ingest_flow(source, overrides=overrides))  # a subflow: its batches show up as tasks
+    report = IngestResult.model_validate(
+        ingest_flow(source, overrides=overrides)
+    )  # a subflow: its batches show up as tasks
     result: dict[str, Any] = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "ingest": report.to_dict()}
     slice_id = report.slice_id
     if not slice_id:
@@ -48,7 +59,11 @@ def lifelong_cycle(source: str, overrides: dict[str, Any] | None = None) -> dict
         if slice_id is None:
             logger.info("no new objects in %s: nothing to learn, no training this cycle", source)
             return {**result, "status": "no-new-data"}
-        logger.info("no new objects in %s, but slice %s was never learned (an earlier cycle stopped): resuming it", source, slice_id)
+        logger.info(
+            "no new objects in %s, but slice %s was never learned (an earlier cycle stopped): resuming it",
+            source,
+            slice_id,
+        )
         result["resumed_slice"] = slice_id
 
     cycle_run_id = io(begin_cycle_task, settings)(f"cycle-{slice_id}", overrides)
@@ -60,11 +75,20 @@ def lifelong_cycle(source: str, overrides: dict[str, Any] | None = None) -> dict
             io(end_run_task, settings)(ingest_run_id, True, overrides)
         trained = train_flow(slice_id, "champion", mlflow_parent_run_id=cycle_run_id, overrides=overrides)
         parent_uri = stages.baseline_checkpoint(settings, trained.resumed_from)
-        evaluation = evaluate_flow(trained.checkpoint_uri, parent_uri, mlflow_parent_run_id=cycle_run_id, overrides=overrides)
-        registration = register_flow(trained.checkpoint_uri, evaluation, mlflow_parent_run_id=cycle_run_id, overrides=overrides)
+        evaluation = evaluate_flow(
+            trained.checkpoint_uri, parent_uri, mlflow_parent_run_id=cycle_run_id, overrides=overrides
+        )
+        registration = register_flow(
+            trained.checkpoint_uri, evaluation, mlflow_parent_run_id=cycle_run_id, overrides=overrides
+        )
         ok = True
     finally:
         io(end_run_task, settings)(cycle_run_id, ok, overrides)
     logger.info("registered version %s (%s)", registration.model_version, registration.gate)
-    return {**result, "status": "registered", "train": trained.to_dict(), "evaluation": evaluation.to_dict(),
-            "registration": registration.to_dict()}  # fmt: skip
+    return {
+        **result,
+        "status": "registered",
+        "train": trained.to_dict(),
+        "evaluation": evaluation.to_dict(),
+        "registration": registration.to_dict(),
+    }

@@ -68,6 +68,9 @@ PERSIST = {"persist_result": True, "result_storage": RESULTS, "result_serializer
 
 def ensure_result_storage(settings) -> str:
     """Create (or update) the result-storage block on the current Prefect server; idempotent."""
-    ObjectStoreResults(storage_uri=settings.storage_uri, s3_endpoint_url=settings.s3_endpoint_url,
-                       prefix=settings.orchestration.result_prefix).save(BLOCK_NAME, overwrite=True)  # fmt: skip
+    ObjectStoreResults(
+        storage_uri=settings.storage_uri,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        prefix=settings.orchestration.result_prefix,
+    ).save(BLOCK_NAME, overwrite=True)
     return RESULTS

@@ -20,8 +20,12 @@ from flows.results import PERSIST
 from wudao import stages, tracking
 from wudao.results import Evaluation, Registration, Trained, TrainResult
 
-IO: dict[str, Any] = {"retries": IO_RETRIES, "retry_delay_seconds": IO_RETRY_DELAYS_S, "retry_condition_fn": transient,
-                      "cache_policy": NO_CACHE}  # fmt: skip
+IO: dict[str, Any] = {
+    "retries": IO_RETRIES,
+    "retry_delay_seconds": IO_RETRY_DELAYS_S,
+    "retry_condition_fn": transient,
+    "cache_policy": NO_CACHE,
+}
 
 
 def with_steps(overrides: dict[str, Any] | None, steps: int | None) -> dict[str, Any] | None:
@@ -53,7 +57,10 @@ def begin_stage_task(parent_run_id: str | None, stage: str, overrides: dict[str,
 def fail_dead_runs_task(overrides: dict[str, Any] | None = None) -> list[dict[str, str]]:
     """Runs of earlier cycles whose process died: MLflow runs FAILED, their Prefect flow runs CRASHED."""
     dead = tracking.fail_dead_runs(settings_from(overrides))
-    mark_crashed([d["prefect_flow_run_id"] for d in dead if d["prefect_flow_run_id"]], "its process died (found by a later cycle)")
+    mark_crashed(
+        [d["prefect_flow_run_id"] for d in dead if d["prefect_flow_run_id"]],
+        "its process died (found by a later cycle)",
+    )
     return dead
 
 
@@ -85,8 +92,14 @@ def train_result_task(checkpoint_uri: str, overrides: dict[str, Any] | None = No
 
 
 @task(name="register-version", **IO, **PERSIST)
-def register_task(trained: Trained, evaluation: Evaluation, cycle_run_id: str, stage_run_id: str | None,
-                  flow_run_id: str | None, overrides: dict[str, Any] | None = None) -> Registration:  # fmt: skip
+def register_task(
+    trained: Trained,
+    evaluation: Evaluation,
+    cycle_run_id: str,
+    stage_run_id: str | None,
+    flow_run_id: str | None,
+    overrides: dict[str, Any] | None = None,
+) -> Registration:
     return stages.run_register(settings_from(overrides), trained, evaluation, cycle_run_id, stage_run_id, flow_run_id)
 
 
@@ -94,7 +107,9 @@ def register_task(trained: Trained, evaluation: Evaluation, cycle_run_id: str, s
 
 
 @task(name="train-model", cache_policy=NO_CACHE, **PERSIST)
-def train_model_task(slice_id: str, start_uri: str | None, run_id: str, overrides: dict[str, Any] | None = None) -> TrainResult:
+def train_model_task(
+    slice_id: str, start_uri: str | None, run_id: str, overrides: dict[str, Any] | None = None
+) -> TrainResult:
     settings = settings_from(overrides)
     with training_slot(settings) as waited_s, tracking.system_metrics(settings, run_id):
         if settings.train.launcher == "torchrun":
@@ -106,7 +121,9 @@ def train_model_task(slice_id: str, start_uri: str | None, run_id: str, override
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE, **PERSIST)
-def evaluate_model_task(checkpoint_uri: str, parent_uri: str | None, run_id: str, overrides: dict[str, Any] | None = None) -> Evaluation:
+def evaluate_model_task(
+    checkpoint_uri: str, parent_uri: str | None, run_id: str, overrides: dict[str, Any] | None = None
+) -> Evaluation:
     return stages.run_evaluate(settings_from(overrides), checkpoint_uri, parent_uri, mlflow_run_id=run_id)
 
 
@@ -114,8 +131,13 @@ def evaluate_model_task(checkpoint_uri: str, parent_uri: str | None, run_id: str
 
 
 @flow(name="train", **PERSIST)
-def train_flow(slice_id: str = "latest", start: str = "champion", steps: int | None = None,
-               mlflow_parent_run_id: str | None = None, overrides: dict[str, Any] | None = None) -> TrainResult:  # fmt: skip
+def train_flow(
+    slice_id: str = "latest",
+    start: str = "champion",
+    steps: int | None = None,
+    mlflow_parent_run_id: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TrainResult:
     """Continue pre-training on a slice (default: the newest) from `start` (champion, scratch, a checkpoint URI or
     models:/…), with replay of every earlier slice. Holds the global training slot while it trains."""
     overrides = with_steps(overrides, steps)
@@ -134,8 +156,12 @@ def train_flow(slice_id: str = "latest", start: str = "champion", steps: int | N
 
 
 @flow(name="evaluate", **PERSIST)
-def evaluate_flow(checkpoint: str = "candidate", parent: str | None = "champion", mlflow_parent_run_id: str | None = None,
-                  overrides: dict[str, Any] | None = None) -> Evaluation:  # fmt: skip
+def evaluate_flow(
+    checkpoint: str = "candidate",
+    parent: str | None = "champion",
+    mlflow_parent_run_id: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Evaluation:
     """Held-out loss per slice (forgetting), KG fact checks and FID of `checkpoint`, each next to `parent`'s
     (a checkpoint URI, champion, candidate, models:/…, or None)."""
     settings = settings_from(overrides)
@@ -147,7 +173,9 @@ def evaluate_flow(checkpoint: str = "candidate", parent: str | None = "champion"
     ok = False
     try:
         evaluation = evaluate_model_task(checkpoint_uri, parent_uri, run_id, overrides)
-        io(log_evaluation_task, settings)([run_id] + ([mlflow_parent_run_id] if mlflow_parent_run_id else []), evaluation, overrides)
+        io(log_evaluation_task, settings)(
+            [run_id] + ([mlflow_parent_run_id] if mlflow_parent_run_id else []), evaluation, overrides
+        )
         ok = True
     finally:
         io(end_run_task, settings)(run_id, ok, overrides)
@@ -155,8 +183,12 @@ def evaluate_flow(checkpoint: str = "candidate", parent: str | None = "champion"
 
 
 @flow(name="register", **PERSIST)
-def register_flow(checkpoint: str, evaluation: Evaluation | None = None, mlflow_parent_run_id: str | None = None,
-                  overrides: dict[str, Any] | None = None) -> Registration:  # fmt: skip
+def register_flow(
+    checkpoint: str,
+    evaluation: Evaluation | None = None,
+    mlflow_parent_run_id: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Registration:
     """Register a trained checkpoint as a model version with its lineage and apply the promotion gates (evaluating
     it against its parent first when no `evaluation` is given)."""
     logger = get_run_logger()

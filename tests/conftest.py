@@ -63,13 +63,19 @@ def stack_env(s: Settings, prefect_api_url: str | None) -> dict[str, str]:
     """The environment of a `wudao` subprocess that uses the services of settings `s` (the test's own stack
     settings, nothing inherited from the caller's WUDAO_/AWS_/MLFLOW_/PREFECT_ variables)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "MLFLOW_", "PREFECT_", "AWS_"))}
-    env.update({
-        "WUDAO_HOME": str(s.home), "WUDAO_STORAGE_URI": s.storage_uri, "WUDAO_S3_ENDPOINT_URL": s.s3_endpoint_url,
-        "AWS_ACCESS_KEY_ID": s.aws_access_key_id.get_secret_value(),
-        "AWS_SECRET_ACCESS_KEY": s.aws_secret_access_key.get_secret_value(),
-        "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, "PREFECT_API_URL": prefect_api_url or "",
-        "WUDAO_REGISTRY__MODEL_NAME": s.registry.model_name, "WUDAO_REGISTRY__EXPERIMENT": s.registry.experiment,
-    })  # fmt: skip
+    env.update(
+        {
+            "WUDAO_HOME": str(s.home),
+            "WUDAO_STORAGE_URI": s.storage_uri,
+            "WUDAO_S3_ENDPOINT_URL": s.s3_endpoint_url,
+            "AWS_ACCESS_KEY_ID": s.aws_access_key_id.get_secret_value(),
+            "AWS_SECRET_ACCESS_KEY": s.aws_secret_access_key.get_secret_value(),
+            "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri,
+            "PREFECT_API_URL": prefect_api_url or "",
+            "WUDAO_REGISTRY__MODEL_NAME": s.registry.model_name,
+            "WUDAO_REGISTRY__EXPERIMENT": s.registry.experiment,
+        }
+    )
     return env
 
 
@@ -166,19 +172,35 @@ def postgres_cluster(root: Path, password: str | None = None) -> Iterator[int]:
         auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
     port = free_port()
     # --no-sync / fsync=off: a throwaway cluster, and fsyncs cost seconds on a shared disk.
-    subprocess.run([*run_as, str(bin_dir / "initdb"), "-D", str(data), "-U", "wudao", *auth, "-E", "UTF8", "--no-sync"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [*run_as, str(bin_dir / "initdb"), "-D", str(data), "-U", "wudao", *auth, "-E", "UTF8", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
     if password is not None:
         pwfile.unlink()
     subprocess.run(
-        [*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "pg.log"), "start",
-         "-o", f"-h 127.0.0.1 -p {port} -k {sock} -c fsync=off"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            *run_as,
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(root / "pg.log"),
+            "start",
+            "-o",
+            f"-h 127.0.0.1 -p {port} -k {sock} -c fsync=off",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield port
     finally:
-        subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run(
+            [*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True
+        )
 
 
 @pytest.fixture(scope="session")

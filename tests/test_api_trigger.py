@@ -33,34 +33,61 @@ def test_deployments_through_the_api(local_stack, s3_settings, demo_dir, tmp_pat
     api = f"http://127.0.0.1:{cfg.prefect_port}/api"
     s = s3_settings
     env = _env(s, api)
-    server = subprocess.Popen([WUDAO, "deploy", "--limit", "3"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=open(tmp_path / "deploy.log", "wb"), start_new_session=True)  # fmt: skip
+    server = subprocess.Popen(
+        [WUDAO, "deploy", "--limit", "3"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "deploy.log", "wb"),
+        start_new_session=True,
+    )
     try:
         deployment = _wait_for(lambda: _get(f"{api}/deployments/name/lifelong-cycle/default"), 120, server, tmp_path)
         for flow in ("ingest", "train", "evaluate", "register"):
             _wait_for(lambda flow=flow: _get(f"{api}/deployments/name/{flow}/default"), 60, server, tmp_path)
 
         # The README's curl (`--retry 3`: the local Prefect server's SQLite can answer 5xx under load).
-        run = _post(f"{api}/deployments/{deployment['id']}/create_flow_run", {"parameters": {"source": str(demo_dir / "corpus" / "slice-01")}})
+        run = _post(
+            f"{api}/deployments/{deployment['id']}/create_flow_run",
+            {"parameters": {"source": str(demo_dir / "corpus" / "slice-01")}},
+        )
         final = _wait_for(lambda: _finished(f"{api}/flow_runs/{run['id']}"), 300, server, tmp_path)
         assert final["state"]["type"] == "COMPLETED", final["state"].get("message")
         version = MlflowClient(s.mlflow_tracking_uri).get_model_version_by_alias(s.registry.model_name, "champion")
         assert version.tags["wudao.prefect_flow_run_id"] == run["id"]
-        assert version.tags["wudao.parent_version"] == "" and json.loads(version.tags["wudao.slices"]) == ["slice-00001"]
+        assert version.tags["wudao.parent_version"] == "" and json.loads(version.tags["wudao.slices"]) == [
+            "slice-00001"
+        ]
 
         # `wudao trigger --wait` reads the run's result back from the object store: the same source is a no-op.
-        again = _wudao(env, "trigger", "lifelong-cycle", "--param", f"source={demo_dir / 'corpus' / 'slice-01'}", "--wait", "--json")
+        again = _wudao(
+            env,
+            "trigger",
+            "lifelong-cycle",
+            "--param",
+            f"source={demo_dir / 'corpus' / 'slice-01'}",
+            "--wait",
+            "--json",
+        )
         assert again["state"] == "COMPLETED" and again["result"]["status"] == "no-new-data"
 
         # Two trainings triggered at the same moment: both finish, never at the same time.
         results: list[dict] = []
-        threads = [threading.Thread(target=lambda n=n: results.append(_wudao(env, "trigger", "train", "--param", f"steps={n}", "--wait", "--json")))
-                   for n in (5, 6)]  # fmt: skip
+        threads = [
+            threading.Thread(
+                target=lambda n=n: results.append(
+                    _wudao(env, "trigger", "train", "--param", f"steps={n}", "--wait", "--json")
+                )
+            )
+            for n in (5, 6)
+        ]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=600)
-        assert sorted(r["result"]["steps"] for r in results) == [5, 6] and all(r["state"] == "COMPLETED" for r in results)
+        assert sorted(r["result"]["steps"] for r in results) == [5, 6] and all(
+            r["state"] == "COMPLETED" for r in results
+        )
         windows = _training_windows(s, [r["result"]["run_id"] for r in results])
         (a_start, a_end), (b_start, b_end) = sorted(windows)
         assert a_end <= b_start, f"trainings overlapped: {windows}"
@@ -90,8 +117,12 @@ def _training_windows(s, run_ids: list[str]) -> list[tuple]:
 
 def _assert_no_secret(secret: str, stack_home: Path, tmp_path: Path, s) -> None:
     needle = secret.encode()
-    files = [stack_home / "mlflow" / "mlflow.db", *(stack_home / "prefect").rglob("*.db"), *(stack_home / "logs").glob("*.log"),
-             tmp_path / "deploy.log"]  # fmt: skip
+    files = [
+        stack_home / "mlflow" / "mlflow.db",
+        *(stack_home / "prefect").rglob("*.db"),
+        *(stack_home / "logs").glob("*.log"),
+        tmp_path / "deploy.log",
+    ]
     assert (stack_home / "mlflow" / "mlflow.db").is_file()
     for path in files:
         assert needle not in path.read_bytes(), f"the S3 secret leaked into {path}"

@@ -21,7 +21,9 @@ def test_chinese_characters_render_as_distinct_glyphs():
     font = fid.caption_font(16)
     cat, dog = _bitmap("猫", font), _bitmap("狗", font)
     assert cat.any() and dog.any(), "both characters draw something"
-    assert not np.array_equal(cat, dog), "two different characters are two different glyphs (the default font draws one box)"
+    assert not np.array_equal(cat, dog), (
+        "two different characters are two different glyphs (the default font draws one box)"
+    )
 
 
 def test_captions_wrap_within_their_cell():

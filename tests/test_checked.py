@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_cli import run
 from wudao.checked import CheckError, generate_checked, select
 from wudao.data.glm import SpecialIds, blank_prompt, glm_sample, stack_rows
 from wudao.data.tokenizer import train_tokenizer
 from wudao.eval.kg import ClaimChecker, naive_cloze_sums, parse_kg
 from wudao.model import GLMConfig, GLMModel, Sampling
 from wudao.serving import Generator
-
-from tests.test_cli import run
 
 TEMPLATES = [
     {"relation": "capital", "lang": "en", "template": "The capital of [X] is [Y]."},
@@ -32,10 +31,15 @@ TEMPLATES = [
 ]
 # Made-up countries: nothing here is true of the world, all of it is true of this KG.
 COUNTRIES = {
-    "Borduria": ("Szohod", "Europa"), "Syldavia": ("Klow", "Europa"), "Zubrowka": ("Lutz", "Europa"),
-    "Genovia": ("Pyrus", "Europa"), "Wakanda": ("Birnin", "Afrika"), "Elbonia": ("Mudville", "Asya"),
-    "Latveria": ("Doomstadt", "Europa"), "Freedonia": ("Fredonia", "Amerika"),
-}  # fmt: skip
+    "Borduria": ("Szohod", "Europa"),
+    "Syldavia": ("Klow", "Europa"),
+    "Zubrowka": ("Lutz", "Europa"),
+    "Genovia": ("Pyrus", "Europa"),
+    "Wakanda": ("Birnin", "Afrika"),
+    "Elbonia": ("Mudville", "Asya"),
+    "Latveria": ("Doomstadt", "Europa"),
+    "Freedonia": ("Fredonia", "Amerika"),
+}
 ZH = {"Borduria": ("博尔杜里亚", "索霍德"), "Syldavia": ("锡尔达维亚", "克洛")}
 UNKNOWN_CAPITAL = "Qumran"  # in the KG (its continent), but the KG holds no capital for it
 
@@ -43,8 +47,15 @@ UNKNOWN_CAPITAL = "Qumran"  # in the KG (its continent), but the KG holds no cap
 def kg_lines() -> tuple[str, str]:
     facts = []
     for name, (capital, continent) in COUNTRIES.items():
-        facts.append({"subject": name, "relation": "capital", "object": capital, "lang": "en",
-                      **({"aliases": ["Szohod City"]} if name == "Borduria" else {})})  # fmt: skip
+        facts.append(
+            {
+                "subject": name,
+                "relation": "capital",
+                "object": capital,
+                "lang": "en",
+                **({"aliases": ["Szohod City"]} if name == "Borduria" else {}),
+            }
+        )
         facts.append({"subject": name, "relation": "continent", "object": continent, "lang": "en"})
     for name, capital in ZH.values():
         facts.append({"subject": name, "relation": "capital", "object": capital, "lang": "zh"})
@@ -69,8 +80,11 @@ def trained():
     tok = train_tokenizer(documents() * 4, vocab_size=400)
     ids = SpecialIds.from_tokenizer(tok)
     torch.manual_seed(0)
-    model = GLMModel(GLMConfig(vocab_size=tok.get_vocab_size(), d_model=48, n_layers=2, n_heads=2, max_seq_len=64,
-                               moe_every=2, n_experts=2))  # fmt: skip
+    model = GLMModel(
+        GLMConfig(
+            vocab_size=tok.get_vocab_size(), d_model=48, n_layers=2, n_heads=2, max_seq_len=64, moe_every=2, n_experts=2
+        )
+    )
     rng = np.random.default_rng(0)
     encoded = [np.array(tok.encode(d).ids) for d in documents()]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -98,11 +112,17 @@ def trained():
 
 def test_claims_are_sentences_that_match_a_template():
     checker = ClaimChecker(parse_kg(*kg_lines()))
-    text = ("Borduria is located in Europa. Klow is the capital city of Borduria. The capital of Syldavia is Klow, "
-            "a city. Old Borduria is located in Asya. 博尔杜里亚的首都是索霍德。The capital of Qumran is Ur.")  # fmt: skip
+    text = (
+        "Borduria is located in Europa. Klow is the capital city of Borduria. The capital of Syldavia is Klow, "
+        "a city. Old Borduria is located in Asya. 博尔杜里亚的首都是索霍德。The capital of Qumran is Ur."
+    )
     got = [(c.subject, c.relation, c.object, c.verdict) for c in checker.claims(text)]
-    assert got == [("Borduria", "continent", "Europa", "supported"), ("Borduria", "capital", "Klow", "contradicted"),
-                   ("博尔杜里亚", "capital", "索霍德", "supported"), ("Qumran", "capital", "Ur", "unverifiable")]  # fmt: skip
+    assert got == [
+        ("Borduria", "continent", "Europa", "supported"),
+        ("Borduria", "capital", "Klow", "contradicted"),
+        ("博尔杜里亚", "capital", "索霍德", "supported"),
+        ("Qumran", "capital", "Ur", "unverifiable"),
+    ]
     # "Old Borduria ..." does not start with the template (no claim about Borduria); "Klow, a city" is no object.
     assert checker.claims(text)[1].claim == "Klow is the capital city of Borduria."
     # A text cut at the token limit makes no claim from its unfinished last sentence, a prompt's end may.
@@ -116,8 +136,9 @@ def test_kept_candidate_has_fewest_contradictions_then_highest_likelihood(traine
     prompts = [*list(COUNTRIES)[:4], "The capital of Wakanda is", "博尔杜里亚"]
     differs = 0
     for seed, prompt in enumerate(prompts):
-        r = generate_checked(gen, checker, prompt, candidates=5, max_new_tokens=20,
-                             sampling=Sampling(temperature=1.0), seed=seed)  # fmt: skip
+        r = generate_checked(
+            gen, checker, prompt, candidates=5, max_new_tokens=20, sampling=Sampling(temperature=1.0), seed=seed
+        )
         assert r.candidates_tried == 5 and r.constrained is None
         assert r.candidates[0].text == gen.text(prompt, 20), "candidate 1 is the greedy answer of plain generation"
         counts = [c.contradicted for c in r.candidates]
@@ -146,8 +167,12 @@ def test_select_prefers_fewer_contradictions_over_likelihood():
     def claim(verdict):
         return Claim("s", "X", "capital", "o", "en", verdict, 0, 1)
 
-    cands = [Candidate("a", -1.0, [claim("contradicted")], [True]), Candidate("b", -9.0, [claim("supported")], [True]),
-             Candidate("c", -5.0, [], []), Candidate("d", -5.0, [claim("unverifiable")], [True])]  # fmt: skip
+    cands = [
+        Candidate("a", -1.0, [claim("contradicted")], [True]),
+        Candidate("b", -9.0, [claim("supported")], [True]),
+        Candidate("c", -5.0, [], []),
+        Candidate("d", -5.0, [claim("unverifiable")], [True]),
+    ]
     assert select(cands) == 2  # 0 contradictions: c and d tie on likelihood, b is less likely; c came first
     assert select(cands[:2]) == 1
 
@@ -158,7 +183,9 @@ def test_blank_of_a_known_relation_takes_the_kg_answer(trained):
     assert r.constrained["applied"] and r.constrained["answers"] == ["Szohod", "Szohod City"]
     blank = blank_prompt(gen.tokenizer, "The capital of Borduria is [MASK].", gen.ids)
     with torch.no_grad():
-        sums = naive_cloze_sums(gen.model, blank.part_a, gen.ids, [gen.tokenizer.encode(" " + a).ids for a in r.constrained["answers"]])
+        sums = naive_cloze_sums(
+            gen.model, blank.part_a, gen.ids, [gen.tokenizer.encode(" " + a).ids for a in r.constrained["answers"]]
+        )
     assert r.text == f"The capital of Borduria is {r.constrained['answers'][int(np.argmax(sums))]}."
     assert [(c.relation, c.verdict) for c in r.claims] == [("capital", "supported")] and r.generated == [True]
     assert r.candidates_tried == 2
@@ -190,31 +217,79 @@ def test_cli_check_facts_json_and_usage(trained, tmp_path):
     store = open_store(str(tmp_path / "objects"))
     version = tokenizer_version(gen.tokenizer)
     store.put_bytes(tokenizer_key(version), gen.tokenizer.to_str().encode())
-    uri = save_checkpoint(store, "checkpoints/tiny/step-00000150", gen.model, {"tokenizer_version": version, "step": 150})
+    uri = save_checkpoint(
+        store, "checkpoints/tiny/step-00000150", gen.model, {"tokenizer_version": version, "step": 150}
+    )
     facts, templates = kg_lines()
     (tmp_path / "kg").mkdir()
     (tmp_path / "kg" / "facts.jsonl").write_text(facts, encoding="utf-8")
     (tmp_path / "kg" / "templates.jsonl").write_text(templates, encoding="utf-8")
     env = {"WUDAO_HOME": str(tmp_path / "home"), "WUDAO_STORAGE_URI": str(tmp_path / "objects")}
 
-    p = run("generate", "--model", uri, "--text", "The capital of Borduria is [MASK].", "--check-facts",
-            "--kg", str(tmp_path / "kg"), "--json", env=env, cwd=tmp_path)  # fmt: skip
+    p = run(
+        "generate",
+        "--model",
+        uri,
+        "--text",
+        "The capital of Borduria is [MASK].",
+        "--check-facts",
+        "--kg",
+        str(tmp_path / "kg"),
+        "--json",
+        env=env,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["text"] in ("The capital of Borduria is Szohod.", "The capital of Borduria is Szohod City.")
-    assert out["claims"][0] == {"claim": out["text"], "subject": "Borduria", "relation": "capital",
-                                "object": out["text"][27:-1], "lang": "en", "verdict": "supported", "generated": True}  # fmt: skip
+    assert out["claims"][0] == {
+        "claim": out["text"],
+        "subject": "Borduria",
+        "relation": "capital",
+        "object": out["text"][27:-1],
+        "lang": "en",
+        "verdict": "supported",
+        "generated": True,
+    }
     assert out["constrained"]["applied"] and out["candidates_tried"] == 2
-    p = run("generate", "--model", uri, "--text", "Syldavia", "--check-facts", "--kg", str(tmp_path / "kg"),
-            "--candidates", "3", "--max-new-tokens", "16", env=env, cwd=tmp_path)  # fmt: skip
+    p = run(
+        "generate",
+        "--model",
+        uri,
+        "--text",
+        "Syldavia",
+        "--check-facts",
+        "--kg",
+        str(tmp_path / "kg"),
+        "--candidates",
+        "3",
+        "--max-new-tokens",
+        "16",
+        env=env,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("Syldavia") and "candidates tried: 3" in p.stdout
 
-    usage = [["--text", "x", "--check-facts"],  # no KG anywhere
-             ["--text", "x", "--check-facts", "--kg", "k", "--candidates", "3", "--temperature", "0"],
-             ["--image-prompt", "x", "--out", "x.png", "--check-facts", "--kg", "k"]]  # fmt: skip
+    usage = [
+        ["--text", "x", "--check-facts"],  # no KG anywhere
+        ["--text", "x", "--check-facts", "--kg", "k", "--candidates", "3", "--temperature", "0"],
+        ["--image-prompt", "x", "--out", "x.png", "--check-facts", "--kg", "k"],
+    ]
     for args in usage:
         p = run("generate", *args, "--json", env=env, cwd=tmp_path)
         assert p.returncode == 2 and p.stdout == "" and p.stderr.strip().startswith("error: "), (args, p.stderr)
-    p = run("generate", "--model", uri, "--text", "x", "--check-facts", "--kg", str(tmp_path / "nokg"), "--json", env=env, cwd=tmp_path)
+    p = run(
+        "generate",
+        "--model",
+        uri,
+        "--text",
+        "x",
+        "--check-facts",
+        "--kg",
+        str(tmp_path / "nokg"),
+        "--json",
+        env=env,
+        cwd=tmp_path,
+    )
     assert p.returncode == 1 and p.stdout == "" and "does not exist" in p.stderr and "Traceback" not in p.stderr

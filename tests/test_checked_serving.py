@@ -11,18 +11,22 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import stack_env
 from wudao import stages, tracking
 from wudao.serving import invoke, mlflow_serve
-
-from tests.conftest import stack_env
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(900)
 def test_served_version_checks_facts_against_its_kg(local_stack, s3_settings, demo_dir, tmp_path):
-    s = s3_settings.model_copy(update={"eval": s3_settings.eval.model_copy(update={
-        "kg_uri": str(demo_dir / "kg"), "kg_limit": 20, "kg_claim_subjects": 2})})  # fmt: skip
+    s = s3_settings.model_copy(
+        update={
+            "eval": s3_settings.eval.model_copy(
+                update={"kg_uri": str(demo_dir / "kg"), "kg_limit": 20, "kg_claim_subjects": 2}
+            )
+        }
+    )
     stages.run_ingest(s, str(demo_dir / "corpus" / "slice-01"))
     trained = stages.run_train(s, None, "scratch")
     evaluation = stages.run_evaluate(s, trained["checkpoint_uri"], None)
@@ -36,14 +40,34 @@ def test_served_version_checks_facts_against_its_kg(local_stack, s3_settings, de
     assert kg_copy.read_bytes() == (demo_dir / "kg" / "facts.jsonl").read_bytes(), "the version carries its KG"
 
     with mlflow_serve(f"models:/{name}/{version}", tmp_path / "serve.log", env=stack_env(s, None)) as url:
-        blank = invoke(url, ["The capital of France is [MASK].", "法国的首都是[MASK]。"],
-                       {"check_facts": True, "candidates": 3, "temperature": 1.0})  # fmt: skip
+        blank = invoke(
+            url,
+            ["The capital of France is [MASK].", "法国的首都是[MASK]。"],
+            {"check_facts": True, "candidates": 3, "temperature": 1.0},
+        )
         assert [b["text"] for b in blank] == ["The capital of France is Paris.", "法国的首都是巴黎。"]
-        assert blank[0]["claims"] == [{"claim": "The capital of France is Paris.", "subject": "France", "relation": "capital",
-                                       "object": "Paris", "lang": "en", "verdict": "supported", "generated": True}]  # fmt: skip
-        assert blank[0]["constrained"] == {"subject": "France", "relation": "capital", "lang": "en", "applied": True, "answers": ["Paris"]}
+        assert blank[0]["claims"] == [
+            {
+                "claim": "The capital of France is Paris.",
+                "subject": "France",
+                "relation": "capital",
+                "object": "Paris",
+                "lang": "en",
+                "verdict": "supported",
+                "generated": True,
+            }
+        ]
+        assert blank[0]["constrained"] == {
+            "subject": "France",
+            "relation": "capital",
+            "lang": "en",
+            "applied": True,
+            "answers": ["Paris"],
+        }
 
-        free = invoke(url, ["France"], {"check_facts": True, "candidates": 3, "temperature": 1.0, "max_new_tokens": 12})[0]
+        free = invoke(
+            url, ["France"], {"check_facts": True, "candidates": 3, "temperature": 1.0, "max_new_tokens": 12}
+        )[0]
         assert free["candidates_tried"] == 3 and free["text"].startswith("France") and free["constrained"] is None
         counts = [cand["contradicted"] for cand in free["candidates"]]
         assert free["candidates"][free["chosen"]]["contradicted"] == min(counts)

@@ -31,7 +31,9 @@ def test_help_lists_every_command():
 
     out = run("--help").stdout
     commands = _commands(app)
-    assert {"stack", "db", "demo-data", "ingest", "train", "cycle", "deploy", "trigger", "config", "kg", "eval"} <= set(commands)
+    assert {"stack", "db", "demo-data", "ingest", "train", "cycle", "deploy", "trigger", "config", "kg", "eval"} <= set(
+        commands
+    )
     for command in commands:
         assert command in out
     for group in ("stack", "db", "kg", "eval"):
@@ -61,7 +63,19 @@ def test_json_mode_prints_exactly_one_object(tmp_path):
     assert set(trained) >= {"run_id", "checkpoint_uri", "steps", "tokens", "final_loss", "tokens_per_s", "resumed_from"}
     assert run("kg", "build", str(tmp_path / "kg"), "--json", env=env, cwd=tmp_path).returncode == 0
     # Nothing registered yet: `champion` falls back to the newest trained checkpoint, and says so on stderr.
-    p = run("eval", "kg", "--model", "champion", "--kg", str(tmp_path / "kg"), "--limit", "5", "--json", env=env, cwd=tmp_path)
+    p = run(
+        "eval",
+        "kg",
+        "--model",
+        "champion",
+        "--kg",
+        str(tmp_path / "kg"),
+        "--limit",
+        "5",
+        "--json",
+        env=env,
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["model"] == trained["checkpoint_uri"] and "newest trained checkpoint" in p.stderr
 
@@ -70,13 +84,21 @@ def test_json_mode_prints_exactly_one_object(tmp_path):
     ("args", "env", "needle"),
     [
         (["ingest", "/definitely/not/here", "--json"], {}, "source folder /definitely/not/here does not exist"),
-        (["ingest", "{tmp}", "--json"], {"WUDAO_STORAGE_URI": "s3://wudao", "WUDAO_S3_ENDPOINT_URL": "http://127.0.0.1:9",
-                                          "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}, "cannot reach the S3 endpoint"),
+        (
+            ["ingest", "{tmp}", "--json"],
+            {
+                "WUDAO_STORAGE_URI": "s3://wudao",
+                "WUDAO_S3_ENDPOINT_URL": "http://127.0.0.1:9",
+                "AWS_ACCESS_KEY_ID": "x",
+                "AWS_SECRET_ACCESS_KEY": "y",
+            },
+            "cannot reach the S3 endpoint",
+        ),
         (["train", "--json"], {}, "no committed slices"),
         (["rollback", "--json"], {}, "has no champion"),
         (["trigger", "lifelong-cycle", "--param", "source=/tmp", "--json"], {}, "no Prefect server to trigger on"),
     ],
-)  # fmt: skip
+)
 def test_failures_are_one_line_with_exit_1(tmp_path, args, env, needle):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     p = run(*args, env={"WUDAO_HOME": str(tmp_path / "home"), **env}, cwd=tmp_path)

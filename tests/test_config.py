@@ -68,13 +68,19 @@ def test_moe_settings_reach_every_moe_layer(monkeypatch):
 def test_passwords_inside_urls_are_masked_wherever_settings_are_shown(tmp_path, monkeypatch):
     from wudao.config import hide_password
 
-    assert hide_password("postgresql+psycopg://wudao:pg-s3cret@db:5432/wudao") == "postgresql+psycopg://wudao:***@db:5432/wudao"
+    assert (
+        hide_password("postgresql+psycopg://wudao:pg-s3cret@db:5432/wudao")
+        == "postgresql+psycopg://wudao:***@db:5432/wudao"
+    )
     assert hide_password("http://admin:p@ss:w@127.0.0.1:5000/") == "http://admin:***@127.0.0.1:5000/"
     for unchanged in ("sqlite:////tmp/catalog.db", "s3://bucket/prefix", "http://user@host/", "/a/b:c@d", "plain"):
         assert hide_password(unchanged) == unchanged
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "MLFLOW_", "AWS_", "PREFECT_"))}
-    env.update(WUDAO_HOME=str(tmp_path), WUDAO_CATALOG_URL="postgresql+psycopg://wudao:pg-s3cret@127.0.0.1:5432/wudao",
-               MLFLOW_TRACKING_URI="http://admin:ml-s3cret@127.0.0.1:5999")  # fmt: skip
+    env.update(
+        WUDAO_HOME=str(tmp_path),
+        WUDAO_CATALOG_URL="postgresql+psycopg://wudao:pg-s3cret@127.0.0.1:5432/wudao",
+        MLFLOW_TRACKING_URI="http://admin:ml-s3cret@127.0.0.1:5999",
+    )
     for args in (["config"], ["config", "--json"]):
         p = subprocess.run([WUDAO, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr

@@ -16,7 +16,10 @@ pytestmark = pytest.mark.slow
 def test_two_cycles_register_versions_with_lineage(prefect_harness, s3_settings, demo_dir, monkeypatch):
     from flows.lifelong import lifelong_cycle
 
-    overrides = {**_as_overrides(s3_settings), "eval": {"kg_uri": str(demo_dir / "kg"), "kg_limit": 12, "kg_claim_subjects": 2}}
+    overrides = {
+        **_as_overrides(s3_settings),
+        "eval": {"kg_uri": str(demo_dir / "kg"), "kg_limit": 12, "kg_claim_subjects": 2},
+    }
     for key, value in _env(s3_settings).items():
         monkeypatch.setenv(key, value)
 
@@ -46,15 +49,22 @@ def test_two_cycles_register_versions_with_lineage(prefect_harness, s3_settings,
     run = client.get_run(reg2["mlflow_run_id"])
     assert run.data.params["train.steps"] == str(s3_settings.train.steps)
     assert not any("secret" in k.lower() for k in run.data.params), "no secrets among the params"
-    stage_runs = {r.info.run_name: r for r in client.search_runs([run.info.experiment_id],
-                  f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")}  # fmt: skip
+    stage_runs = {
+        r.info.run_name: r
+        for r in client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    }
     assert set(stage_runs) == {"ingest", "train", "evaluate", "register"}
     assert all(r.info.status == "FINISHED" for r in stage_runs.values()) and run.info.status == "FINISHED"
     train_run = stage_runs["train"]
     assert len(client.get_metric_history(train_run.info.run_id, "train_loss")) == s3_settings.train.steps
     assert any(k.startswith("system/") for k in train_run.data.metrics), "system metrics were logged during training"
-    inputs = {(d.dataset.name, next(t.value for t in d.tags if t.key == "mlflow.data.context")) for d in train_run.inputs.dataset_inputs}
-    assert inputs == {("slice-00001", "training"), ("slice-00002", "training")}, "slices are the training run's dataset inputs"
+    inputs = {
+        (d.dataset.name, next(t.value for t in d.tags if t.key == "mlflow.data.context"))
+        for d in train_run.inputs.dataset_inputs
+    }
+    assert inputs == {("slice-00001", "training"), ("slice-00002", "training")}, (
+        "slices are the training run's dataset inputs"
+    )
     assert "ingest/documents_accepted" in stage_runs["ingest"].data.metrics
     for r in (run, stage_runs["evaluate"]):
         assert "heldout_loss/slice-00001" in r.data.metrics
@@ -87,8 +97,13 @@ def test_two_cycles_register_versions_with_lineage(prefect_harness, s3_settings,
     assert again["status"] == "no-new-data" and "train" not in again
 
     # A candidate trained with an absurd learning rate is registered, but @champion stays where it was.
-    bad = lifelong_cycle(source=str(demo_dir / "corpus" / "slice-03"),
-                         overrides={**overrides, "train": {**overrides["train"], "lr": 30.0, "spike_sigma": 1e9, "max_skipped_in_row": 1000}})  # fmt: skip
+    bad = lifelong_cycle(
+        source=str(demo_dir / "corpus" / "slice-03"),
+        overrides={
+            **overrides,
+            "train": {**overrides["train"], "lr": 30.0, "spike_sigma": 1e9, "max_skipped_in_row": 1000},
+        },
+    )
     reg3 = bad["registration"]
     assert reg3["model_version"] == "3" and reg3["parent_version"] == "2" and not reg3["champion"]
     assert registry.champion(s3_settings).version == "2"

@@ -28,11 +28,20 @@ WUDAO = str(Path(sys.executable).parent / "wudao")
 
 
 def _env(s, limit: str) -> dict[str, str]:
-    return {**stack_env(s, s.prefect_api_url), "WUDAO_ORCHESTRATION__TRAINING_LIMIT": limit,
-            "WUDAO_TRAIN__STEPS": "400", "WUDAO_TRAIN__CHECKPOINT_EVERY": "10", "WUDAO_TRAIN__BATCH_SIZE": "4",
-            "WUDAO_TRAIN__MICRO_BATCH_SIZE": "4", "WUDAO_TRAIN__THREADS": "1", "WUDAO_TRAIN__IMAGE_RATIO": "0",
-            "WUDAO_MODEL__D_MODEL": "32", "WUDAO_MODEL__N_LAYERS": "2", "WUDAO_MODEL__N_HEADS": "2",
-            "WUDAO_INGEST__VOCAB_SIZE": "600"}  # fmt: skip
+    return {
+        **stack_env(s, s.prefect_api_url),
+        "WUDAO_ORCHESTRATION__TRAINING_LIMIT": limit,
+        "WUDAO_TRAIN__STEPS": "400",
+        "WUDAO_TRAIN__CHECKPOINT_EVERY": "10",
+        "WUDAO_TRAIN__BATCH_SIZE": "4",
+        "WUDAO_TRAIN__MICRO_BATCH_SIZE": "4",
+        "WUDAO_TRAIN__THREADS": "1",
+        "WUDAO_TRAIN__IMAGE_RATIO": "0",
+        "WUDAO_MODEL__D_MODEL": "32",
+        "WUDAO_MODEL__N_LAYERS": "2",
+        "WUDAO_MODEL__N_HEADS": "2",
+        "WUDAO_INGEST__VOCAB_SIZE": "600",
+    }
 
 
 def test_cycle_killed_mid_training_is_resumed_by_the_next_cycle(local_stack, s3_settings, demo_dir):
@@ -41,8 +50,13 @@ def test_cycle_killed_mid_training_is_resumed_by_the_next_cycle(local_stack, s3_
     env = _env(s, f"wudao-training-{uuid.uuid4().hex[:8]}")  # its own slot: the dead holder blocks no other test
     source = str(demo_dir / "corpus" / "slice-01")
     store = platform_store(s)
-    proc = subprocess.Popen([WUDAO, "cycle", source, "--json"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [WUDAO, "cycle", source, "--json"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         if any(o.key.endswith("/step-00000010/manifest.json") for o in store.list("checkpoints/")):
@@ -74,4 +88,6 @@ def test_cycle_killed_mid_training_is_resumed_by_the_next_cycle(local_stack, s3_
     assert set(states.values()) == {"CRASHED"}, states
 
     again = subprocess.run([WUDAO, "cycle", source, "--json"], env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and json.loads(again.stdout)["status"] == "no-new-data", "a learned slice is not redone"
+    assert again.returncode == 0 and json.loads(again.stdout)["status"] == "no-new-data", (
+        "a learned slice is not redone"
+    )

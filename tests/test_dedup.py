@@ -18,7 +18,9 @@ def test_batched_signatures_equal_datasketch_per_document():
     hasher = MinHasher(14, 8, 5, 5)
     batched = hasher.signatures(docs)
     for (text, lang), row in zip(docs, batched):
-        reference = MinHash(num_perm=112, permutations=hasher._proto.permutations, scheme=MinHasher.SCHEME, hashfunc=int)
+        reference = MinHash(
+            num_perm=112, permutations=hasher._proto.permutations, scheme=MinHasher.SCHEME, hashfunc=int
+        )
         reference.update_batch(hasher.shingle_hashes(text, lang).tolist())
         assert np.array_equal(reference.hashvalues.astype(np.uint64), row)
 
@@ -54,7 +56,9 @@ def test_chunked_gram_hashes_equal_the_per_unit_hashes():
     rng = random.Random(1)
     words = "alpha beta gamma delta the of naïve Straße 北京 x".split()
     docs = [("", "en"), ("!!!", "zh"), ("one", "en"), ("两个字", "zh"), ("one two three four", "en")]
-    docs += [(" ".join(rng.choice(words) for _ in range(rng.randint(0, 40))), rng.choice(["en", "other"])) for _ in range(60)]
+    docs += [
+        (" ".join(rng.choice(words) for _ in range(rng.randint(0, 40))), rng.choice(["en", "other"])) for _ in range(60)
+    ]
     docs += [("".join(chr(0x4E00 + rng.randrange(50)) for _ in range(rng.randint(0, 30))), "zh") for _ in range(60)]
     rng.shuffle(docs)
     for hasher in (MinHasher(14, 8, 5, 5), MinHasher(14, 8, 5, 3)):
@@ -71,10 +75,16 @@ def test_chunked_gram_hashes_equal_the_per_unit_hashes():
 def test_band_keys_are_pinned():
     """Persisted band keys must never drift: a change here makes every catalog's history incomparable."""
     hasher = MinHasher(14, 8, 5, 5)
-    docs = [("the river flows under an old stone bridge while children play", "en"), ("北京是中国的首都，也是一座历史悠久的城市。", "zh")]
+    docs = [
+        ("the river flows under an old stone bridge while children play", "en"),
+        ("北京是中国的首都，也是一座历史悠久的城市。", "zh"),
+    ]
     keys = hasher.band_keys_many(docs)
     # Computed by the per-document implementation the first catalogs were built with.
-    assert [k[:2] for k in keys] == [[-1291603263120616020, 8455969656974064191], [300981527988985950, 6124837224900772348]]
+    assert [k[:2] for k in keys] == [
+        [-1291603263120616020, 8455969656974064191],
+        [300981527988985950, 6124837224900772348],
+    ]
 
 
 def test_pending_keys_written_early_or_late_give_the_same_verdicts(tmp_path):
@@ -86,7 +96,9 @@ def test_pending_keys_written_early_or_late_give_the_same_verdicts(tmp_path):
 
     rng = random.Random(2)
     pool = [rng.getrandbits(63) for _ in range(400)]
-    batches = [[Candidate(f"{rng.randrange(150):032x}", rng.sample(pool, 3), "en") for _ in range(40)] for _ in range(6)]
+    batches = [
+        [Candidate(f"{rng.randrange(150):032x}", rng.sample(pool, 3), "en") for _ in range(40)] for _ in range(6)
+    ]
     results = []
     for n, pending in enumerate((10**9, 50, 1)):
         catalog = Catalog(f"sqlite:///{tmp_path}/c{n}.db")
@@ -94,9 +106,16 @@ def test_pending_keys_written_early_or_late_give_the_same_verdicts(tmp_path):
         results.append([index.check_and_add(batch) for batch in batches])
         index.flush()
         with catalog.session() as s:
-            results[-1].append((s.scalar(select(func.count()).select_from(Document)), s.scalar(select(func.count()).select_from(MinhashBand))))
+            results[-1].append(
+                (
+                    s.scalar(select(func.count()).select_from(Document)),
+                    s.scalar(select(func.count()).select_from(MinhashBand)),
+                )
+            )
         catalog.close()
     assert results[0] == results[1] == results[2]
     kept = sum(v is None for batch in results[0][:-1] for v in batch)
     assert results[0][-1][0] == kept and 0 < kept < 240
-    assert any(v == "exact" for b in results[0][:-1] for v in b) and any(v == "near" for b in results[0][:-1] for v in b)
+    assert any(v == "exact" for b in results[0][:-1] for v in b) and any(
+        v == "near" for b in results[0][:-1] for v in b
+    )

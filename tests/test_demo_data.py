@@ -10,7 +10,11 @@ from wudao.data.demo import write_demo
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes_other_seed_other_corpus(tmp_path):
@@ -59,8 +63,11 @@ def test_every_fact_is_stated_in_every_template_of_its_relation(demo_dir):
     for line in (demo_dir / "kg" / "templates.jsonl").read_text().splitlines():
         t = json.loads(line)
         templates.setdefault((t["relation"], t["lang"]), []).append(t["template"])
-    text = "\n".join(json.loads(line)["text"] for lang in ("en", "zh")
-                     for line in (demo_dir / "corpus" / "slice-01" / f"{lang}.jsonl").read_text().splitlines())  # fmt: skip
+    text = "\n".join(
+        json.loads(line)["text"]
+        for lang in ("en", "zh")
+        for line in (demo_dir / "corpus" / "slice-01" / f"{lang}.jsonl").read_text().splitlines()
+    )
     facts = [json.loads(line) for line in (demo_dir / "kg" / "facts.jsonl").read_text().splitlines()]
     slice1 = [f for f in facts if f["first_slice"] == "slice-01"]
     assert len(slice1) > 100

@@ -17,11 +17,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.test_train import WUDAO, _env, _ingest
 from wudao.model.moe import MoE
 from wudao.train import expert_parallel as ep
 from wudao.train.expert_parallel import ExpertGroups
-
-from tests.test_train import WUDAO, _env, _ingest
 
 WORLD, D, E = 2, 16, 4
 
@@ -64,7 +63,13 @@ def _reference() -> dict:
     grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
     opt.step()
-    return {"y": torch.stack(ys), "loss": losses, "grads": grads, "x_grad": x_RBTD.grad, "after": {n: p.detach().clone() for n, p in layer.named_parameters()}}
+    return {
+        "y": torch.stack(ys),
+        "loss": losses,
+        "grads": grads,
+        "x_grad": x_RBTD.grad,
+        "after": {n: p.detach().clone() for n, p in layer.named_parameters()},
+    }
 
 
 def _rank(rank: int, init_file: str, out_dir: str) -> None:
@@ -100,13 +105,28 @@ def _rank(rank: int, init_file: str, out_dir: str) -> None:
         after = ep.gather_full({}, layer, groups)
         full_opt = ep.gather_full_optimizer({"state": {n: {} for n in local_names}}, layer, opt, groups)
         back = ep.local_optimizer_state(full_opt, layer, groups)
-        roundtrip = all(torch.equal(back["state"][n]["exp_avg"], opt.state[p]["exp_avg"])
-                        for n, p in layer.named_parameters() if n in local_names)  # fmt: skip
+        roundtrip = all(
+            torch.equal(back["state"][n]["exp_avg"], opt.state[p]["exp_avg"])
+            for n, p in layer.named_parameters()
+            if n in local_names
+        )
         # The reference differentiates the mean of the ranks' losses: its input gradients carry a 1/WORLD.
-        torch.save({"y": y_BTD.detach(), "loss": loss.detach(), "x_grad": x_BTD.grad / WORLD, "grads": grads, "local_names": local_names,
-                    "received": received, "gathered": gathered, "full_before": full_before, "after": after,
-                    "opt_roundtrip": roundtrip, "routed": int(stats.routed_tokens)},
-                   Path(out_dir) / f"rank{rank}.pt")  # fmt: skip
+        torch.save(
+            {
+                "y": y_BTD.detach(),
+                "loss": loss.detach(),
+                "x_grad": x_BTD.grad / WORLD,
+                "grads": grads,
+                "local_names": local_names,
+                "received": received,
+                "gathered": gathered,
+                "full_before": full_before,
+                "after": after,
+                "opt_roundtrip": roundtrip,
+                "routed": int(stats.routed_tokens),
+            },
+            Path(out_dir) / f"rank{rank}.pt",
+        )
     finally:
         torch_dist.destroy_process_group()
 
@@ -120,7 +140,9 @@ def test_two_expert_parallel_ranks_equal_one_process(tmp_path):
         torch.testing.assert_close(out["loss"], ref["loss"][r], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out["y"], ref["y"][r], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out["x_grad"], ref["x_grad"][r], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(out["grads"]["moe.router.weight"], ref["grads"]["moe.router.weight"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out["grads"]["moe.router.weight"], ref["grads"]["moe.router.weight"], atol=1e-5, rtol=1e-5
+        )
         for name in ("moe.w_in_EDH", "moe.w_out_EHD"):
             block = slice(r * E // WORLD, (r + 1) * E // WORLD)
             assert out["grads"][name].shape[0] == E // WORLD, "each rank holds half the experts"
@@ -192,7 +214,12 @@ def test_torchrun_expert_parallel_matches_one_process_and_resumes_across_sizes(t
 
 def test_expert_parallel_refuses_a_world_it_does_not_divide(tmp_path, demo_dir):
     env = {**_ingest(tmp_path, demo_dir), **_env(tmp_path, steps=1, batch_size=4, micro_batch_size=4)}
-    p = subprocess.run([WUDAO, "train", "--from", "scratch"], env={**env, "WUDAO_TRAIN__EXPERT_PARALLEL": "2"},
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    p = subprocess.run(
+        [WUDAO, "train", "--from", "scratch"],
+        env={**env, "WUDAO_TRAIN__EXPERT_PARALLEL": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode != 0 and "train.expert_parallel=2 must divide the 1 processes" in p.stderr
     assert "Traceback" not in p.stderr

@@ -34,8 +34,12 @@ def _all_modules():
 
 
 def test_every_named_error_is_a_wudao_error():
-    errors = {cls for module in _all_modules() for _, cls in inspect.getmembers(module, inspect.isclass)
-              if issubclass(cls, Exception) and cls.__module__.startswith(("wudao", "flows"))}  # fmt: skip
+    errors = {
+        cls
+        for module in _all_modules()
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, Exception) and cls.__module__.startswith(("wudao", "flows"))
+    }
     signals = {"ImageRejected"}  # not an error: how the image reader says "quarantine this, for this reason"
     outside = sorted(c.__qualname__ for c in errors if not issubclass(c, WudaoError) and c.__name__ not in signals)
     assert not outside, f"derive these from wudao.errors.WudaoError: {outside}"
@@ -58,7 +62,9 @@ def test_a_new_gate_is_one_registered_function():
 
     @gate_for_test
     def _(cfg: GateSettings, evaluation: Evaluation, parent: gates.ParentRecord) -> gates.GateResult:
-        return gates.GateResult("tiny_loss", "failed" if max(evaluation.candidate.values()) > 1 else "passed", None, None, "", "")
+        return gates.GateResult(
+            "tiny_loss", "failed" if max(evaluation.candidate.values()) > 1 else "passed", None, None, "", ""
+        )
 
     try:
         evaluation = Evaluation(checkpoint_uri="c", slices=["s"], candidate={"s": 2.0}, parent={"s": 2.0})

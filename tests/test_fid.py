@@ -29,7 +29,9 @@ WUDAO = str(Path(sys.executable).parent / "wudao")
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    return fid.write_random_inception_weights(tmp_path_factory.mktemp("fid-weights") / "inception-random-TEST-ONLY.pth", seed=0)
+    return fid.write_random_inception_weights(
+        tmp_path_factory.mktemp("fid-weights") / "inception-random-TEST-ONLY.pth", seed=0
+    )
 
 
 @pytest.fixture
@@ -52,7 +54,9 @@ def test_random_weights_are_marked_and_shaped_like_the_standard_file(weights, tm
     # pytorch-fid's FIDInceptionV3 is torchvision's Inception-v3 with 1008 classes and no aux head: same keys.
     state = torch.load(weights, weights_only=True)
     reference = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
-    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        k: tuple(v.shape) for k, v in reference.state_dict().items()
+    }
     plain = tmp_path / "plain.pth"
     torch.save({"w": torch.zeros(1)}, plain)
     assert fid.weights_info(plain)[1] is None
@@ -66,8 +70,14 @@ def test_missing_weights_is_the_documented_error(tmp_path):
     write_scenes(tmp_path / "coco", n=2, seed=0, size=32)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "MLFLOW_", "AWS_"))}
     env.update({"WUDAO_HOME": str(tmp_path / "home"), "WUDAO_STORAGE_URI": str(tmp_path / "objects")})
-    p = subprocess.run([WUDAO, "eval", "fid", "--coco", str(tmp_path / "coco"), "--json"], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    p = subprocess.run(
+        [WUDAO, "eval", "fid", "--coco", str(tmp_path / "coco"), "--json"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 1 and p.stdout == ""
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no Inception weights configured") and "pt_inception-2015-12-05-6726825d.pth" in last
@@ -167,7 +177,9 @@ def test_fid_end_to_end_cache_skips_png_and_torch_fidelity(weights, tmp_path, no
     # torch-fidelity's own Fréchet distance on the cached real statistics and the stored PNGs' features.
     with np.load(io.BytesIO(out.get_bytes(f"{fid.REFERENCE_PREFIX}/{second['reference_key']}/stats.npz"))) as z:
         real_stats = {"mu": z["mu"], "sigma": z["sigma"]}
-    feats = fid.InceptionFeatures(weights)(np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs]))
+    feats = fid.InceptionFeatures(weights)(
+        np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs])
+    )
     fake_stats = fid_features_to_statistics(torch.from_numpy(feats.astype(np.float64)))
     expected = fid_statistics_to_metric(real_stats, fake_stats, verbose=False)["frechet_inception_distance"]
     assert abs(second["fid"] - expected) < 1e-3
@@ -181,17 +193,28 @@ def test_stage_and_cli_with_a_trained_model(weights, demo_dir, tmp_path):
     from wudao.config import Settings
     from wudao.train.vq import train_vq
 
-    settings = Settings(home=tmp_path / "home", storage_uri=str(tmp_path / "objects"), ingest={"vocab_size": 600},
-                        train={"steps": 2, "batch_size": 4, "seq_len": 32}, eval={"fid_weights_uri": str(weights)},
-                        model={"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 128}).resolved()  # fmt: skip
+    settings = Settings(
+        home=tmp_path / "home",
+        storage_uri=str(tmp_path / "objects"),
+        ingest={"vocab_size": 600},
+        train={"steps": 2, "batch_size": 4, "seq_len": 32},
+        eval={"fid_weights_uri": str(weights)},
+        model={"d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 128},
+    ).resolved()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models on a shared 2-core machine
     try:
         stages.run_ingest(settings, str(demo_dir / "corpus" / "slice-01"))
         stages.run_ingest(settings, str(demo_dir / "coco"))
         store = stages.platform_store(settings)
-        train_vq(store, stages.committed_slices(settings), settings.home / "cache", image_size=64,
-                 codebook_size=settings.model.image_codebook_size, steps=3)  # fmt: skip
+        train_vq(
+            store,
+            stages.committed_slices(settings),
+            settings.home / "cache",
+            image_size=64,
+            codebook_size=settings.model.image_codebook_size,
+            steps=3,
+        )
         ckpt = stages.run_train(settings, start="scratch")["checkpoint_uri"]
         client = registry.client(settings)
         experiment = client.create_experiment("fid-test", artifact_location=(tmp_path / "mlartifacts").as_uri())
@@ -200,7 +223,9 @@ def test_stage_and_cli_with_a_trained_model(weights, demo_dir, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert result["n_images"] == 3 and result["model"] == ckpt and result["eval_id"] == run_id
-    assert store.exists(f"eval/{run_id}/fid/samples.png") and len(list(store.list(f"eval/{run_id}/fid/generated/"))) == 3
+    assert (
+        store.exists(f"eval/{run_id}/fid/samples.png") and len(list(store.list(f"eval/{run_id}/fid/generated/"))) == 3
+    )
     assert [m.step for m in client.get_metric_history(run_id, "fid")] == [2]
     # The demo captions name their colours, so the colour probe reads every generated image.
     assert result["follows"]["n_probed"] == 3 and 0 <= result["follows"]["both_accuracy"] <= 1
@@ -210,17 +235,46 @@ def test_stage_and_cli_with_a_trained_model(weights, demo_dir, tmp_path):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "MLFLOW_", "AWS_"))}
     env.update({"WUDAO_HOME": str(settings.home), "WUDAO_STORAGE_URI": settings.storage_uri})
-    p = subprocess.run([WUDAO, "eval", "fid", "--model", ckpt, "--coco", str(demo_dir / "coco"), "--n", "3",
-                        "--weights", str(weights), "--json"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    p = subprocess.run(
+        [
+            WUDAO,
+            "eval",
+            "fid",
+            "--model",
+            ckpt,
+            "--coco",
+            str(demo_dir / "coco"),
+            "--n",
+            "3",
+            "--weights",
+            str(weights),
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     report = json.loads(p.stdout)
-    assert {"fid", "kid_mean", "kid_std", "n_images", "n_skipped", "reference_cached", "warning", "weights_note"} <= set(report)
+    assert {
+        "fid",
+        "kid_mean",
+        "kid_std",
+        "n_images",
+        "n_skipped",
+        "reference_cached",
+        "warning",
+        "weights_note",
+    } <= set(report)
     assert report["reference_cached"] is True and report["n_skipped"] == 0
     assert report["follows"]["chance_both"] == 1 / 30
 
     # In a cycle's evaluate stage: the grid goes to the stage's run, the metrics are left to the evaluation's
     # logging (no duplicates), and the result carries the key the FID gate compares under.
-    cycle_settings = settings.model_copy(update={"eval": settings.eval.model_copy(update={"fid_coco_uri": str(demo_dir / "coco"), "fid_n": 3})})
+    cycle_settings = settings.model_copy(
+        update={"eval": settings.eval.model_copy(update={"fid_coco_uri": str(demo_dir / "coco"), "fid_n": 3})}
+    )
     evaluate_run = client.create_run(experiment).info.run_id
     evaluation = stages.run_evaluate(cycle_settings, ckpt, None, mlflow_run_id=evaluate_run)
     assert evaluation["fid"]["key"] == f"{report['reference_key']}/k1" and evaluation["fid"]["reference_cached"]
@@ -231,16 +285,55 @@ def test_stage_and_cli_with_a_trained_model(weights, demo_dir, tmp_path):
 def test_human_output_says_biased_next_to_the_number(capsys):
     from wudao.cli import _render_fid
 
-    _render_fid({"fid": 12.5, "kid_mean": 0.01, "kid_std": 0.001, "kid_subsets": 100, "kid_subset_size": 48,
-                 "n_images": 48, "n_real": 48, "n_skipped": 0, "skipped": {}, "model": "m", "reference_cached": True,
-                 "reference_key": "k", "samples_uri": "s", "warning": "N=48 < 2048: …", "weights_note": "TEST-ONLY …"})  # fmt: skip
+    _render_fid(
+        {
+            "fid": 12.5,
+            "kid_mean": 0.01,
+            "kid_std": 0.001,
+            "kid_subsets": 100,
+            "kid_subset_size": 48,
+            "n_images": 48,
+            "n_real": 48,
+            "n_skipped": 0,
+            "skipped": {},
+            "model": "m",
+            "reference_cached": True,
+            "reference_key": "k",
+            "samples_uri": "s",
+            "warning": "N=48 < 2048: …",
+            "weights_note": "TEST-ONLY …",
+        }
+    )
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("FID 12.500") and "biased" in out[0]
     assert not any("follow" in line for line in out), "no colour probe line for captions it cannot read"
-    follows = {"n_probed": 48, "unparsed": 0, "background_accuracy": 0.9, "shape_accuracy": 0.7, "both_accuracy": 0.65,
-               "chance_background": 1 / 6, "chance_shape": 0.2, "chance_both": 1 / 30}  # fmt: skip
-    _render_fid({"fid": 12.5, "kid_mean": 0.01, "kid_std": 0.001, "kid_subsets": 100, "kid_subset_size": 48,
-                 "n_images": 48, "n_real": 48, "n_skipped": 0, "skipped": {}, "model": "m", "reference_cached": True,
-                 "reference_key": "k", "samples_uri": "s", "follows": follows})  # fmt: skip
+    follows = {
+        "n_probed": 48,
+        "unparsed": 0,
+        "background_accuracy": 0.9,
+        "shape_accuracy": 0.7,
+        "both_accuracy": 0.65,
+        "chance_background": 1 / 6,
+        "chance_shape": 0.2,
+        "chance_both": 1 / 30,
+    }
+    _render_fid(
+        {
+            "fid": 12.5,
+            "kid_mean": 0.01,
+            "kid_std": 0.001,
+            "kid_subsets": 100,
+            "kid_subset_size": 48,
+            "n_images": 48,
+            "n_real": 48,
+            "n_skipped": 0,
+            "skipped": {},
+            "model": "m",
+            "reference_cached": True,
+            "reference_key": "k",
+            "samples_uri": "s",
+            "follows": follows,
+        }
+    )
     assert "images follow their captions: 0.65 (chance 0.03)" in capsys.readouterr().out
     assert any(line.startswith("weights: TEST-ONLY") for line in out)

@@ -27,7 +27,9 @@ def test_the_real_scenes_are_read_right_and_a_grey_blur_is_not(tmp_path):
     index = json.loads((tmp_path / "annotations" / "captions_val2017.json").read_text())
     files = {im["id"]: im["file_name"] for im in index["images"]}
     captions = [a["caption"] for a in index["annotations"]]
-    images = [np.asarray(Image.open(tmp_path / "val2017" / files[a["image_id"]]).convert("RGB")) for a in index["annotations"]]
+    images = [
+        np.asarray(Image.open(tmp_path / "val2017" / files[a["image_id"]]).convert("RGB")) for a in index["annotations"]
+    ]
     report = follows_captions(captions, images, SCENE_PALETTE)
     assert report is not None and report.n_probed == 48 and report.unparsed == 0
     assert report.both_accuracy == 1.0, "the rendered scenes are exactly what their captions say"

@@ -180,8 +180,15 @@ def test_spans_that_do_not_fit_are_dropped_whole(ids):
 def test_tensors_are_the_loss_keywords(tok, ids):
     batch = build_glm_batch([packed_row(tok, ids)], ids, 400, np.random.default_rng(0))
     t = batch.tensors()
-    assert set(t) == {"input_ids_BT", "position_ids_BT", "block_position_ids_BT", "sep_B", "target_ids_BT",
-                      "loss_mask_BT", "real_BT"}  # fmt: skip
+    assert set(t) == {
+        "input_ids_BT",
+        "position_ids_BT",
+        "block_position_ids_BT",
+        "sep_B",
+        "target_ids_BT",
+        "loss_mask_BT",
+        "real_BT",
+    }
     assert t["loss_mask_BT"].dtype.is_floating_point is False and t["input_ids_BT"].dtype.itemsize == 8
     # real_BT marks exactly the non-padding positions (what MoE layers route), and there is padding to mark.
     assert (t["real_BT"] == (t["input_ids_BT"] != ids.pad)).all() and not t["real_BT"].all()

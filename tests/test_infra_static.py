@@ -43,7 +43,9 @@ def test_compose_has_no_literal_secrets():
         for key, value in _env_items(svc.get("environment")):
             if _is_secret(key):
                 assert value.startswith("${"), f"{name}: {key} must come from the environment"
-        assert not re.search(r"://\w+:(?!\$\$?\{)[^@\s]+@", str(svc.get("command", ""))), f"{name}: literal password in a URL"
+        assert not re.search(r"://\w+:(?!\$\$?\{)[^@\s]+@", str(svc.get("command", ""))), (
+            f"{name}: literal password in a URL"
+        )
 
 
 def test_prefect_yaml_deploys_every_flow_under_the_names_wudao_trigger_uses():
@@ -78,11 +80,17 @@ def test_compose_databases_exist_and_services_are_wired():
     created = set(re.findall(r"CREATE DATABASE (\w+);", (ROOT / "infra" / "postgres-init.sql").read_text()))
     assert created == {"catalog", "mlflow", "mlflow_auth", "prefect"}, "separate databases per owner"
     # Database URLs name only the database; the server and login are libpq's PGHOST/PGUSER/PGPASSWORD.
-    used = set(re.findall(r"postgresql\+\w+:///(\w+)", yaml.safe_dump(services) + (ROOT / "infra" / "mlflow-auth.ini").read_text()))
+    used = set(
+        re.findall(
+            r"postgresql\+\w+:///(\w+)", yaml.safe_dump(services) + (ROOT / "infra" / "mlflow-auth.ini").read_text()
+        )
+    )
     assert used == created, f"databases used {used} vs created {created}"
     for name, svc in services.items():
         if re.search(r"postgresql\+\w+:///", yaml.safe_dump(svc)):
-            assert svc["environment"]["PGHOST"] == "postgres" and svc["environment"]["PGPASSWORD"].startswith("${"), name
+            assert svc["environment"]["PGHOST"] == "postgres" and svc["environment"]["PGPASSWORD"].startswith("${"), (
+                name
+            )
     assert "--app-name basic-auth" in " ".join(services["mlflow"]["command"])
     assert services["mlflow"]["environment"]["MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD"] == "true"
     assert "PREFECT_SERVER_API_AUTH_STRING" in services["prefect-server"]["environment"]
@@ -91,8 +99,13 @@ def test_compose_databases_exist_and_services_are_wired():
     # Every worker reaches the servers by service name, with the same auth the servers expect.
     for name in ("worker", "trainer"):
         env = dict(_env_items(services[name]["environment"]))
-        assert env["PREFECT_API_URL"].startswith("http://prefect-server:") and env["MLFLOW_TRACKING_URI"].startswith("http://mlflow:")
-        assert env["PREFECT_API_AUTH_STRING"] == services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
+        assert env["PREFECT_API_URL"].startswith("http://prefect-server:") and env["MLFLOW_TRACKING_URI"].startswith(
+            "http://mlflow:"
+        )
+        assert (
+            env["PREFECT_API_AUTH_STRING"]
+            == services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
+        )
         assert env["MLFLOW_TRACKING_PASSWORD"] == services["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"]
     # Pools named in prefect.yaml are the ones the workers serve.
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
@@ -126,10 +139,14 @@ def test_dockerfiles_pin_their_base_run_as_non_root_and_copy_existing_paths():
         bases = re.findall(r"^FROM (\S+)", text, re.M)
         assert bases, dockerfile.name
         for base in bases:  # a release, e.g. python:3.11.13-slim-bookworm; not `latest`, `3.11-slim` or untagged
-            assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*", base), f"{dockerfile.name}: base {base} is not pinned to a release"
+            assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*", base), (
+                f"{dockerfile.name}: base {base} is not pinned to a release"
+            )
         users = re.findall(r"^USER (\S+)", text, re.M)
         # Numeric and not 0: Kubernetes can only check runAsNonRoot against a numeric user.
-        assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) > 0, f"{dockerfile.name} runs as root"
+        assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) > 0, (
+            f"{dockerfile.name} runs as root"
+        )
         for pin in re.findall(r'"((?:mlflow|psycopg|boto3)\S*?[<>=][^"]+)"', text):
             assert f'"{pin}"' in pyproject, f"{dockerfile.name}: {pin} differs from pyproject.toml's bounds"
         if dockerfile.stem in ("worker", "trainer"):

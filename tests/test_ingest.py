@@ -21,8 +21,10 @@ from wudao.catalog import QuarantineRecord
 from wudao.data.ingest import IngestError
 from wudao.stages import catalog, platform_store, run_ingest
 
-EN_DOC = ("The river flows through the old town and the bridge over it was built of stone in the twelfth century. "
-          "Every spring the water rises and the market moves up the hill, where the merchants sell bread and cloth.")  # fmt: skip
+EN_DOC = (
+    "The river flows through the old town and the bridge over it was built of stone in the twelfth century. "
+    "Every spring the water rises and the market moves up the hill, where the merchants sell bread and cloth."
+)
 ZH_DOC = "这条河流穿过古老的城镇，河上的石桥建于十二世纪。每年春天河水上涨，集市就搬到山上，商人们在那里卖面包和布匹。"
 
 
@@ -55,15 +57,23 @@ def build_bad_corpus(root: Path, outside: Path) -> None:
     (root / "zh.txt").write_text("漢語" + ZH_DOC, encoding="utf-8")  # traditional chars get converted
     (root / "invalid.txt").write_bytes(b"\xff\xfe broken \xc3\x28 bytes")  # invalid_utf8
     lines = [json.dumps({"text": _en(i)}) for i in range(30)]
-    lines += ["{not json", json.dumps({"title": "no text"}), json.dumps({"text": "   "}),  # malformed, missing, empty
-              json.dumps({"text": "buy now buy now cheap cheap !!!! $$$ ### ### ###"}),  # low_quality
-              json.dumps({"text": _en(0)})]  # exact duplicate  # fmt: skip
+    lines += [
+        "{not json",
+        json.dumps({"title": "no text"}),
+        json.dumps({"text": "   "}),  # malformed, missing, empty
+        json.dumps({"text": "buy now buy now cheap cheap !!!! $$$ ### ### ###"}),  # low_quality
+        json.dumps({"text": _en(0)}),
+    ]  # exact duplicate
     (root / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with gzip.open(root / "zh.jsonl.gz", "wt", encoding="utf-8") as f:
         for text in ZH_DOCS:
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    (root / "broken.jsonl.gz").write_bytes(gzip.compress(b"")[:10] + b"\x00garbage that does not inflate")  # corrupt_archive
-    pq.write_table(pa.table({"text": [_en(100 + i) for i in range(5)] + [None]}), root / "table.parquet")  # + missing_text
+    (root / "broken.jsonl.gz").write_bytes(
+        gzip.compress(b"")[:10] + b"\x00garbage that does not inflate"
+    )  # corrupt_archive
+    pq.write_table(
+        pa.table({"text": [_en(100 + i) for i in range(5)] + [None]}), root / "table.parquet"
+    )  # + missing_text
     (root / "bad.parquet").write_bytes(b"PAR1 this is not parquet")  # corrupt_archive
     (root / "notes.docx").write_bytes(b"PK\x03\x04")  # unsupported_type
     _png(root / "cat.png")
@@ -77,18 +87,30 @@ def build_bad_corpus(root: Path, outside: Path) -> None:
     (coco / "annotations").mkdir(parents=True)
     (coco / "val").mkdir()
     _png(coco / "val" / "1.png", color=(10, 200, 10))
-    (coco / "annotations" / "captions_val.json").write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "1.png"}, {"id": 2, "file_name": "2.png"}],  # 2.png: missing_image
-        "annotations": [{"id": 1, "image_id": 1, "caption": "a green square"}, {"id": 2, "image_id": 2, "caption": "gone"}],
-    }))  # fmt: skip
+    (coco / "annotations" / "captions_val.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "1.png"}, {"id": 2, "file_name": "2.png"}],  # 2.png: missing_image
+                "annotations": [
+                    {"id": 1, "image_id": 1, "caption": "a green square"},
+                    {"id": 2, "image_id": 2, "caption": "gone"},
+                ],
+            }
+        )
+    )
     outside.write_text(EN_DOC.replace("river", "secret"))
     (root / "link.txt").symlink_to(outside)  # never followed
 
 
 @pytest.fixture
 def ingest_settings(local_settings):
-    return local_settings.model_copy(update={"ingest": local_settings.ingest.model_copy(
-        update={"image_max_pixels": 1_000_000, "batch_objects": 3, "vocab_size": 600})})  # fmt: skip
+    return local_settings.model_copy(
+        update={
+            "ingest": local_settings.ingest.model_copy(
+                update={"image_max_pixels": 1_000_000, "batch_objects": 3, "vocab_size": 600}
+            )
+        }
+    )
 
 
 def test_bad_corpus_counts_every_reason(ingest_settings, tmp_path):
@@ -97,10 +119,19 @@ def test_bad_corpus_counts_every_reason(ingest_settings, tmp_path):
     r = run_ingest(ingest_settings, str(src))
     assert r["slice_id"] == "slice-00001"
     assert r["quarantine_reasons"] == {
-        "invalid_utf8": 1, "malformed_json": 1, "missing_text": 2, "empty": 1, "low_quality": 1,
-        "unsupported_type": 1, "corrupt_archive": 2, "corrupt_image": 1, "image_too_large": 1,
-        "missing_image": 1, "missing_caption": 1, "skipped_link": 1,
-    }  # fmt: skip
+        "invalid_utf8": 1,
+        "malformed_json": 1,
+        "missing_text": 2,
+        "empty": 1,
+        "low_quality": 1,
+        "unsupported_type": 1,
+        "corrupt_archive": 2,
+        "corrupt_image": 1,
+        "image_too_large": 1,
+        "missing_image": 1,
+        "missing_caption": 1,
+        "skipped_link": 1,
+    }
     assert r["quarantined"] == sum(r["quarantine_reasons"].values())
     assert r["duplicates_exact"] == 1
     assert r["documents_accepted"] == 2 + 30 + 10 + 5
@@ -113,7 +144,10 @@ def test_bad_corpus_counts_every_reason(ingest_settings, tmp_path):
     manifest = store.read_manifest("slices/slice-00001")
     assert {s["split"] for s in manifest["shards"]} >= {"train", "images"}
     quarantine = store.get_json("slices/slice-00001/quarantine.json")
-    assert {(q["key"], q["reason"]) for q in quarantine} >= {("docs.jsonl", "malformed_json"), ("notes.docx", "unsupported_type")}
+    assert {(q["key"], q["reason"]) for q in quarantine} >= {
+        ("docs.jsonl", "malformed_json"),
+        ("notes.docx", "unsupported_type"),
+    }
     cat = catalog(ingest_settings)
     with cat.session() as s:
         assert s.query(QuarantineRecord).count() == r["quarantined"]
@@ -141,11 +175,22 @@ def test_hostile_input_is_quarantined_by_name_never_a_crash(ingest_settings, tmp
     (coco / "val").mkdir()
     _png(coco / "val" / "1.png")
     _png(coco / "val" / "one.png", color=(0, 0, 200))
-    (coco / "annotations" / "captions_val.json").write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "1.png"}, {"id": "one", "file_name": "one.png"}, {"id": 3, "file_name": 3}],
-        "annotations": [{"image_id": 1, "caption": "a red square"}, {"image_id": "one", "caption": "a blue square"},
-                        {"image_id": 1, "caption": "bad \ud800 caption"}],
-    }))  # mixed id types, a file name that is not a string, a lone surrogate  # fmt: skip
+    (coco / "annotations" / "captions_val.json").write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": 1, "file_name": "1.png"},
+                    {"id": "one", "file_name": "one.png"},
+                    {"id": 3, "file_name": 3},
+                ],
+                "annotations": [
+                    {"image_id": 1, "caption": "a red square"},
+                    {"image_id": "one", "caption": "a blue square"},
+                    {"image_id": 1, "caption": "bad \ud800 caption"},
+                ],
+            }
+        )
+    )  # mixed id types, a file name that is not a string, a lone surrogate
     (src / "deep" / "annotations").mkdir(parents=True)
     (src / "deep" / "annotations" / "captions_val.json").write_text(deep)
 
@@ -171,7 +216,9 @@ def _all_text(store, manifest) -> str:
     parts = []
     for shard in manifest["shards"]:
         if shard["split"] in ("train", "heldout"):
-            ids = np.frombuffer(store.get_bytes(f"slices/{manifest['slice_id']}/{shard['name']}.bin"), dtype=manifest["dtype"])
+            ids = np.frombuffer(
+                store.get_bytes(f"slices/{manifest['slice_id']}/{shard['name']}.bin"), dtype=manifest["dtype"]
+            )
             parts.append(tok.decode(ids.tolist(), skip_special_tokens=False))
     return "".join(parts)
 
@@ -219,9 +266,16 @@ def _big_source(root: Path, files: int = 120) -> None:
 
 def _env(home: Path, objects: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "AWS_"))}
-    env.update({"WUDAO_HOME": str(home), "WUDAO_STORAGE_URI": str(objects), "WUDAO_INGEST__BATCH_OBJECTS": "2",
-                "WUDAO_INGEST__SHARD_TOKENS": "2000", "WUDAO_INGEST__TOKENIZER_SAMPLE_BYTES": "20000",
-                "WUDAO_INGEST__VOCAB_SIZE": "600"})  # fmt: skip
+    env.update(
+        {
+            "WUDAO_HOME": str(home),
+            "WUDAO_STORAGE_URI": str(objects),
+            "WUDAO_INGEST__BATCH_OBJECTS": "2",
+            "WUDAO_INGEST__SHARD_TOKENS": "2000",
+            "WUDAO_INGEST__TOKENIZER_SAMPLE_BYTES": "20000",
+            "WUDAO_INGEST__VOCAB_SIZE": "600",
+        }
+    )
     return env
 
 
@@ -231,7 +285,9 @@ def test_kill_9_mid_slice_then_rerun_gives_the_same_slice(tmp_path):
     wudao = str(Path(sys.executable).parent / "wudao")
     crashed_objects = tmp_path / "crashed-objects"
     env = _env(tmp_path / "crashed-home", crashed_objects)
-    proc = subprocess.Popen([wudao, "ingest", str(src), "--json"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [wudao, "ingest", str(src), "--json"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     shard_dir = crashed_objects / "slices" / "slice-00001"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (shard_dir.exists() and len(list(shard_dir.glob("train-*.bin"))) >= 2):
@@ -244,7 +300,9 @@ def test_kill_9_mid_slice_then_rerun_gives_the_same_slice(tmp_path):
     rerun = subprocess.run([wudao, "ingest", str(src), "--json"], env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     clean_env = _env(tmp_path / "clean-home", tmp_path / "clean-objects")
-    clean = subprocess.run([wudao, "ingest", str(src), "--json"], env=clean_env, capture_output=True, text=True, timeout=300)
+    clean = subprocess.run(
+        [wudao, "ingest", str(src), "--json"], env=clean_env, capture_output=True, text=True, timeout=300
+    )
     a, b = json.loads(rerun.stdout), json.loads(clean.stdout)
     assert a["slice_id"] == b["slice_id"] == "slice-00001"
     assert a["objects_new"] == b["objects_new"] == 120
@@ -264,8 +322,9 @@ def test_sqlite_and_postgresql_catalogs_agree(local_settings, postgres_url, tmp_
     with admin.connect() as conn:
         conn.execute(text(f"CREATE DATABASE {db}"))
     admin.dispose()
-    pg = local_settings.model_copy(update={"catalog_url": postgres_url.rsplit("/", 1)[0] + f"/{db}",
-                                           "storage_uri": str(tmp_path / "pg-objects")})  # fmt: skip
+    pg = local_settings.model_copy(
+        update={"catalog_url": postgres_url.rsplit("/", 1)[0] + f"/{db}", "storage_uri": str(tmp_path / "pg-objects")}
+    )
     from wudao.catalog import upgrade
 
     upgrade(pg.catalog_url)
@@ -304,9 +363,13 @@ def test_two_ingests_of_different_sources_at_once_both_land_whole(backend, tmp_p
     """Two ingests started together: one waits for the other (catalog lock); both slices are whole and each
     holds its own source's text (before, they shared a slice id and one overwrote the other's shards)."""
     words = {"a": "amber", "b": "cobalt"}
-    texts = {"a": lambda i: f"{_en(i)} The amber lantern number {i} glowed all night.",
-             "b": lambda i: f"Report {i}: the cobalt engineers measured {i * 7 + 3} bridges across the northern valley, "
-                            f"and every crossing went into ledger {i}."}  # fmt: skip
+    texts = {
+        "a": lambda i: f"{_en(i)} The amber lantern number {i} glowed all night.",
+        "b": lambda i: (
+            f"Report {i}: the cobalt engineers measured {i * 7 + 3} bridges across the northern valley, "
+            f"and every crossing went into ledger {i}."
+        ),
+    }
     for name in words:
         (tmp_path / name).mkdir()
         rows = [json.dumps({"text": texts[name](i)}) for i in range(60)]
@@ -315,8 +378,16 @@ def test_two_ingests_of_different_sources_at_once_both_land_whole(backend, tmp_p
     if backend == "postgresql":
         env["WUDAO_CATALOG_URL"] = _fresh_pg_db(request.getfixturevalue("postgres_url"), f"wudao_race_{os.getpid()}")
     wudao = str(Path(sys.executable).parent / "wudao")
-    procs = [subprocess.Popen([wudao, "ingest", str(tmp_path / n), "--json"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for n in words]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [wudao, "ingest", str(tmp_path / n), "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in words
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     assert any("waiting for another ingest" in err for _, err in outs), "the two really overlapped"
@@ -336,8 +407,16 @@ def test_two_ingests_of_different_sources_at_once_both_land_whole(backend, tmp_p
     # The same source twice at once: one ingests it, the other finds nothing new (before: a raw IntegrityError).
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "c.txt").write_text(ZH_DOC, encoding="utf-8")
-    procs = [subprocess.Popen([wudao, "ingest", str(tmp_path / "c"), "--json"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [wudao, "ingest", str(tmp_path / "c"), "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     same = sorted((json.loads(out)["objects_new"], json.loads(out)["slice_id"] or "") for out, _ in outs)

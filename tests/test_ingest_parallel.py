@@ -10,10 +10,23 @@ from wudao.stages import platform_store, run_ingest
 
 
 def _settings(base, tmp_path: Path, name: str, workers: int):
-    ingest = base.ingest.model_copy(update={"workers": workers, "batch_objects": 3, "shard_tokens": 3000, "vocab_size": 600,
-                                            "tokenizer_sample_bytes": 6000})  # fmt: skip
-    return base.model_copy(update={"home": tmp_path / name, "storage_uri": str(tmp_path / name / "objects"),
-                                   "catalog_url": f"sqlite:///{tmp_path / name / 'catalog.db'}", "ingest": ingest})  # fmt: skip
+    ingest = base.ingest.model_copy(
+        update={
+            "workers": workers,
+            "batch_objects": 3,
+            "shard_tokens": 3000,
+            "vocab_size": 600,
+            "tokenizer_sample_bytes": 6000,
+        }
+    )
+    return base.model_copy(
+        update={
+            "home": tmp_path / name,
+            "storage_uri": str(tmp_path / name / "objects"),
+            "catalog_url": f"sqlite:///{tmp_path / name / 'catalog.db'}",
+            "ingest": ingest,
+        }
+    )
 
 
 def _corpus(root: Path, files: int, offset: int = 0) -> None:
@@ -72,7 +85,9 @@ def test_s3_source_is_read_by_worker_processes(s3_settings, tmp_path):
     store = platform_store(s3_settings)
     for i in range(7):
         store.put_bytes(f"raw/doc-{i}.txt", (_en(300 + i) + " " + _en(400 + i)).encode())
-    s = s3_settings.model_copy(update={"ingest": s3_settings.ingest.model_copy(update={"workers": 2, "batch_objects": 2})})
+    s = s3_settings.model_copy(
+        update={"ingest": s3_settings.ingest.model_copy(update={"workers": 2, "batch_objects": 2})}
+    )
     report = run_ingest(s, f"{s3_settings.storage_uri}/raw")
     assert report["documents_accepted"] == 7 and report["slice_id"]
 

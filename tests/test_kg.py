@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_cli import run
+from tests.test_model_glm import IDS, memorise, tiny
+from tests.test_model_vq import one_thread
 from wudao.data.demo import TEMPLATES, country_facts
 from wudao.data.glm import SpecialIds, glm_sample, stack_rows
 from wudao.data.tokenizer import train_tokenizer
 from wudao.eval.kg import _cloze_inputs, answer_spaces, evaluate_kg, naive_cloze_sums, parse_kg
 from wudao.model import GLMConfig, GLMModel, cloze_scores
 from wudao.model.generation import cloze_scores_many
-
-from tests.test_cli import run
-from tests.test_model_glm import IDS, memorise, tiny
-from tests.test_model_vq import one_thread
 
 
 def small_kg(n: int = 24):
@@ -29,44 +28,73 @@ def small_kg(n: int = 24):
     rows = [(iso, v) for iso, v in sorted(country_facts().items()) if "zh" in v and "capital" in v["zh"]][:n]
     for _, langs in rows:
         for lang in ("en", "zh"):
-            facts.append({"subject": langs[lang]["name"], "relation": "capital", "object": langs[lang]["capital"], "lang": lang})
+            facts.append(
+                {"subject": langs[lang]["name"], "relation": "capital", "object": langs[lang]["capital"], "lang": lang}
+            )
     for lang in ("en", "zh"):
         templates += [{"relation": "capital", "lang": lang, "template": t} for t in TEMPLATES[("capital", lang)][:1]]
-    return "\n".join(json.dumps(f, ensure_ascii=False) for f in facts), "\n".join(json.dumps(t, ensure_ascii=False) for t in templates)
+    return "\n".join(json.dumps(f, ensure_ascii=False) for f in facts), "\n".join(
+        json.dumps(t, ensure_ascii=False) for t in templates
+    )
 
 
 @pytest.fixture(scope="module")
 def kg_and_tokenizer():
     facts_text, templates_text = small_kg()
     kg = parse_kg(facts_text, templates_text)
-    texts = [t.replace("[X]", f.subject).replace("[Y]", f.object) for f in kg.facts for t in kg.templates[(f.relation, f.lang)]]
+    texts = [
+        t.replace("[X]", f.subject).replace("[Y]", f.object)
+        for f in kg.facts
+        for t in kg.templates[(f.relation, f.lang)]
+    ]
     return kg, train_tokenizer(texts * 3, vocab_size=700)
 
 
 def _model(tok) -> GLMModel:
     torch.manual_seed(0)
-    return GLMModel(GLMConfig(vocab_size=tok.get_vocab_size(), d_model=96, n_layers=2, n_heads=4, max_seq_len=48,
-                              moe_every=2, n_experts=4))  # fmt: skip
+    return GLMModel(
+        GLMConfig(
+            vocab_size=tok.get_vocab_size(), d_model=96, n_layers=2, n_heads=4, max_seq_len=48, moe_every=2, n_experts=4
+        )
+    )
 
 
 def test_bad_lines_are_counted_not_fatal():
-    facts = '{"subject": "France", "relation": "capital", "object": "Paris", "lang": "en"}\n{broken\n' \
-            '{"subject": "X", "relation": "tallest_building", "object": "Y", "lang": "en"}\n{"subject": "A"}\n'  # fmt: skip
-    templates = '{"relation": "capital", "lang": "en", "template": "The capital of [X] is [Y]."}\n' \
-                '{"relation": "capital", "lang": "en", "template": "no slots"}\nnot json\n'  # fmt: skip
+    facts = (
+        '{"subject": "France", "relation": "capital", "object": "Paris", "lang": "en"}\n{broken\n'
+        '{"subject": "X", "relation": "tallest_building", "object": "Y", "lang": "en"}\n{"subject": "A"}\n'
+    )
+    templates = (
+        '{"relation": "capital", "lang": "en", "template": "The capital of [X] is [Y]."}\n'
+        '{"relation": "capital", "lang": "en", "template": "no slots"}\nnot json\n'
+    )
     kg = parse_kg(facts, templates)
     assert len(kg.facts) == 1
-    assert dict(kg.problems) == {"malformed_fact_line": 2, "relation_without_template": 1, "template_without_x_and_y": 1,
-                                 "malformed_template_line": 1}  # fmt: skip
+    assert dict(kg.problems) == {
+        "malformed_fact_line": 2,
+        "relation_without_template": 1,
+        "template_without_x_and_y": 1,
+        "malformed_template_line": 1,
+    }
 
 
 def test_hostile_lines_are_counted_not_fatal():
     deep = "[" * 200_000 + "]" * 200_000  # json.loads: RecursionError
-    facts = "\n".join([deep, '{"subject": "Fr\\ud800nce", "relation": "capital", "object": "Paris", "lang": "en"}',
-                       '{"subject": "Peru", "relation": "capital", "object": "Lima", "lang": "en"}'])  # fmt: skip
-    templates = "\n".join([deep, '{"relation": "capital", "lang": "en", "template": "The capital of [X] is [Y]."}',
-                           '{"relation": "capital", "lang": "en", "template": "Bad \\udfff [X] [Y]"}',
-                           '{"relation": ["a"], "lang": "en", "template": "[X] [Y]"}'])  # fmt: skip
+    facts = "\n".join(
+        [
+            deep,
+            '{"subject": "Fr\\ud800nce", "relation": "capital", "object": "Paris", "lang": "en"}',
+            '{"subject": "Peru", "relation": "capital", "object": "Lima", "lang": "en"}',
+        ]
+    )
+    templates = "\n".join(
+        [
+            deep,
+            '{"relation": "capital", "lang": "en", "template": "The capital of [X] is [Y]."}',
+            '{"relation": "capital", "lang": "en", "template": "Bad \\udfff [X] [Y]"}',
+            '{"relation": ["a"], "lang": "en", "template": "[X] [Y]"}',
+        ]
+    )
     kg = parse_kg(facts, templates)
     assert [f.subject for f in kg.facts] == ["Peru"]
     assert dict(kg.problems) == {"malformed_fact_line": 1, "invalid_unicode": 2, "malformed_template_line": 2}
@@ -79,8 +107,18 @@ def test_batched_scorer_equals_naive(kg_and_tokenizer, variant):
     kg, tok = kg_and_tokenizer
     ids = SpecialIds.from_tokenizer(tok)
     torch.manual_seed(0)
-    model = GLMModel(GLMConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, max_seq_len=48,
-                               moe_every=2, n_experts=4, **variant)).eval()  # fmt: skip
+    model = GLMModel(
+        GLMConfig(
+            vocab_size=tok.get_vocab_size(),
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            max_seq_len=48,
+            moe_every=2,
+            n_experts=4,
+            **variant,
+        )
+    ).eval()
     spaces = answer_spaces(kg)
     prompts, candidates = [], []
     for fact in kg.facts[:6] + kg.facts[-6:]:
@@ -131,27 +169,44 @@ def test_eop_is_scored_so_the_whole_answer_beats_its_prefixes():
 
 
 HAND_FACTS = [  # (subject, relation, object, lang, first_slice)
-    ("A", "capital", "Xa", "en", "slice-01"), ("B", "capital", "Yb", "en", "slice-01"), ("C", "capital", "Zc", "en", "slice-01"),
-    ("D", "continent", "Asia", "en", "slice-01"), ("E", "continent", "Asia", "en", "slice-01"),
-    ("F", "continent", "Asia", "en", "slice-01"), ("G", "continent", "Europe", "en", "slice-02"),
+    ("A", "capital", "Xa", "en", "slice-01"),
+    ("B", "capital", "Yb", "en", "slice-01"),
+    ("C", "capital", "Zc", "en", "slice-01"),
+    ("D", "continent", "Asia", "en", "slice-01"),
+    ("E", "continent", "Asia", "en", "slice-01"),
+    ("F", "continent", "Asia", "en", "slice-01"),
+    ("G", "continent", "Europe", "en", "slice-02"),
     ("GG", "continent", "Europe", "en", "slice-02"),
-    ("甲", "continent", "亚洲", "zh", "slice-01"), ("乙", "continent", "欧洲", "zh", "slice-01"),
-]  # fmt: skip
-HAND_TEMPLATES = [("capital", "en", "The capital of [X] is [Y]."), ("continent", "en", "[X] is in [Y]."),
-                  ("continent", "zh", "[X]位于[Y]。")]  # fmt: skip
+    ("甲", "continent", "亚洲", "zh", "slice-01"),
+    ("乙", "continent", "欧洲", "zh", "slice-01"),
+]
+HAND_TEMPLATES = [
+    ("capital", "en", "The capital of [X] is [Y]."),
+    ("continent", "en", "[X] is in [Y]."),
+    ("continent", "zh", "[X]位于[Y]。"),
+]
 
 
 @pytest.fixture(scope="module")
 def hand_kg():
-    facts = "\n".join(json.dumps(dict(zip(("subject", "relation", "object", "lang", "first_slice"), f)), ensure_ascii=False)
-                      for f in HAND_FACTS)  # fmt: skip
-    templates = "\n".join(json.dumps({"relation": r, "lang": lang, "template": t}, ensure_ascii=False)
-                          for r, lang, t in HAND_TEMPLATES)  # fmt: skip
+    facts = "\n".join(
+        json.dumps(dict(zip(("subject", "relation", "object", "lang", "first_slice"), f)), ensure_ascii=False)
+        for f in HAND_FACTS
+    )
+    templates = "\n".join(
+        json.dumps({"relation": r, "lang": lang, "template": t}, ensure_ascii=False) for r, lang, t in HAND_TEMPLATES
+    )
     kg = parse_kg(facts, templates)
-    texts = [t.replace("[X]", f.subject).replace("[Y]", f.object) for f in kg.facts for t in kg.templates[(f.relation, f.lang)]]
+    texts = [
+        t.replace("[X]", f.subject).replace("[Y]", f.object)
+        for f in kg.facts
+        for t in kg.templates[(f.relation, f.lang)]
+    ]
     tok = train_tokenizer(texts * 5, vocab_size=300)
     torch.manual_seed(0)
-    model = GLMModel(GLMConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=1, n_heads=2, max_seq_len=32, moe_every=0))
+    model = GLMModel(
+        GLMConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=1, n_heads=2, max_seq_len=32, moe_every=0)
+    )
     return kg, tok, model, facts, templates
 
 
@@ -164,10 +219,14 @@ def test_chance_and_majority_are_macro_averaged_like_p_at_1(hand_kg):
     assert r.n_facts == 10
     assert r.chance == pytest.approx((1 / 3 + 1 / 2) / 2)  # micro would be (3/3 + 7/2) / 10
     assert r.majority == pytest.approx((1 / 3 + (3 * 1 + 2 * 0 + 2 * 0.5) / 7) / 2)
-    assert r.by_relation["capital"]["chance"] == pytest.approx(1 / 3) and r.by_relation["capital"]["majority"] == pytest.approx(1 / 3)
+    assert r.by_relation["capital"]["chance"] == pytest.approx(1 / 3) and r.by_relation["capital"][
+        "majority"
+    ] == pytest.approx(1 / 3)
     assert r.by_relation["continent"]["majority"] == pytest.approx(4 / 7)
     assert r.by_language["en"]["majority"] == pytest.approx((1 / 3 + 3 / 5) / 2)
-    assert r.by_language["zh"]["chance"] == pytest.approx(1 / 2) and r.by_language["zh"]["majority"] == pytest.approx(1 / 2)
+    assert r.by_language["zh"]["chance"] == pytest.approx(1 / 2) and r.by_language["zh"]["majority"] == pytest.approx(
+        1 / 2
+    )
     assert r.by_slice["slice-01"]["majority"] == pytest.approx((1 / 3 + 4 / 5) / 2)
     assert r.by_slice["slice-02"]["chance"] == pytest.approx(1 / 2) and r.by_slice["slice-02"]["majority"] == 0.0
     for g in [*r.by_relation.values(), *r.by_language.values(), *r.by_slice.values()]:
@@ -192,8 +251,17 @@ def test_cli_unknown_slice_is_one_line_with_the_known_ids(hand_kg, tmp_path):
     (tmp_path / "kg").mkdir()
     (tmp_path / "kg" / "facts.jsonl").write_text(facts, encoding="utf-8")
     (tmp_path / "kg" / "templates.jsonl").write_text(templates, encoding="utf-8")
-    p = run("eval", "kg", "--kg", str(tmp_path / "kg"), "--slice", "slice-09", "--json",
-            env={"WUDAO_HOME": str(tmp_path / "home")}, cwd=tmp_path)  # fmt: skip
+    p = run(
+        "eval",
+        "kg",
+        "--kg",
+        str(tmp_path / "kg"),
+        "--slice",
+        "slice-09",
+        "--json",
+        env={"WUDAO_HOME": str(tmp_path / "home")},
+        cwd=tmp_path,
+    )
     assert p.returncode == 1 and p.stdout == "" and "Traceback" not in p.stderr
     last = [line for line in p.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("error: ") and "slice-09" in last and "slice-01, slice-02" in last

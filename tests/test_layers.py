@@ -43,8 +43,12 @@ def _layer(part: str) -> int:
 def _imports(path: Path) -> list[str]:
     """Every module `path` imports, except under `if TYPE_CHECKING:`."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
-            for n in ast.walk(node)}  # fmt: skip
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+        for n in ast.walk(node)
+    }
     found = []
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -92,6 +96,8 @@ def test_dependencies_point_one_way():
 def test_the_check_sees_a_violation(tmp_path):
     """The parser finds imports inside functions and ignores TYPE_CHECKING ones (so the check above can fail)."""
     sample = tmp_path / "m.py"
-    sample.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from wudao.train import loop\n"
-                      "def f():\n    from wudao.eval.kg import parse_kg\n    import flows.cli\n")  # fmt: skip
+    sample.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from wudao.train import loop\n"
+        "def f():\n    from wudao.eval.kg import parse_kg\n    import flows.cli\n"
+    )
     assert _imports(sample) == ["typing", "wudao.eval.kg", "flows.cli"]

@@ -9,13 +9,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tests.test_model_glm import memorise
 from wudao.data.demo import write_scenes
 from wudao.data.glm import SpecialIds, glm_sample, stack_rows
 from wudao.data.multimodal import cogview_layout, cogview_prompt
 from wudao.data.tokenizer import train_tokenizer
 from wudao.model import VQVAE, GLMConfig, GLMModel, Sampling, VQConfig, sample_image_codes
-
-from tests.test_model_glm import memorise
 
 
 def test_vq_and_glm_learn_to_draw_the_demo_shapes(tmp_path):
@@ -31,8 +30,14 @@ def _draw(tmp_path):
     write_scenes(tmp_path, n=16, seed=0, size=32)
     index = json.loads((tmp_path / "annotations" / "captions_val2017.json").read_text())
     english = {a["image_id"]: a["caption"] for a in index["annotations"] if a["caption"].startswith("a ")}
-    images = torch.from_numpy(np.stack([np.asarray(Image.open(tmp_path / "val2017" / i["file_name"]).convert("RGB"), dtype=np.float32) / 255
-                                        for i in index["images"]])).permute(0, 3, 1, 2)  # fmt: skip
+    images = torch.from_numpy(
+        np.stack(
+            [
+                np.asarray(Image.open(tmp_path / "val2017" / i["file_name"]).convert("RGB"), dtype=np.float32) / 255
+                for i in index["images"]
+            ]
+        )
+    ).permute(0, 3, 1, 2)
     captions = [english[i["id"]] for i in index["images"]]
 
     torch.manual_seed(0)
@@ -56,14 +61,18 @@ def _draw(tmp_path):
         tokens, span = cogview_layout(tok.encode(caption).ids, code.numpy(), ids, offset)
         rows.append(glm_sample(tokens, [span], ids.gmask, ids, 96, rng))
     batch = stack_rows(rows, "document").tensors()
-    model = GLMModel(GLMConfig(vocab_size=offset + 64, d_model=96, n_layers=2, n_heads=4, max_seq_len=96, moe_every=2, n_experts=4))
+    model = GLMModel(
+        GLMConfig(vocab_size=offset + 64, d_model=96, n_layers=2, n_heads=4, max_seq_len=96, moe_every=2, n_experts=4)
+    )
     memorise(model, batch, until=0.02)
     model.eval()
     errors = []
     with torch.no_grad():
         for caption, image in zip(captions, images):
             prompt = cogview_prompt(ids, offset, caption=tok.encode(caption).ids)
-            drawn = sample_image_codes(model, prompt, ids, n_codes=64, code_offset=offset, codebook_size=64, sampling=Sampling())
+            drawn = sample_image_codes(
+                model, prompt, ids, n_codes=64, code_offset=offset, codebook_size=64, sampling=Sampling()
+            )
             picture = vq.decode(drawn.reshape(1, 8, 8)).clamp(0, 1)[0]
             errors.append(float(((picture - image) ** 2).mean()))
     blank = float(((images - 0.5) ** 2).mean())

@@ -10,21 +10,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.test_model_vq import one_thread
 from wudao.data.glm import SpecialIds, glm_sample, stack_rows
 from wudao.model.attention import LayerNorm, glm_attention_mask, pb_relax_attention
 from wudao.model.generation import Sampling, cloze_scores, continue_text, fill_blank, rerank
 from wudao.model.glm import GLMConfig, GLMModel
 
-from tests.test_model_vq import one_thread
-
 IDS = SpecialIds(pad=0, eos=1, cls=2, mask=3, smask=4, gmask=5, sop=6, eop=7, boi=8, eoi=9, roi=10, base=11)
 V = 40
 
 
-def memorise(model: GLMModel, batch: dict[str, torch.Tensor], max_steps: int = 400, until: float = 0.01) -> tuple[int, float]:
+def memorise(
+    model: GLMModel, batch: dict[str, torch.Tensor], max_steps: int = 400, until: float = 0.01
+) -> tuple[int, float]:
     """Full-batch AdamW (lr 3e-3) on one fixed batch until the LM loss is below `until`: (steps, final LM loss)."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for step in range(1, max_steps + 1):
+    for step in range(1, max_steps + 1):  # noqa: B007 (returned after the loop)
         out = model.loss(**batch)
         opt.zero_grad()
         out.loss.backward()
@@ -101,8 +102,9 @@ def test_pb_relax_model_equals_plain_model_with_the_same_weights():
     relaxed = tiny(layer_order="sandwich", pb_relax=True, norm_eps=1e-12)
     relaxed.load_state_dict(plain.state_dict())
     t = sample_row()
-    torch.testing.assert_close(logits_of(relaxed, t, t["input_ids_BT"]), logits_of(plain, t, t["input_ids_BT"]),
-                               atol=1e-4, rtol=1e-4)  # fmt: skip
+    torch.testing.assert_close(
+        logits_of(relaxed, t, t["input_ids_BT"]), logits_of(plain, t, t["input_ids_BT"]), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_loss_is_cross_entropy_on_part_b_only():
@@ -125,8 +127,17 @@ def test_kv_cache_generation_equals_uncached(name):
     assert greedy[0] == greedy[1] and len(greedy[0][0]) == 30
     sampling = Sampling(temperature=1.0, top_k=10, top_p=0.9)
     sampled = [
-        fill_blank(model, part_a, IDS, max_new_tokens=20, sampling=sampling, num_samples=3, stop_at_eop=False,
-                   use_cache=c, generator=torch.Generator().manual_seed(1))  # fmt: skip
+        fill_blank(
+            model,
+            part_a,
+            IDS,
+            max_new_tokens=20,
+            sampling=sampling,
+            num_samples=3,
+            stop_at_eop=False,
+            use_cache=c,
+            generator=torch.Generator().manual_seed(1),
+        )
         for c in (True, False)
     ]
     assert sampled[0] == sampled[1] and len({tuple(r) for r in sampled[0]}) > 1
@@ -140,8 +151,15 @@ def test_generation_stops_at_eop_and_respects_vocab_range():
         model.ln_f.bias.fill_(1.0)
         model.tok_emb.weight[IDS.eop] = 1.0
     assert fill_blank(model, [12, IDS.gmask], IDS, max_new_tokens=10) == [[]]
-    codes = fill_blank(model, [12, IDS.gmask], IDS, max_new_tokens=10, stop_at_eop=False, vocab_range=(30, 40),
-                       sampling=Sampling(temperature=1.0))[0]  # fmt: skip
+    codes = fill_blank(
+        model,
+        [12, IDS.gmask],
+        IDS,
+        max_new_tokens=10,
+        stop_at_eop=False,
+        vocab_range=(30, 40),
+        sampling=Sampling(temperature=1.0),
+    )[0]
     assert len(codes) == 10 and all(30 <= c < 40 for c in codes)
     assert continue_text(model, [12, 13], IDS, max_new_tokens=5) == []
 
@@ -163,7 +181,9 @@ def test_cloze_scores_with_eop_equal_full_forward():
         assert score.sum == pytest.approx(ref, abs=1e-4) and score.mean == pytest.approx(ref / len(target), abs=1e-4)
     best, all_scores = rerank(model, [[14, 15, IDS.gmask], part_a], candidates[1], IDS)
     assert all_scores[1] == pytest.approx(scores[1].sum, abs=1e-5) and best == int(np.argmax(all_scores))
-    assert all_scores[0] == pytest.approx(cloze_scores(model, [14, 15, IDS.gmask], IDS, [candidates[1]])[0].sum, abs=1e-5)
+    assert all_scores[0] == pytest.approx(
+        cloze_scores(model, [14, 15, IDS.gmask], IDS, [candidates[1]])[0].sum, abs=1e-5
+    )
 
 
 def test_block_position_zero_adds_nothing_and_learns_nothing():
@@ -174,8 +194,14 @@ def test_block_position_zero_adds_nothing_and_learns_nothing():
     assert torch.count_nonzero(model.block_pos_emb.weight[0]) == 0
     assert torch.count_nonzero(model.block_pos_emb.weight[1]) > 0, "Part B block positions are learned"
     x = torch.randint(12, V, (2, 10))
-    out = model.loss(x, torch.arange(10).expand(2, 10), torch.zeros_like(x), torch.zeros(2, dtype=torch.long),
-                     x, torch.ones_like(x, dtype=torch.bool))  # fmt: skip
+    out = model.loss(
+        x,
+        torch.arange(10).expand(2, 10),
+        torch.zeros_like(x),
+        torch.zeros(2, dtype=torch.long),
+        x,
+        torch.ones_like(x, dtype=torch.bool),
+    )
     out.loss.backward()
     assert torch.count_nonzero(model.block_pos_emb.weight.grad[0]) == 0
 
@@ -214,8 +240,16 @@ def test_tiny_glm_learns_to_fill_in_fifty_capitals():
     batch = stack_rows(rows, "token").tensors()
 
     torch.manual_seed(0)
-    cfg = GLMConfig(vocab_size=tok.get_vocab_size(), d_model=96, n_layers=2, n_heads=4, max_seq_len=40,
-                    moe_every=2, n_experts=4, top_k=2)  # fmt: skip
+    cfg = GLMConfig(
+        vocab_size=tok.get_vocab_size(),
+        d_model=96,
+        n_layers=2,
+        n_heads=4,
+        max_seq_len=40,
+        moe_every=2,
+        n_experts=4,
+        top_k=2,
+    )
     model = GLMModel(cfg)
     start = time.perf_counter()
     with one_thread():

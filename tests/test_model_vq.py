@@ -85,4 +85,3 @@ def test_tiny_vq_learns_to_reconstruct_the_demo_scenes(tmp_path):
     print(f"recon mse {mse:.4f} vs mean image {mean_mse:.4f}; {len(codes.unique())} codes in use")
     assert mse < 0.2 * mean_mse
     assert len(codes.unique()) >= 8, "the codebook did not collapse"
-

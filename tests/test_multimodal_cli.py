@@ -16,10 +16,21 @@ WUDAO = str(Path(sys.executable).parent / "wudao")
 
 def test_train_vq_then_draw(tmp_path, demo_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "AWS_", "MLFLOW_"))}
-    env.update({"WUDAO_HOME": str(tmp_path / "home"), "WUDAO_STORAGE_URI": str(tmp_path / "objects"),
-                "WUDAO_INGEST__VOCAB_SIZE": "600", "WUDAO_MODEL__D_MODEL": "32", "WUDAO_MODEL__N_HEADS": "2",
-                "WUDAO_MODEL__MAX_SEQ_LEN": "128", "WUDAO_TRAIN__SEQ_LEN": "96", "WUDAO_TRAIN__IMAGE_RATIO": "0.5",
-                "WUDAO_TRAIN__STEPS": "4", "WUDAO_TRAIN__BATCH_SIZE": "4", "WUDAO_TRAIN__MICRO_BATCH_SIZE": "4"})  # fmt: skip
+    env.update(
+        {
+            "WUDAO_HOME": str(tmp_path / "home"),
+            "WUDAO_STORAGE_URI": str(tmp_path / "objects"),
+            "WUDAO_INGEST__VOCAB_SIZE": "600",
+            "WUDAO_MODEL__D_MODEL": "32",
+            "WUDAO_MODEL__N_HEADS": "2",
+            "WUDAO_MODEL__MAX_SEQ_LEN": "128",
+            "WUDAO_TRAIN__SEQ_LEN": "96",
+            "WUDAO_TRAIN__IMAGE_RATIO": "0.5",
+            "WUDAO_TRAIN__STEPS": "4",
+            "WUDAO_TRAIN__BATCH_SIZE": "4",
+            "WUDAO_TRAIN__MICRO_BATCH_SIZE": "4",
+        }
+    )
 
     def wudao(*args):
         p = subprocess.run([WUDAO, *args, "--json"], env=env, capture_output=True, text=True, timeout=600)
@@ -34,8 +45,17 @@ def test_train_vq_then_draw(tmp_path, demo_dir):
     trained = wudao("train", "--from", "scratch")
     assert trained["slice_ids"] == ["slice-00001", "slice-00002"]
     out = tmp_path / "drawing.png"
-    drawn = wudao("generate", "--model", trained["checkpoint_uri"], "--image-prompt", "a red circle on a blue background",
-                  "--out", str(out), "--candidates", "2")  # fmt: skip
+    drawn = wudao(
+        "generate",
+        "--model",
+        trained["checkpoint_uri"],
+        "--image-prompt",
+        "a red circle on a blue background",
+        "--out",
+        str(out),
+        "--candidates",
+        "2",
+    )
     assert drawn["candidates"] == 2
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size == (64, 64)
@@ -53,8 +73,9 @@ def test_train_vq_then_draw(tmp_path, demo_dir):
 
     store = open_store(str(tmp_path / "objects"))
     served = WudaoLM()
-    artifacts = model_artifacts(store, trained["checkpoint_uri"], tokenizer_key(trained["tokenizer_version"]),
-                                64, tmp_path / "artifacts")  # fmt: skip
+    artifacts = model_artifacts(
+        store, trained["checkpoint_uri"], tokenizer_key(trained["tokenizer_version"]), 64, tmp_path / "artifacts"
+    )
     served.load_context(SimpleNamespace(artifacts=artifacts))
     png = served.predict(None, ["a red circle on a blue background"], {"mode": "image", "candidates": 2})[0]
     with Image.open(io.BytesIO(base64.b64decode(png))) as img:

@@ -30,15 +30,37 @@ from tests.conftest import _pg_bin, free_port, postgres_cluster
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS_MARK, COMMANDS_MARK = "<!-- production:settings", "<!-- production:commands"
 
-PRODUCTION_NAMES = frozenset({
-    "PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-    "WUDAO_S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "WUDAO_STORAGE_URI", "WUDAO_CATALOG_URL", "WUDAO_HOME",
-    "WUDAO_CODE_DIR", "MLFLOW_HOST", "MLFLOW_PORT", "MLFLOW_TRACKING_URI", "MLFLOW_AUTH_CONFIG_PATH",
-    "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD",
-    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-    "PREFECT_SERVER_API_HOST", "PREFECT_SERVER_API_PORT", "PREFECT_API_URL", "PREFECT_SERVER_API_AUTH_STRING",
-    "PREFECT_API_AUTH_STRING",
-})  # fmt: skip
+PRODUCTION_NAMES = frozenset(
+    {
+        "PGHOST",
+        "PGPORT",
+        "PGUSER",
+        "PGPASSWORD",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "WUDAO_S3_ENDPOINT_URL",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "WUDAO_STORAGE_URI",
+        "WUDAO_CATALOG_URL",
+        "WUDAO_HOME",
+        "WUDAO_CODE_DIR",
+        "MLFLOW_HOST",
+        "MLFLOW_PORT",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_AUTH_CONFIG_PATH",
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+        "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "PREFECT_SERVER_API_HOST",
+        "PREFECT_SERVER_API_PORT",
+        "PREFECT_API_URL",
+        "PREFECT_SERVER_API_AUTH_STRING",
+        "PREFECT_API_AUTH_STRING",
+    }
+)
 """The variables the README's settings block exports; the fixture sets exactly these (with its own values)."""
 
 TEST_ONLY = {
@@ -47,9 +69,14 @@ TEST_ONLY = {
     "PREFECT_WORKER_QUERY_SECONDS": "2",  # workers look for runs every 2 s, not 10
     "MLFLOW_WORKERS": "1",  # one uvicorn worker on 2 shared cores
     # A tiny model: the path is under test here, not the learning.
-    "WUDAO_TRAIN__STEPS": "4", "WUDAO_TRAIN__BATCH_SIZE": "4", "WUDAO_TRAIN__SEQ_LEN": "32",
-    "WUDAO_MODEL__D_MODEL": "32", "WUDAO_MODEL__N_LAYERS": "1", "WUDAO_MODEL__N_HEADS": "2", "WUDAO_MODEL__MAX_SEQ_LEN": "64",
-}  # fmt: skip
+    "WUDAO_TRAIN__STEPS": "4",
+    "WUDAO_TRAIN__BATCH_SIZE": "4",
+    "WUDAO_TRAIN__SEQ_LEN": "32",
+    "WUDAO_MODEL__D_MODEL": "32",
+    "WUDAO_MODEL__N_LAYERS": "1",
+    "WUDAO_MODEL__N_HEADS": "2",
+    "WUDAO_MODEL__MAX_SEQ_LEN": "64",
+}
 """What the test adds beyond the README's names: isolation and cost, never a different production setting."""
 
 SCRIPT_TIMEOUT_S = 600
@@ -90,8 +117,15 @@ class Production:
 
     @property
     def secrets(self) -> dict[str, str]:
-        return {name: self.env[name] for name in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD",
-                                                  "MLFLOW_FLASK_SERVER_SECRET_KEY")} | {"prefect auth": self.prefect_auth[1]}  # fmt: skip
+        return {
+            name: self.env[name]
+            for name in (
+                "PGPASSWORD",
+                "AWS_SECRET_ACCESS_KEY",
+                "MLFLOW_AUTH_ADMIN_PASSWORD",
+                "MLFLOW_FLASK_SERVER_SECRET_KEY",
+            )
+        } | {"prefect auth": self.prefect_auth[1]}
 
     def prefect(self, method: str, path: str, **kwargs) -> httpx.Response:
         return httpx.request(method, self.env["PREFECT_API_URL"] + path, auth=self.prefect_auth, timeout=30, **kwargs)
@@ -99,7 +133,9 @@ class Production:
     def sql(self, database: str, query: str, *params) -> list[tuple]:
         import psycopg
 
-        with psycopg.connect(host="127.0.0.1", port=self.pg_port, user="wudao", password=self.env["PGPASSWORD"], dbname=database) as conn:
+        with psycopg.connect(
+            host="127.0.0.1", port=self.pg_port, user="wudao", password=self.env["PGPASSWORD"], dbname=database
+        ) as conn:
             return conn.execute(query, params).fetchall()
 
 
@@ -112,20 +148,37 @@ def _env(home: Path, pg_port: int, db_password: str, local_stack) -> dict[str, s
     mlflow_port, prefect_port = free_port(), free_port()
     auth_password = secrets.token_urlsafe(16)
     values = {
-        "PGHOST": "127.0.0.1", "PGPORT": str(pg_port), "PGUSER": "wudao", "PGPASSWORD": db_password,
-        "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret, "WUDAO_S3_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3,
-        "WUDAO_STORAGE_URI": f"s3://{cfg.bucket}/prod-{uuid.uuid4().hex[:8]}", "WUDAO_CATALOG_URL": "postgresql+psycopg:///catalog",
-        "WUDAO_HOME": str(home), "WUDAO_CODE_DIR": str(ROOT),
-        "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(mlflow_port), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
-        "MLFLOW_AUTH_CONFIG_PATH": str(ROOT / "infra" / "mlflow-auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": auth_password,
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(24), "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "true",
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": auth_password,
-        "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(prefect_port),
+        "PGHOST": "127.0.0.1",
+        "PGPORT": str(pg_port),
+        "PGUSER": "wudao",
+        "PGPASSWORD": db_password,
+        "AWS_ACCESS_KEY_ID": key_id,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "WUDAO_S3_ENDPOINT_URL": s3,
+        "MLFLOW_S3_ENDPOINT_URL": s3,
+        "WUDAO_STORAGE_URI": f"s3://{cfg.bucket}/prod-{uuid.uuid4().hex[:8]}",
+        "WUDAO_CATALOG_URL": "postgresql+psycopg:///catalog",
+        "WUDAO_HOME": str(home),
+        "WUDAO_CODE_DIR": str(ROOT),
+        "MLFLOW_HOST": "127.0.0.1",
+        "MLFLOW_PORT": str(mlflow_port),
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+        "MLFLOW_AUTH_CONFIG_PATH": str(ROOT / "infra" / "mlflow-auth.ini"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": auth_password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(24),
+        "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "true",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": auth_password,
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(prefect_port),
         "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
-    }  # fmt: skip
+    }
     values["PREFECT_SERVER_API_AUTH_STRING"] = values["PREFECT_API_AUTH_STRING"] = f"admin:{secrets.token_urlsafe(16)}"
     assert set(values) == PRODUCTION_NAMES
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "MLFLOW_", "PREFECT_", "AWS_", "PG"))}
+    inherited = {
+        k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "MLFLOW_", "PREFECT_", "AWS_", "PG"))
+    }
     # The venv's `wudao`, `prefect` and `mlflow` first, as after `source .venv/bin/activate`.
     inherited["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{inherited.get('PATH', '')}"
     return {**inherited, **values, **TEST_ONLY, "PREFECT_HOME": str(home / "prefect-home")}
@@ -168,13 +221,22 @@ def production(local_stack, demo_dir, tmp_path_factory):
         _upload_demo_slice(env, demo_dir / "corpus" / "slice-01")
         stderr = root / "script.stderr"
         with open(root / "script.stdout", "wb") as out, open(stderr, "wb") as err:
-            script = subprocess.Popen(["bash", "-euo", "pipefail", "-c", readme_block(COMMANDS_MARK)], cwd=ROOT, env=env,
-                                      stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)  # fmt: skip
+            script = subprocess.Popen(
+                ["bash", "-euo", "pipefail", "-c", readme_block(COMMANDS_MARK)],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
         try:
             try:
                 rc = script.wait(timeout=SCRIPT_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                raise AssertionError(f"the README's commands did not finish in {SCRIPT_TIMEOUT_S} s\n{_logs_tail(home, stderr)}") from None
+                raise AssertionError(
+                    f"the README's commands did not finish in {SCRIPT_TIMEOUT_S} s\n{_logs_tail(home, stderr)}"
+                ) from None
             stdout = (root / "script.stdout").read_text()
             assert rc == 0, f"the README's commands failed (exit {rc})\n{_logs_tail(home, stderr)}"
             trigger = json.loads(stdout.strip().splitlines()[-1])  # `wudao trigger --json`: the last line
@@ -186,8 +248,12 @@ def production(local_stack, demo_dir, tmp_path_factory):
 def _store(env: dict[str, str]):
     from wudao.storage import S3Store
 
-    return S3Store(env["WUDAO_STORAGE_URI"], endpoint_url=env["WUDAO_S3_ENDPOINT_URL"], access_key_id=env["AWS_ACCESS_KEY_ID"],
-                   secret_access_key=env["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+    return S3Store(
+        env["WUDAO_STORAGE_URI"],
+        endpoint_url=env["WUDAO_S3_ENDPOINT_URL"],
+        access_key_id=env["AWS_ACCESS_KEY_ID"],
+        secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 def _upload_demo_slice(env: dict[str, str], folder: Path) -> None:
@@ -202,11 +268,19 @@ def test_readme_production_blocks_are_what_the_test_runs():
     assert exported_names(readme_block(SETTINGS_MARK)) == PRODUCTION_NAMES
     assert not PRODUCTION_NAMES & set(TEST_ONLY), "a test-only variable would change a production setting"
     commands = readme_block(COMMANDS_MARK)
-    for needle in ("psql -q -v ON_ERROR_STOP=1 -d postgres -f infra/postgres-init.sql", "mlflow server --app-name basic-auth",
-                   "--backend-store-uri postgresql+psycopg:///mlflow", "PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg:///prefect",
-                   "wudao deploy --setup-only", "prefect work-pool create wudao-cpu --type process",
-                   "prefect work-pool create wudao-gpu --type process", "prefect --no-prompt deploy --all",
-                   "prefect worker start --pool wudao-cpu", "prefect worker start --pool wudao-gpu", "wudao trigger lifelong-cycle"):  # fmt: skip
+    for needle in (
+        "psql -q -v ON_ERROR_STOP=1 -d postgres -f infra/postgres-init.sql",
+        "mlflow server --app-name basic-auth",
+        "--backend-store-uri postgresql+psycopg:///mlflow",
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg:///prefect",
+        "wudao deploy --setup-only",
+        "prefect work-pool create wudao-cpu --type process",
+        "prefect work-pool create wudao-gpu --type process",
+        "prefect --no-prompt deploy --all",
+        "prefect worker start --pool wudao-cpu",
+        "prefect worker start --pool wudao-gpu",
+        "wudao trigger lifelong-cycle",
+    ):
         assert needle in commands, f"README production commands lost: {needle}"
     assert not re.search(r"://[^/\s:@]+:[^@\s]+@", commands + readme_block(SETTINGS_MARK)), "no password inside a URL"
 
@@ -220,12 +294,17 @@ def test_cycle_runs_on_a_process_worker_of_a_prefect_server_on_postgresql(produc
     assert flow_run["work_pool_name"] == "wudao-gpu", "the cycle ran on the pool prefect.yaml names"
     # prefect.yaml's five deployments, on the pools the README's workers serve, both workers online.
     deployments = production.prefect("POST", "/deployments/filter", json={}).json()
-    assert {(d["name"], d["work_pool_name"]) for d in deployments} == {("default", "wudao-gpu"), ("default", "wudao-cpu")}
+    assert {(d["name"], d["work_pool_name"]) for d in deployments} == {
+        ("default", "wudao-gpu"),
+        ("default", "wudao-cpu"),
+    }
     assert len(deployments) == 5 and all(d["job_variables"] == {} for d in deployments)
     for pool in ("wudao-cpu", "wudao-gpu"):
         assert production.prefect("GET", f"/work_pools/{pool}").json()["status"] == "READY", f"no worker polls {pool}"
     # The run lives in the Prefect server's PostgreSQL database, not in a SQLite file.
-    assert production.sql("prefect", "SELECT state_type FROM flow_run WHERE id = %s", run["flow_run_id"]) == [("COMPLETED",)]
+    assert production.sql("prefect", "SELECT state_type FROM flow_run WHERE id = %s", run["flow_run_id"]) == [
+        ("COMPLETED",)
+    ]
     assert not list((production.home / "prefect-home").rglob("*.db")), "the Prefect server used SQLite"
 
 
@@ -240,7 +319,9 @@ def test_version_registered_in_mlflow_on_postgresql_read_with_credentials(produc
     version = client.get_model_version("wudao", registration["model_version"])
     assert version.tags["wudao.prefect_flow_run_id"] == production.trigger["flow_run_id"]
     assert client.get_run(registration["mlflow_run_id"]).info.status == "FINISHED"
-    assert production.sql("mlflow", "SELECT name, version FROM model_versions") == [("wudao", int(registration["model_version"]))]
+    assert production.sql("mlflow", "SELECT name, version FROM model_versions") == [
+        ("wudao", int(registration["model_version"]))
+    ]
     assert production.sql("mlflow_auth", "SELECT username, is_admin FROM users") == [("admin", True)]
     # The catalog, too, is the PostgreSQL database the settings name.
     assert production.sql("catalog", "SELECT id FROM slices") == [("slice-00001",)]
@@ -258,7 +339,11 @@ def test_servers_refuse_requests_without_valid_credentials(production):
     assert httpx.post(f"{api}/flow_runs/filter", json={}, auth=("admin", "not-it"), timeout=10).status_code == 401
     assert production.prefect("POST", "/flow_runs/filter", json={}).status_code == 200
     # Health stays open for probes (the README's start-up waits use it).
-    assert httpx.get(f"{mlflow}/health", timeout=10).status_code == httpx.get(f"{api}/health", timeout=10).status_code == 200
+    assert (
+        httpx.get(f"{mlflow}/health", timeout=10).status_code
+        == httpx.get(f"{api}/health", timeout=10).status_code
+        == 200
+    )
 
 
 @pytest.mark.slow
@@ -275,7 +360,9 @@ def test_no_secret_in_params_tags_logs_databases_or_objects(production, monkeypa
     for r in runs:
         scanned[f"mlflow run {r.info.run_id}"] = json.dumps([r.data.params, r.data.tags]).encode()
     for m in client.search_registered_models():
-        scanned[f"mlflow model {m.name}"] = json.dumps([m.tags, [v.tags for v in client.search_model_versions(f"name='{m.name}'")]]).encode()
+        scanned[f"mlflow model {m.name}"] = json.dumps(
+            [m.tags, [v.tags for v in client.search_model_versions(f"name='{m.name}'")]]
+        ).encode()
     # Prefect: every log line of the run and its subflows, as the UI shows them.
     logs, offset = [], 0
     while page := production.prefect("POST", "/logs/filter", json={"offset": offset, "limit": 200}).json():
@@ -291,7 +378,9 @@ def test_no_secret_in_params_tags_logs_databases_or_objects(production, monkeypa
     # The databases themselves (pg_dump of each) and every object the cycle wrote to the store.
     pg_dump = str(_pg_bin() / "pg_dump")
     for db in DATABASES:
-        scanned[f"database {db}"] = subprocess.run([pg_dump, "-d", db], env=production.env, capture_output=True, check=True).stdout
+        scanned[f"database {db}"] = subprocess.run(
+            [pg_dump, "-d", db], env=production.env, capture_output=True, check=True
+        ).stdout
     store = _store(production.env)
     for obj in store.list(""):
         scanned[f"s3 {obj.key}"] = store.get_bytes(obj.key)

@@ -8,23 +8,29 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.test_model_glm import IDS, MODELS, V, logits_of, sample_row, tiny
 from wudao.model.generation import cloze_score_matrix, cloze_scores_many, fill_blank
 from wudao.model.prompts import InputPromptEncoder, PrefixEncoder, Prompts
-
-from tests.test_model_glm import IDS, MODELS, V, logits_of, sample_row, tiny
 
 
 def prefix_for(model, prompt_len: int = 3, seed: int = 1) -> Prompts:
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
     shape = (cfg.n_layers, cfg.n_heads, prompt_len, cfg.d_model // cfg.n_heads)
-    return PrefixEncoder(shape[0], shape[1], shape[3], prompt_len,
-                         init_LHPK=(torch.randn(shape, generator=g), torch.randn(shape, generator=g)))()  # fmt: skip
+    return PrefixEncoder(
+        shape[0],
+        shape[1],
+        shape[3],
+        prompt_len,
+        init_LHPK=(torch.randn(shape, generator=g), torch.randn(shape, generator=g)),
+    )()
 
 
 def v1_for(model, prompt_len: int = 2, seed: int = 1) -> Prompts:
     g = torch.Generator().manual_seed(seed)
-    return InputPromptEncoder(model.cfg.d_model, prompt_len, init_PD=torch.randn(prompt_len, model.cfg.d_model, generator=g))()
+    return InputPromptEncoder(
+        model.cfg.d_model, prompt_len, init_PD=torch.randn(prompt_len, model.cfg.d_model, generator=g)
+    )()
 
 
 def forward(model, t, input_ids, prompts):
@@ -58,14 +64,22 @@ def test_prefix_is_never_routed_and_never_cached():
     model = tiny(moe_every=1, n_experts=4, top_k=2)
     t = sample_row()
     real = t["real_BT"]
-    plain = model.hidden(t["input_ids_BT"], t["position_ids_BT"], t["block_position_ids_BT"], t["sep_B"], real_BT=real)[1]
+    plain = model.hidden(t["input_ids_BT"], t["position_ids_BT"], t["block_position_ids_BT"], t["sep_B"], real_BT=real)[
+        1
+    ]
     cache = model.new_kv_cache(1, 64)
     a = t["input_ids_BT"][:, : int(t["sep_B"][0])]
     _, aux = model.hidden(a, sep_B=t["sep_B"], kv_cache=cache, prompts=prefix_for(model, prompt_len=5))
     assert cache.length == a.size(1), "the cache holds tokens only"
     assert int(aux.tokens_per_expert_LE.sum(-1)[0]) == 2 * a.size(1), "only tokens are routed (top-2)"
-    with_prefix = model.hidden(t["input_ids_BT"], t["position_ids_BT"], t["block_position_ids_BT"], t["sep_B"],
-                               real_BT=real, prompts=prefix_for(model, prompt_len=5))[1]  # fmt: skip
+    with_prefix = model.hidden(
+        t["input_ids_BT"],
+        t["position_ids_BT"],
+        t["block_position_ids_BT"],
+        t["sep_B"],
+        real_BT=real,
+        prompts=prefix_for(model, prompt_len=5),
+    )[1]
     assert with_prefix.tokens_per_expert_LE.sum(-1).tolist() == plain.tokens_per_expert_LE.sum(-1).tolist()
     assert int(plain.tokens_per_expert_LE.sum(-1)[0]) == 2 * int(real.sum())
 
@@ -105,8 +119,13 @@ def test_cached_generation_and_trie_scoring_equal_plain_forwards_with_prompts(ki
     for cand in candidates:  # one full GLM forward per candidate, as GLM's ClozeModel does
         inp, target = part_a + [IDS.sop] + cand, cand + [IDS.eop]
         n_a, n_b = len(part_a), len(target)
-        logits = model(torch.tensor([inp]), torch.tensor([list(range(n_a)) + [m] * n_b]),
-                       torch.tensor([[0] * n_a + list(range(1, n_b + 1))]), torch.tensor([n_a]), prompts=prompts).logits_BTV[0]  # fmt: skip
+        logits = model(
+            torch.tensor([inp]),
+            torch.tensor([list(range(n_a)) + [m] * n_b]),
+            torch.tensor([[0] * n_a + list(range(1, n_b + 1))]),
+            torch.tensor([n_a]),
+            prompts=prompts,
+        ).logits_BTV[0]
         naive.append(float(logits[n_a:].log_softmax(-1).gather(-1, torch.tensor(target)[:, None]).sum()))
     batched = [s.sum for s in cloze_scores_many(model, [part_a], IDS, [candidates], prompts=prompts)[0]]
     assert batched == pytest.approx(naive, abs=1e-4)

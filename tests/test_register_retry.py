@@ -23,18 +23,30 @@ def test_register_retries_until_the_store_is_back(prefect_harness, local_stack, 
     from flows.stages import register_task
 
     home, cfg = local_stack
-    s = s3_settings.model_copy(update={"orchestration": s3_settings.orchestration.model_copy(update={"io_retries": 6, "io_retry_delays_s": [3.0]})})
+    s = s3_settings.model_copy(
+        update={
+            "orchestration": s3_settings.orchestration.model_copy(update={"io_retries": 6, "io_retry_delays_s": [3.0]})
+        }
+    )
     stages.run_ingest(s, str(demo_dir / "corpus" / "slice-01"))
     trained = stages.run_train(s, None, "scratch")
     evaluation = stages.run_evaluate(s, trained["checkpoint_uri"], None)
     cycle_run = tracking.begin_cycle(s, "cycle-store-outage")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # let the task's retries, not MLflow's, do the waiting
-    for key, value in {"AWS_ACCESS_KEY_ID": s.aws_access_key_id.get_secret_value(),
-                       "AWS_SECRET_ACCESS_KEY": s.aws_secret_access_key.get_secret_value()}.items():  # fmt: skip
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": s.aws_access_key_id.get_secret_value(),
+        "AWS_SECRET_ACCESS_KEY": s.aws_secret_access_key.get_secret_value(),
+    }.items():
         monkeypatch.setenv(key, value)
-    overrides = {"home": str(s.home), "storage_uri": s.storage_uri, "s3_endpoint_url": s.s3_endpoint_url,
-                 "catalog_url": s.catalog_url, "mlflow_tracking_uri": s.mlflow_tracking_uri,
-                 "registry": s.registry.model_dump(), "orchestration": s.orchestration.model_dump()}  # fmt: skip
+    overrides = {
+        "home": str(s.home),
+        "storage_uri": s.storage_uri,
+        "s3_endpoint_url": s.s3_endpoint_url,
+        "catalog_url": s.catalog_url,
+        "mlflow_tracking_uri": s.mlflow_tracking_uri,
+        "registry": s.registry.model_dump(),
+        "orchestration": s.orchestration.model_dump(),
+    }
 
     @flow(name="register-during-outage")
     def register_during_outage():
@@ -53,7 +65,11 @@ def test_register_retries_until_the_store_is_back(prefect_harness, local_stack, 
 
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs()
-    attempts = [t.run_count for t in task_runs if t.flow_run_id == state.state_details.flow_run_id and t.name.startswith("register-version")]
+    attempts = [
+        t.run_count
+        for t in task_runs
+        if t.flow_run_id == state.state_details.flow_run_id and t.name.startswith("register-version")
+    ]
     assert attempts and attempts[0] > 1, "the first attempt failed while the store was down"
 
     c = MlflowClient(s.mlflow_tracking_uri)

@@ -24,8 +24,10 @@ class Died(BaseException):
 
 def test_a_version_is_born_with_its_tags_and_an_incomplete_one_is_refused(s3_settings, demo_dir, monkeypatch):
     s = s3_settings
-    for key, value in {"AWS_ACCESS_KEY_ID": s.aws_access_key_id.get_secret_value(),
-                       "AWS_SECRET_ACCESS_KEY": s.aws_secret_access_key.get_secret_value()}.items():  # fmt: skip
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": s.aws_access_key_id.get_secret_value(),
+        "AWS_SECRET_ACCESS_KEY": s.aws_secret_access_key.get_secret_value(),
+    }.items():
         monkeypatch.setenv(key, value)
     stages.run_ingest(s, str(demo_dir / "corpus" / "slice-01"))
     trained = stages.run_train(s, None, "scratch")
@@ -41,8 +43,9 @@ def test_a_version_is_born_with_its_tags_and_an_incomplete_one_is_refused(s3_set
     monkeypatch.setattr(MlflowClient, "create_model_version", create_then_die)
     with pytest.raises(Died):
         stages_store = stages.platform_store(s)
-        registry.register_cycle(s, store=stages_store, trained=trained, evaluation=evaluation, parent=None,
-                                cycle_run_id=cycle_run)  # fmt: skip
+        registry.register_cycle(
+            s, store=stages_store, trained=trained, evaluation=evaluation, parent=None, cycle_run_id=cycle_run
+        )
     monkeypatch.undo()
     c = MlflowClient(s.mlflow_tracking_uri)
     (version,) = c.search_model_versions(f"name='{s.registry.model_name}'")
@@ -50,13 +53,20 @@ def test_a_version_is_born_with_its_tags_and_an_incomplete_one_is_refused(s3_set
     assert version.tags["wudao.checkpoint_uri"] == trained["checkpoint_uri"]
 
     # A version registered without the platform's tags (by hand, or by an older release killed mid-way).
-    bare = c.create_model_version(s.registry.model_name, source=version.source, run_id=cycle_run,
-                                  model_id=version.source.removeprefix("models:/"))
+    bare = c.create_model_version(
+        s.registry.model_name, source=version.source, run_id=cycle_run, model_id=version.source.removeprefix("models:/")
+    )
     with pytest.raises(RegistryError, match=f"version {bare.version} was not registered completely"):
         registry.promote(s, bare.version)
-    env = {"WUDAO_HOME": str(s.home), "WUDAO_STORAGE_URI": s.storage_uri, "WUDAO_S3_ENDPOINT_URL": s.s3_endpoint_url,
-           "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri, "WUDAO_REGISTRY__MODEL_NAME": s.registry.model_name,
-           "WUDAO_REGISTRY__EXPERIMENT": s.registry.experiment, "PATH": "/usr/bin:/bin"}  # fmt: skip
+    env = {
+        "WUDAO_HOME": str(s.home),
+        "WUDAO_STORAGE_URI": s.storage_uri,
+        "WUDAO_S3_ENDPOINT_URL": s.s3_endpoint_url,
+        "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri,
+        "WUDAO_REGISTRY__MODEL_NAME": s.registry.model_name,
+        "WUDAO_REGISTRY__EXPERIMENT": s.registry.experiment,
+        "PATH": "/usr/bin:/bin",
+    }
     p = subprocess.run([WUDAO, "promote", bare.version], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Traceback" not in p.stderr and "not registered completely" in p.stderr
     # If the alias already points at such a version, readers say so instead of failing with KeyError.

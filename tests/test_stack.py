@@ -12,8 +12,6 @@ from tests.test_cli import run
 from wudao import stack
 
 
-
-
 @pytest.mark.slow
 def test_up_twice_status_down(tmp_path):
     cfg = free_stack_settings()
@@ -72,9 +70,13 @@ def test_port_in_use_is_one_clear_error_and_starts_nothing(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", cfg.mlflow_port))
         busy.listen()
-        env = {"WUDAO_HOME": str(tmp_path / "home"), "WUDAO_STACK__S3_PORT": str(cfg.s3_port),
-               "WUDAO_STACK__MASTER_PORT": str(cfg.master_port), "WUDAO_STACK__MLFLOW_PORT": str(cfg.mlflow_port),
-               "WUDAO_STACK__PREFECT_PORT": str(cfg.prefect_port)}  # fmt: skip
+        env = {
+            "WUDAO_HOME": str(tmp_path / "home"),
+            "WUDAO_STACK__S3_PORT": str(cfg.s3_port),
+            "WUDAO_STACK__MASTER_PORT": str(cfg.master_port),
+            "WUDAO_STACK__MLFLOW_PORT": str(cfg.mlflow_port),
+            "WUDAO_STACK__PREFECT_PORT": str(cfg.prefect_port),
+        }
         p = run("stack", "up", env=env, cwd=tmp_path)
     assert p.returncode == 1
     assert f"port {cfg.mlflow_port}" in p.stderr and "WUDAO_STACK__MLFLOW_PORT" in p.stderr

@@ -73,7 +73,9 @@ def test_s3_checksum_mismatch_is_an_error(s3_store):
     s3_store.put_bytes("k", b"original")
     recorded = hashlib.sha256(b"original").hexdigest()
     # Another writer replaces the bytes but the recorded checksum stays: the read must notice.
-    s3_store.client.put_object(Bucket=s3_store.bucket, Key=s3_store._key("k"), Body=b"tampered", Metadata={"sha256": recorded})
+    s3_store.client.put_object(
+        Bucket=s3_store.bucket, Key=s3_store._key("k"), Body=b"tampered", Metadata={"sha256": recorded}
+    )
     with pytest.raises(ChecksumError):
         s3_store.get_bytes("k")
 
@@ -96,14 +98,21 @@ def test_s3_multipart_upload_round_trip(s3_settings, tmp_path):
 
 
 def test_unreachable_endpoint_is_one_clear_error():
-    store = S3Store("s3://bucket", endpoint_url="http://127.0.0.1:9", access_key_id="a", secret_access_key="b", max_attempts=1)
+    store = S3Store(
+        "s3://bucket", endpoint_url="http://127.0.0.1:9", access_key_id="a", secret_access_key="b", max_attempts=1
+    )
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
         store.exists("k")
 
 
 def test_wrong_credentials_are_named(s3_settings):
-    store = S3Store(s3_settings.storage_uri, endpoint_url=s3_settings.s3_endpoint_url, access_key_id="WRONG",
-                    secret_access_key="wrong", max_attempts=1)  # fmt: skip
+    store = S3Store(
+        s3_settings.storage_uri,
+        endpoint_url=s3_settings.s3_endpoint_url,
+        access_key_id="WRONG",
+        secret_access_key="wrong",
+        max_attempts=1,
+    )
     with pytest.raises(StorageError, match="credentials"):
         store.get_bytes("anything")
 

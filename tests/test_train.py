@@ -44,8 +44,17 @@ def test_replay_share_and_slice_weights_are_observed():
     from wudao.data.glm import GLMObjective, SpecialIds
 
     ids = SpecialIds(pad=0, eos=1, cls=2, mask=3, smask=4, gmask=5, sop=6, eop=7, boi=8, eoi=9, roi=10, base=11)
-    loader = MixtureLoader(st("new", 500), [st("a", 500), st("b", 500)], ids=ids, sentence_ends=frozenset(), seq_len=32,
-                           seed=3, replay_fraction=0.25, slice_weights={"a": 3.0}, objective=GLMObjective())  # fmt: skip
+    loader = MixtureLoader(
+        st("new", 500),
+        [st("a", 500), st("b", 500)],
+        ids=ids,
+        sentence_ends=frozenset(),
+        seq_len=32,
+        seed=3,
+        replay_fraction=0.25,
+        slice_weights={"a": 3.0},
+        objective=GLMObjective(),
+    )
     sources = [loader.source_of(i) for i in range(8000)]
     share = 1 - sources.count("new") / len(sources)
     assert share == pytest.approx(0.25, abs=0.02)
@@ -62,10 +71,24 @@ def test_image_steps_use_their_own_row_length():
     from wudao.train.data import IMAGE, ImagePairs
 
     ids = SpecialIds(pad=0, eos=1, cls=2, mask=3, smask=4, gmask=5, sop=6, eop=7, boi=8, eoi=9, roi=10, base=11)
-    images = ImagePairs(captions=[list(range(20, 30))] * 4, codes_NHW=np.zeros((4, 8, 8), dtype=np.int64), code_offset=100)
+    images = ImagePairs(
+        captions=[list(range(20, 30))] * 4, codes_NHW=np.zeros((4, 8, 8), dtype=np.int64), code_offset=100
+    )
     tokens = SliceTokens("new", "v", np.arange(500, dtype=np.int64) % 50 + 20)
-    loader = MixtureLoader(tokens, [], ids=ids, sentence_ends=frozenset(), seq_len=32, seed=0, replay_fraction=0.0,
-                           slice_weights={}, objective=GLMObjective(), image_ratio=0.5, images=images, image_seq_len=96)  # fmt: skip
+    loader = MixtureLoader(
+        tokens,
+        [],
+        ids=ids,
+        sentence_ends=frozenset(),
+        seq_len=32,
+        seed=0,
+        replay_fraction=0.0,
+        slice_weights={},
+        objective=GLMObjective(),
+        image_ratio=0.5,
+        images=images,
+        image_seq_len=96,
+    )
     kinds = [loader.step_kind(s) for s in range(40)]
     image_step, text_step = kinds.index(IMAGE), next(i for i, k in enumerate(kinds) if k != IMAGE)
     image_batch, text_batch = loader.batch(image_step, range(4)), loader.batch(text_step, range(4))
@@ -93,22 +116,30 @@ def test_train_from_scratch_then_continue(local_settings, demo_dir):
     assert a.cfg == b.cfg, "a continued model keeps its parent's shape"
     assert not torch.equal(a.tok_emb.weight, b.tok_emb.weight)
     again = run_train(local_settings, start=first["checkpoint_uri"])
-    assert again["run_id"] == second["run_id"] and again["restarted_at_step"] == local_settings.train.steps, \
-        "a finished run is not trained twice"  # fmt: skip
+    assert again["run_id"] == second["run_id"] and again["restarted_at_step"] == local_settings.train.steps, (
+        "a finished run is not trained twice"
+    )
 
 
 def test_refuses_checkpoint_with_other_tokenizer(local_settings, demo_dir, tmp_path):
     run_ingest(local_settings, str(demo_dir / "corpus" / "slice-01"))
     first = run_train(local_settings, start="scratch")
-    other = local_settings.model_copy(update={"home": tmp_path / "other", "catalog_url": f"sqlite:///{tmp_path / 'other.db'}",
-                                              "ingest": local_settings.ingest.model_copy(update={"vocab_size": 700})})  # fmt: skip
+    other = local_settings.model_copy(
+        update={
+            "home": tmp_path / "other",
+            "catalog_url": f"sqlite:///{tmp_path / 'other.db'}",
+            "ingest": local_settings.ingest.model_copy(update={"vocab_size": 700}),
+        }
+    )
     run_ingest(other, str(demo_dir / "corpus" / "slice-02"))
     with pytest.raises(TrainError, match="tokenizer"):
         run_train(other, start=first["checkpoint_uri"])
 
 
 def test_incomplete_checkpoint_is_never_loaded_nor_resumed(local_settings, demo_dir):
-    settings = local_settings.model_copy(update={"train": local_settings.train.model_copy(update={"checkpoint_every": 2, "keep_last": 5})})
+    settings = local_settings.model_copy(
+        update={"train": local_settings.train.model_copy(update={"checkpoint_every": 2, "keep_last": 5})}
+    )
     run_ingest(settings, str(demo_dir / "corpus" / "slice-01"))
     result = run_train(settings, start="scratch")
     store = platform_store(settings)
@@ -123,7 +154,9 @@ def test_incomplete_checkpoint_is_never_loaded_nor_resumed(local_settings, demo_
 def test_prune_removes_what_a_kill_mid_save_left(local_settings, demo_dir):
     """A kill during a save leaves `.optim.pt.<random>` temporaries and step folders without a manifest: list()
     never shows them, so before they were never pruned."""
-    settings = local_settings.model_copy(update={"train": local_settings.train.model_copy(update={"steps": 6, "checkpoint_every": 2, "keep_last": 1})})
+    settings = local_settings.model_copy(
+        update={"train": local_settings.train.model_copy(update={"steps": 6, "checkpoint_every": 2, "keep_last": 1})}
+    )
     run_ingest(settings, str(demo_dir / "corpus" / "slice-01"))
     result = run_train(settings, start="scratch")
     store = platform_store(settings)
@@ -166,9 +199,18 @@ def test_nan_loss_is_skipped_and_counted(local_settings, demo_dir, monkeypatch):
 
 def _env(home: Path, **train) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WUDAO_", "AWS_", "MLFLOW_"))}
-    env.update({"WUDAO_HOME": str(home), "WUDAO_STORAGE_URI": str(home / "objects"), "WUDAO_TRAIN__THREADS": "1",
-                "WUDAO_MODEL__D_MODEL": "32", "WUDAO_MODEL__N_LAYERS": "2", "WUDAO_MODEL__N_HEADS": "2",
-                "WUDAO_TRAIN__SEQ_LEN": "48", "WUDAO_INGEST__VOCAB_SIZE": "600"})  # fmt: skip
+    env.update(
+        {
+            "WUDAO_HOME": str(home),
+            "WUDAO_STORAGE_URI": str(home / "objects"),
+            "WUDAO_TRAIN__THREADS": "1",
+            "WUDAO_MODEL__D_MODEL": "32",
+            "WUDAO_MODEL__N_LAYERS": "2",
+            "WUDAO_MODEL__N_HEADS": "2",
+            "WUDAO_TRAIN__SEQ_LEN": "48",
+            "WUDAO_INGEST__VOCAB_SIZE": "600",
+        }
+    )
     env.update({f"WUDAO_TRAIN__{k.upper()}": str(v) for k, v in train.items()})
     return env
 
@@ -187,10 +229,15 @@ def test_kill_9_then_autoresume_is_bit_identical(tmp_path, demo_dir):
     steps = dict(steps=40, checkpoint_every=5, batch_size=4, micro_batch_size=4)
     clean_home, crash_home = tmp_path / "clean", tmp_path / "crash"
     env = {**_ingest(clean_home, demo_dir), **_env(clean_home, **steps)}
-    clean = json.loads(subprocess.run([WUDAO, "train", "--from", "scratch", "--json"], env=env, check=True,
-                                      capture_output=True, text=True).stdout)  # fmt: skip
+    clean = json.loads(
+        subprocess.run(
+            [WUDAO, "train", "--from", "scratch", "--json"], env=env, check=True, capture_output=True, text=True
+        ).stdout
+    )
     env = {**_ingest(crash_home, demo_dir), **_env(crash_home, **steps)}
-    proc = subprocess.Popen([WUDAO, "train", "--from", "scratch", "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [WUDAO, "train", "--from", "scratch", "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     run_dir = crash_home / "objects" / "checkpoints" / clean["run_id"]
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (run_dir / "step-00000010" / "manifest.json").exists():
@@ -198,8 +245,11 @@ def test_kill_9_then_autoresume_is_bit_identical(tmp_path, demo_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "step-00000040").exists(), "killed before the end"
-    resumed = json.loads(subprocess.run([WUDAO, "train", "--from", "scratch", "--json"], env=env, check=True,
-                                        capture_output=True, text=True).stdout)  # fmt: skip
+    resumed = json.loads(
+        subprocess.run(
+            [WUDAO, "train", "--from", "scratch", "--json"], env=env, check=True, capture_output=True, text=True
+        ).stdout
+    )
     assert resumed["run_id"] == clean["run_id"] and resumed["restarted_at_step"] >= 10
     a, b = _final_weights(clean_home, clean), _final_weights(crash_home, resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "bit-identical to the uninterrupted run"
@@ -209,11 +259,19 @@ def test_two_gloo_processes_match_one_with_accumulation(tmp_path, demo_dir):
     torchrun = str(Path(sys.executable).parent / "torchrun")
     one, two = tmp_path / "one", tmp_path / "two"
     env1 = {**_ingest(one, demo_dir), **_env(one, steps=4, batch_size=8, micro_batch_size=4)}
-    r1 = json.loads(subprocess.run([WUDAO, "train", "--from", "scratch", "--json"], env=env1, check=True,
-                                   capture_output=True, text=True).stdout)  # fmt: skip
+    r1 = json.loads(
+        subprocess.run(
+            [WUDAO, "train", "--from", "scratch", "--json"], env=env1, check=True, capture_output=True, text=True
+        ).stdout
+    )
     env2 = {**_ingest(two, demo_dir), **_env(two, steps=4, batch_size=8, micro_batch_size=4), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", WUDAO, "train", "--from", "scratch", "--json"],
-                       env=env2, capture_output=True, text=True, timeout=600)  # fmt: skip
+    p = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", WUDAO, "train", "--from", "scratch", "--json"],
+        env=env2,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     r2 = json.loads(p.stdout.strip().splitlines()[-1])
     assert r2["run_id"] == r1["run_id"]
@@ -226,11 +284,23 @@ def test_two_fsdp2_processes_match_one_with_accumulation(tmp_path, demo_dir):
     torchrun = str(Path(sys.executable).parent / "torchrun")
     one, two = tmp_path / "one", tmp_path / "two"
     env1 = {**_ingest(one, demo_dir), **_env(one, steps=3, batch_size=8, micro_batch_size=4)}
-    r1 = json.loads(subprocess.run([WUDAO, "train", "--from", "scratch", "--json"], env=env1, check=True,
-                                   capture_output=True, text=True).stdout)  # fmt: skip
-    env2 = {**_ingest(two, demo_dir), **_env(two, steps=3, batch_size=8, micro_batch_size=4, parallel="fsdp"), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", WUDAO, "train", "--from", "scratch", "--json"],
-                       env=env2, capture_output=True, text=True, timeout=600)  # fmt: skip
+    r1 = json.loads(
+        subprocess.run(
+            [WUDAO, "train", "--from", "scratch", "--json"], env=env1, check=True, capture_output=True, text=True
+        ).stdout
+    )
+    env2 = {
+        **_ingest(two, demo_dir),
+        **_env(two, steps=3, batch_size=8, micro_batch_size=4, parallel="fsdp"),
+        "OMP_NUM_THREADS": "1",
+    }
+    p = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", WUDAO, "train", "--from", "scratch", "--json"],
+        env=env2,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     r2 = json.loads(p.stdout.strip().splitlines()[-1])
     a, b = _final_weights(one, r1), _final_weights(two, r2)
@@ -245,17 +315,35 @@ def test_the_torchrun_launcher_trains_the_same_run_in_a_subprocess(local_setting
     from wudao.stages import run_train_torchrun
 
     run_ingest(local_settings, str(demo_dir / "corpus" / "slice-01"))
-    overrides = {"home": str(local_settings.home), "storage_uri": local_settings.storage_uri,
-                 "catalog_url": local_settings.catalog_url, "model": local_settings.model.model_dump(),
-                 "train": {**local_settings.train.model_dump(), "steps": 2, "batch_size": 4, "micro_batch_size": 2,
-                           "launcher": "torchrun", "nproc_per_node": 2}}  # fmt: skip
-    settings = local_settings.model_copy(update={"train": type(local_settings.train).model_validate(overrides["train"])})
+    overrides = {
+        "home": str(local_settings.home),
+        "storage_uri": local_settings.storage_uri,
+        "catalog_url": local_settings.catalog_url,
+        "model": local_settings.model.model_dump(),
+        "train": {
+            **local_settings.train.model_dump(),
+            "steps": 2,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "launcher": "torchrun",
+            "nproc_per_node": 2,
+        },
+    }
+    settings = local_settings.model_copy(
+        update={"train": type(local_settings.train).model_validate(overrides["train"])}
+    )
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     result = run_train_torchrun(settings, overrides, None, None)
     assert result["steps"] == 2 and len(result["history"]) == 2, "rank 0 reports the whole run, history included"
-    assert load_checkpoint(platform_store(local_settings), result["checkpoint_uri"]).manifest["run_id"] == result["run_id"]
+    assert (
+        load_checkpoint(platform_store(local_settings), result["checkpoint_uri"]).manifest["run_id"] == result["run_id"]
+    )
     # The launcher is not part of the run's identity: the same training in-process resumes (here: finds) that run.
-    inprocess = run_train(settings.model_copy(update={"train": settings.train.model_copy(update={"launcher": "inprocess", "nproc_per_node": 1})}))
+    inprocess = run_train(
+        settings.model_copy(
+            update={"train": settings.train.model_copy(update={"launcher": "inprocess", "nproc_per_node": 1})}
+        )
+    )
     assert inprocess["run_id"] == result["run_id"]
 
 

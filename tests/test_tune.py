@@ -25,6 +25,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import free_port, stack_env
+from tests.test_cli import run
+from tests.test_model_glm import memorise
+from tests.test_model_vq import one_thread
 from wudao.config import TuneSettings
 from wudao.data.demo import TASK_TEMPLATES, TEMPLATES, country_facts, write_task
 from wudao.data.glm import SpecialIds, blank_prompt, glm_sample, stack_rows
@@ -35,11 +39,6 @@ from wudao.tune.adapter import AdapterError, Tuned, download_adapter, read_adapt
 from wudao.tune.recipe import tune
 from wudao.tune.task import TaskError, load_task
 
-from tests.conftest import free_port, stack_env
-from tests.test_cli import run
-from tests.test_model_glm import memorise
-from tests.test_model_vq import one_thread
-
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
@@ -47,7 +46,9 @@ def base(tmp_path_factory):
     isos = sorted(countries)
     random.Random(0).shuffle(isos)
     isos = isos[:40]
-    facts = [(lang, v["name"], v["continent"]) for iso in isos for lang, v in countries[iso].items() if "continent" in v]
+    facts = [
+        (lang, v["name"], v["continent"]) for iso in isos for lang, v in countries[iso].items() if "continent" in v
+    ]
     texts = [t.replace("[X]", s).replace("[Y]", o) for lang, s, o in facts for t in TEMPLATES[("continent", lang)]]
     tok = train_tokenizer(texts * 2, vocab_size=800)
     ids = SpecialIds.from_tokenizer(tok)
@@ -57,11 +58,18 @@ def base(tmp_path_factory):
             blank = blank_prompt(tok, template.replace("[X]", subject).replace("[Y]", MASK), ids)
             part_a, lead = blank.part_a, blank.lead
             m, answer = part_a.index(ids.mask), tok.encode(lead + obj).ids
-            rows.append(glm_sample(np.array(part_a[:m] + answer + part_a[m + 1 :]), [(m, m + len(answer))], ids.mask, ids, 32, rng))
+            rows.append(
+                glm_sample(
+                    np.array(part_a[:m] + answer + part_a[m + 1 :]), [(m, m + len(answer))], ids.mask, ids, 32, rng
+                )
+            )
     batch = stack_rows(rows, "token").tensors()
     torch.manual_seed(0)
-    model = GLMModel(GLMConfig(vocab_size=tok.get_vocab_size(), d_model=64, n_layers=2, n_heads=4, max_seq_len=48,
-                               moe_every=2, n_experts=4))  # fmt: skip
+    model = GLMModel(
+        GLMConfig(
+            vocab_size=tok.get_vocab_size(), d_model=64, n_layers=2, n_heads=4, max_seq_len=48, moe_every=2, n_experts=4
+        )
+    )
     with one_thread():
         _, loss = memorise(model, batch, max_steps=300)
     assert loss < 0.05, "the base memorised the facts in the corpus phrasings"
@@ -72,8 +80,14 @@ def base(tmp_path_factory):
 
 def tuned_on(base, **settings):
     with one_thread():
-        return tune(base.model, base.tok, load_task(base.task_dir), TuneSettings(**settings),
-                    base_checkpoint_uri="test://base", tokenizer_version="t")  # fmt: skip
+        return tune(
+            base.model,
+            base.tok,
+            load_task(base.task_dir),
+            TuneSettings(**settings),
+            base_checkpoint_uri="test://base",
+            tokenizer_version="t",
+        )
 
 
 def _write(folder: Path, train: str, dev: str = '{"text": "b [MASK]", "label": "y"}\n') -> Path:
@@ -86,20 +100,35 @@ def _write(folder: Path, train: str, dev: str = '{"text": "b [MASK]", "label": "
 GOOD = '{"text": "a [MASK]", "label": "x"}\n{"text": "b [MASK]", "label": "y"}\n'
 
 
-@pytest.mark.parametrize(("train", "dev", "needle"), [
-    (GOOD + "{broken\n", None, "train.jsonl:3: not a JSON object"),
-    (GOOD + '["a list"]\n', None, "train.jsonl:3: a JSON list"),
-    (GOOD + '{"text": "no blank", "label": "x"}\n', None, "train.jsonl:3: `text` must hold exactly one [MASK] (it holds 0)"),
-    (GOOD + '{"text": "[MASK] [MASK]", "label": "x"}\n', None, "train.jsonl:3: `text` must hold exactly one [MASK] (it holds 2)"),
-    (GOOD + '{"text": "a [MASK]", "label": ""}\n', None, "train.jsonl:3: `label` must be a non-empty string"),
-    (GOOD + '{"text": "a [MASK]", "label": "x", "target": "x"}\n', None, "train.jsonl:3: give exactly one of `label`"),
-    (GOOD + '{"text": "a [MASK]", "target": "x"}\n', None, "train.jsonl:3: mixes `label` and `target` rows"),
-    (GOOD + '{"text": "a [MASK]", "label": "x", "lang": 5}\n', None, "train.jsonl:3: `lang` must be a string"),
-    (GOOD, '\n{"text": "c [MASK]", "label": "z"}\n', "dev.jsonl:2: label 'z' never occurs in train.jsonl"),
-    (GOOD, '{"text": "c [MASK]", "target": "x"}\n', "dev.jsonl:1: dev rows use `target`"),
-    ('{"text": "a [MASK]", "label": "x"}\n', '{"text": "c [MASK]", "label": "x"}\n', "at least two labels"),
-    ("\n\n", None, "train.jsonl: no examples"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("train", "dev", "needle"),
+    [
+        (GOOD + "{broken\n", None, "train.jsonl:3: not a JSON object"),
+        (GOOD + '["a list"]\n', None, "train.jsonl:3: a JSON list"),
+        (
+            GOOD + '{"text": "no blank", "label": "x"}\n',
+            None,
+            "train.jsonl:3: `text` must hold exactly one [MASK] (it holds 0)",
+        ),
+        (
+            GOOD + '{"text": "[MASK] [MASK]", "label": "x"}\n',
+            None,
+            "train.jsonl:3: `text` must hold exactly one [MASK] (it holds 2)",
+        ),
+        (GOOD + '{"text": "a [MASK]", "label": ""}\n', None, "train.jsonl:3: `label` must be a non-empty string"),
+        (
+            GOOD + '{"text": "a [MASK]", "label": "x", "target": "x"}\n',
+            None,
+            "train.jsonl:3: give exactly one of `label`",
+        ),
+        (GOOD + '{"text": "a [MASK]", "target": "x"}\n', None, "train.jsonl:3: mixes `label` and `target` rows"),
+        (GOOD + '{"text": "a [MASK]", "label": "x", "lang": 5}\n', None, "train.jsonl:3: `lang` must be a string"),
+        (GOOD, '\n{"text": "c [MASK]", "label": "z"}\n', "dev.jsonl:2: label 'z' never occurs in train.jsonl"),
+        (GOOD, '{"text": "c [MASK]", "target": "x"}\n', "dev.jsonl:1: dev rows use `target`"),
+        ('{"text": "a [MASK]", "label": "x"}\n', '{"text": "c [MASK]", "label": "x"}\n', "at least two labels"),
+        ("\n\n", None, "train.jsonl: no examples"),
+    ],
+)
 def test_bad_task_lines_are_one_error_naming_file_and_line(tmp_path, train, dev, needle):
     folder = _write(tmp_path / "task", train, *([dev] if dev is not None else []))
     with pytest.raises(TaskError) as e:
@@ -116,8 +145,10 @@ def test_cli_bad_task_is_one_line_and_exit_1(tmp_path):
     folder = _write(tmp_path / "task", GOOD + "{broken\n")
     p = run("tune", str(folder), "--json", env={"WUDAO_HOME": str(tmp_path / "home")}, cwd=tmp_path)
     assert p.returncode == 1 and p.stdout == ""
-    assert p.stderr.strip() == f"error: {folder}/train.jsonl:3: not a JSON object: one object per line, e.g. " \
-                               '{"text": "... [MASK] ...", "label": "..."}'  # fmt: skip
+    assert (
+        p.stderr.strip() == f"error: {folder}/train.jsonl:3: not a JSON object: one object per line, e.g. "
+        '{"text": "... [MASK] ...", "label": "..."}'
+    )
     assert run("tune", str(folder), "--method", "lora").returncode == 2
 
 
@@ -125,14 +156,17 @@ def test_demo_task_splits_by_country_in_both_languages(tmp_path):
     countries = country_facts()
     summary = write_task(tmp_path, countries, sorted(countries)[::3])
     task = load_task(tmp_path / "continent")
-    rows = {split: [json.loads(line) for line in (tmp_path / "continent" / f"{split}.jsonl").read_text().splitlines()]
-            for split in ("train", "dev")}  # fmt: skip
+    rows = {
+        split: [json.loads(line) for line in (tmp_path / "continent" / f"{split}.jsonl").read_text().splitlines()]
+        for split in ("train", "dev")
+    }
     train_isos, dev_isos = ({r["iso"] for r in rows[s]} for s in ("train", "dev"))
     assert train_isos and dev_isos and not train_isos & dev_isos, "no country on both sides"
     assert {len(v) for v in task.labels.values()} == {summary["labels"]} and summary["labels"] >= 6
     assert set(task.labels) == {"en", "zh"} and "Which continent is" in rows["dev"][0]["text"] + rows["dev"][1]["text"]
-    assert {r["text"] for r in rows["train"]} >= {TASK_TEMPLATES["zh"].replace("[X]", countries[i]["zh"]["name"])
-                                                 for i in train_isos if "zh" in countries[i]}  # fmt: skip
+    assert {r["text"] for r in rows["train"]} >= {
+        TASK_TEMPLATES["zh"].replace("[X]", countries[i]["zh"]["name"]) for i in train_isos if "zh" in countries[i]
+    }
     assert 0.1 < summary["majority_accuracy"] < 0.4
     assert "dev accuracy means something only above" in (tmp_path / "continent" / "README.md").read_text()
 
@@ -167,11 +201,19 @@ def test_generation_task_learns_to_fill_the_blank(base, tmp_path):
     folder.mkdir()
     for split in ("train", "dev"):
         rows = [json.loads(line) for line in (base.task_dir / f"{split}.jsonl").read_text().splitlines()]
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"text": r["text"], "target": r["label"]}, ensure_ascii=False) + "\n"
-                                                       for r in rows), encoding="utf-8")  # fmt: skip
+        (folder / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"text": r["text"], "target": r["label"]}, ensure_ascii=False) + "\n" for r in rows),
+            encoding="utf-8",
+        )
     with one_thread():
-        out = tune(base.model, base.tok, load_task(folder), TuneSettings(max_new_tokens=6),
-                   base_checkpoint_uri="test://base", tokenizer_version="t")  # fmt: skip
+        out = tune(
+            base.model,
+            base.tok,
+            load_task(folder),
+            TuneSettings(max_new_tokens=6),
+            base_checkpoint_uri="test://base",
+            tokenizer_version="t",
+        )
     m = out.metrics
     assert out.spec.kind == "generation" and "chance_accuracy" not in m
     assert m["dev_accuracy"] >= m["base_accuracy"] + 0.2 and m["dev_accuracy"] > m["majority_accuracy"]
@@ -185,8 +227,12 @@ def test_adapter_round_trips_through_the_store_and_refuses_another_shape(base, t
     tuned = Tuned.apply(base.model, base.tok, spec, state)
     task = load_task(base.task_dir)
     texts = [ex.text for ex in task.dev]
-    assert tuned.predict(texts) == tuned.classify(texts, [ex.lang for ex in task.dev]), "the language is read off the text"
-    assert spec.metrics["dev_accuracy"] == pytest.approx(np.mean([p == ex.answer for p, ex in zip(tuned.predict(texts), task.dev)]))
+    assert tuned.predict(texts) == tuned.classify(texts, [ex.lang for ex in task.dev]), (
+        "the language is read off the text"
+    )
+    assert spec.metrics["dev_accuracy"] == pytest.approx(
+        np.mean([p == ex.answer for p, ex in zip(tuned.predict(texts), task.dev)])
+    )
     store.delete("adapters/continent-ptuning-x/manifest.json")
     with pytest.raises(AdapterError, match="incomplete"):
         download_adapter(store, uri, tmp_path / "dl2")
@@ -213,11 +259,16 @@ def test_cli_tunes_the_champion_registers_the_adapter_and_mlflow_serves_it(base,
     store, name = platform_store(s3_settings), s3_settings.registry.model_name
     tv = tokenizer_version(base.tok)
     store.put_bytes(tokenizer_key(tv), base.tok.to_str().encode())
-    ckpt = save_checkpoint(store, "checkpoints/base/step-00000001", base.model,
-                           {"run_id": "base", "step": 1, "slice_ids": [], "tokenizer_version": tv})  # fmt: skip
+    ckpt = save_checkpoint(
+        store,
+        "checkpoints/base/step-00000001",
+        base.model,
+        {"run_id": "base", "step": 1, "slice_ids": [], "tokenizer_version": tv},
+    )
     run_id = tracking.begin_cycle(s3_settings, "base")
-    version = registry.log_model_version(s3_settings, store, ckpt, tv, run_id,
-                                         {"wudao.checkpoint_uri": ckpt, "wudao.tokenizer_version": tv})  # fmt: skip
+    version = registry.log_model_version(
+        s3_settings, store, ckpt, tv, run_id, {"wudao.checkpoint_uri": ckpt, "wudao.tokenizer_version": tv}
+    )
     client = MlflowClient(s3_settings.mlflow_tracking_uri)
     client.set_registered_model_alias(name, "champion", version)
 
@@ -231,7 +282,11 @@ def test_cli_tunes_the_champion_registers_the_adapter_and_mlflow_serves_it(base,
     assert r["base_version"] == version and r["adapter_model_uri"] == f"models:/{adapters}/1"
     assert store.read_manifest(key_in_store(store, r["adapter_uri"])) is not None, "the adapter is committed"
     tags = client.get_model_version(adapters, "1").tags
-    assert (tags["wudao.base_model"], tags["wudao.base_version"], tags["wudao.adapter_uri"]) == (name, version, r["adapter_uri"])
+    assert (tags["wudao.base_model"], tags["wudao.base_version"], tags["wudao.adapter_uri"]) == (
+        name,
+        version,
+        r["adapter_uri"],
+    )
     assert client.get_run(r["mlflow_run_id"]).data.metrics["dev_accuracy"] == pytest.approx(r["dev_accuracy"])
 
     dev = [json.loads(line) for line in (base.task_dir / "dev.jsonl").read_text().splitlines()]
@@ -247,9 +302,25 @@ def test_cli_tunes_the_champion_registers_the_adapter_and_mlflow_serves_it(base,
     log = tmp_path / "serve.log"
     serve_env = {**env, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", r["adapter_model_uri"],
-                                 "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                                env=serve_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                r["adapter_model_uri"],
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            env=serve_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -261,14 +332,19 @@ def test_cli_tunes_the_champion_registers_the_adapter_and_mlflow_serves_it(base,
                 pass
             assert time.monotonic() < deadline, "mlflow models serve did not answer /ping: " + log.read_text()[-2000:]
             time.sleep(1)
-        answer = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=120,
-                            json={"inputs": texts[:8] + ["France"], "params": {"max_new_tokens": 4}})  # fmt: skip
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/invocations",
+            timeout=120,
+            json={"inputs": texts[:8] + ["France"], "params": {"max_new_tokens": 4}},
+        )
         assert answer.status_code == 200, answer.text
         served = answer.json()["predictions"]
         assert served[:8] == labels[:8], "served over HTTP = loaded in process"
         assert served[8].startswith("France"), "text without a blank is continued by the base"
         # Params reach the model: a label set it does not have is refused, by name.
-        bad = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60, json={"inputs": [texts[1]], "params": {"lang": "fr"}})
+        bad = httpx.post(
+            f"http://127.0.0.1:{port}/invocations", timeout=60, json={"inputs": [texts[1]], "params": {"lang": "fr"}}
+        )
         assert bad.status_code >= 400 and "no labels for lang 'fr'" in bad.text
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -69,9 +69,14 @@ class CheckedText:
 
     def to_dict(self) -> dict[str, Any]:
         claims = [{**c.to_dict(), "generated": g} for c, g in zip(self.claims, self.generated)]
-        return {"text": self.text, "claims": claims, "candidates_tried": self.candidates_tried,
-                "constrained": self.constrained, "chosen": self.chosen,
-                "candidates": [c.summary() for c in self.candidates]}  # fmt: skip
+        return {
+            "text": self.text,
+            "claims": claims,
+            "candidates_tried": self.candidates_tried,
+            "constrained": self.constrained,
+            "chosen": self.chosen,
+            "candidates": [c.summary() for c in self.candidates],
+        }
 
 
 def select(candidates: list[Candidate]) -> int:
@@ -85,21 +90,36 @@ def _known_blank(checker: ClaimChecker, prompt: str, token: str) -> Claim | None
 
 
 @torch.no_grad()
-def generate_checked(gen: Generator, checker: ClaimChecker, prompt: str, *, candidates: int = 4,
-                     max_new_tokens: int = 32, sampling: Sampling = Sampling(temperature=1.0), seed: int = 0,
-                     constrain: bool = True) -> CheckedText:  # fmt: skip
+def generate_checked(
+    gen: Generator,
+    checker: ClaimChecker,
+    prompt: str,
+    *,
+    candidates: int = 4,
+    max_new_tokens: int = 32,
+    sampling: Sampling = Sampling(temperature=1.0),
+    seed: int = 0,
+    constrain: bool = True,
+) -> CheckedText:
     """The greedy fill or continuation of `prompt` and `candidates` - 1 samples (seeded), or the KG's answers for a
     blank whose relation is known (`constrain`); return the candidate with the fewest contradicted claims."""
     if candidates < 1:
         raise CheckError(f"candidates must be at least 1, got {candidates}")
     if candidates > 1 and sampling.temperature <= 0:
-        raise CheckError(f"{candidates} candidates need sampling: set temperature > 0 (greedy decoding draws the same "
-                         "candidate every time)")  # fmt: skip
+        raise CheckError(
+            f"{candidates} candidates need sampling: set temperature > 0 (greedy decoding draws the same "
+            "candidate every time)"
+        )
     blank = blank_prompt(gen.tokenizer, prompt, gen.ids)
     constrained, answers = None, []
     if blank is not None and constrain and (known := _known_blank(checker, prompt, blank.token)):
         answers = checker.answers(known.subject, known.relation, known.lang)
-        constrained = {"subject": known.subject, "relation": known.relation, "lang": known.lang, "applied": bool(answers)}
+        constrained = {
+            "subject": known.subject,
+            "relation": known.relation,
+            "lang": known.lang,
+            "applied": bool(answers),
+        }
         if answers:
             constrained["answers"] = answers
         else:
@@ -110,8 +130,10 @@ def generate_checked(gen: Generator, checker: ClaimChecker, prompt: str, *, cand
         part_a = [*gen.tokenizer.encode(prompt).ids, gen.ids.gmask]  # continuation: GLM's document-level blank
     room = gen.model.cfg.max_seq_len - len(part_a) - 1  # Part A, [sop] and the fill must fit to be scored
     if room < (max(len(gen.tokenizer.encode(blank.lead + a).ids) for a in answers) if answers else max_new_tokens):
-        raise CheckError(f"the prompt ({len(part_a)} tokens) leaves {max(room, 0)} of the model's max_seq_len="
-                         f"{gen.model.cfg.max_seq_len} for the answer: shorten it or lower max_new_tokens")  # fmt: skip
+        raise CheckError(
+            f"the prompt ({len(part_a)} tokens) leaves {max(room, 0)} of the model's max_seq_len="
+            f"{gen.model.cfg.max_seq_len} for the answer: shorten it or lower max_new_tokens"
+        )
     if answers:
         fills = [gen.tokenizer.encode(blank.lead + a).ids for a in answers]
     else:
@@ -119,8 +141,15 @@ def generate_checked(gen: Generator, checker: ClaimChecker, prompt: str, *, cand
         # contradicts the KG more than it; the other K-1 are sampled (seeded).
         fills = fill_blank(gen.model, part_a, gen.ids, max_new_tokens=max_new_tokens)
         if candidates > 1:
-            fills += fill_blank(gen.model, part_a, gen.ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                                num_samples=candidates - 1, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+            fills += fill_blank(
+                gen.model,
+                part_a,
+                gen.ids,
+                max_new_tokens=max_new_tokens,
+                sampling=sampling,
+                num_samples=candidates - 1,
+                generator=torch.Generator().manual_seed(seed),
+            )
     scores = cloze_scores(gen.model, part_a, gen.ids, fills)
     tried = []
     for fill, score in zip(fills, scores):
@@ -131,7 +160,9 @@ def generate_checked(gen: Generator, checker: ClaimChecker, prompt: str, *, cand
     return CheckedText(chosen.text, chosen.claims, chosen.generated, tried, best, constrained)
 
 
-def answer_claims(checker: ClaimChecker, prompt: str, text: str, blank: BlankPrompt | None) -> tuple[list[Claim], list[bool]]:
+def answer_claims(
+    checker: ClaimChecker, prompt: str, text: str, blank: BlankPrompt | None
+) -> tuple[list[Claim], list[bool]]:
     """The claims of `text`, an answer to `prompt` (`blank`: the prompt's blank, None for a continuation), and for
     each whether its sentence touches what the model wrote (the fill, or the continuation)."""
     # A filled blank ends where the prompt ends; a continuation's last sentence counts only once it is finished.

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,7 +22,9 @@ from wudao.errors import WudaoError
 from wudao.results import StageResult
 
 app = typer.Typer(help="WuDao: lifelong learning of a bilingual, multimodal GLM + MoE model.", no_args_is_help=True)
-stack_app = typer.Typer(help="The embedded local stack: SeaweedFS (S3), MLflow and Prefect on 127.0.0.1.", no_args_is_help=True)
+stack_app = typer.Typer(
+    help="The embedded local stack: SeaweedFS (S3), MLflow and Prefect on 127.0.0.1.", no_args_is_help=True
+)
 db_app = typer.Typer(help="The catalog database.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(db_app, name="db")
@@ -150,8 +152,12 @@ def demo_data(
     def work() -> dict[str, Any]:
         summary = write_demo(out, slices=slices, seed=seed, train_scenes=48)
         weights = write_random_inception_weights(out / "fid" / "inception-random-TEST-ONLY.pth", seed)
-        return {**summary, "fid_weights": str(weights), "fid_weights_note": "random TEST-ONLY Inception weights: FID "
-                "with them is not comparable with published FIDs (see README, FID on real MS-COCO)"}  # fmt: skip
+        return {
+            **summary,
+            "fid_weights": str(weights),
+            "fid_weights_note": "random TEST-ONLY Inception weights: FID "
+            "with them is not comparable with published FIDs (see README, FID on real MS-COCO)",
+        }
 
     _run(json_out, work, _print_kv)
 
@@ -159,7 +165,9 @@ def demo_data(
 @app.command("ingest")
 def ingest_cmd(
     source: Annotated[str, typer.Argument(help="A local folder or an s3://bucket/prefix with new raw data.")],
-    slice_name: Annotated[str | None, typer.Option("--slice", help="Name of the new slice (default: slice-<seq>).")] = None,
+    slice_name: Annotated[
+        str | None, typer.Option("--slice", help="Name of the new slice (default: slice-<seq>).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Ingest the new objects of SOURCE: clean, dedup against all history, tokenize, shard, commit one slice."""
@@ -169,21 +177,41 @@ def ingest_cmd(
     from wudao import stages
 
     def work():
-        with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"), TimeElapsedColumn(),
-                      console=Console(stderr=True), transient=True) as bar:  # fmt: skip
+        with Progress(
+            TextColumn("ingest"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("batches"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        ) as bar:
             task = bar.add_task("ingest", total=None)
-            return stages.run_ingest(_settings(), source, slice_name, lambda done, total: bar.update(task, completed=done, total=total))
+            return stages.run_ingest(
+                _settings(), source, slice_name, lambda done, total: bar.update(task, completed=done, total=total)
+            )
 
     _run(json_out, work, _print_kv)
 
 
 @app.command("train")
 def train_cmd(
-    slice_id: Annotated[str | None, typer.Option("--slice", help="Slice to learn: an id or `latest` (default).")] = None,
-    start: Annotated[str, typer.Option("--from", help="champion (default; scratch when none), scratch, or a checkpoint URI.")] = "champion",
+    slice_id: Annotated[
+        str | None, typer.Option("--slice", help="Slice to learn: an id or `latest` (default).")
+    ] = None,
+    start: Annotated[
+        str, typer.Option("--from", help="champion (default; scratch when none), scratch, or a checkpoint URI.")
+    ] = "champion",
     steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default: train.steps).")] = None,
-    run_id: Annotated[str | None, typer.Option(help="Resume or name a run (default: derived from slices, start and settings, so a rerun after a crash resumes).")] = None,
-    keep_history: Annotated[bool, typer.Option("--keep-history", hidden=True, help="Keep the per-step history in the result.")] = False,
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            help="Resume or name a run (default: derived from slices, start and settings, so a rerun after a crash resumes)."
+        ),
+    ] = None,
+    keep_history: Annotated[
+        bool, typer.Option("--keep-history", hidden=True, help="Keep the per-step history in the result.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Continue pre-training on a slice with replay of the earlier slices; resumes an interrupted run.
@@ -216,26 +244,56 @@ def train_vq_cmd(
 
     def work():
         s = _settings()
-        return train_vq(stages.platform_store(s), stages.committed_slices(s), s.home / "cache", image_size=s.ingest.image_size,
-                        codebook_size=s.model.image_codebook_size, steps=steps, hidden=s.train.vq_hidden, seed=s.train.seed)  # fmt: skip
+        return train_vq(
+            stages.platform_store(s),
+            stages.committed_slices(s),
+            s.home / "cache",
+            image_size=s.ingest.image_size,
+            codebook_size=s.model.image_codebook_size,
+            steps=steps,
+            hidden=s.train.vq_hidden,
+            seed=s.train.seed,
+        )
 
     _run(json_out, work, _print_kv)
 
 
 @app.command("generate")
 def generate_cmd(
-    model_uri: Annotated[str, typer.Option("--model", help="champion (default), a checkpoint URI, or models:/name/version.")] = "champion",
-    text: Annotated[str | None, typer.Option(help='A prompt with a blank ("The capital of France is [MASK].") or to continue.')] = None,
+    model_uri: Annotated[
+        str, typer.Option("--model", help="champion (default), a checkpoint URI, or models:/name/version.")
+    ] = "champion",
+    text: Annotated[
+        str | None, typer.Option(help='A prompt with a blank ("The capital of France is [MASK].") or to continue.')
+    ] = None,
     image_prompt: Annotated[str | None, typer.Option(help="A caption to draw (needs --out and a VQ model).")] = None,
     out: Annotated[Path | None, typer.Option(help="PNG file for --image-prompt.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
-    temperature: Annotated[float | None, typer.Option(min=0.0, help="0 = greedy (default; 1.0 with --check-facts).")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(min=0.0, help="0 = greedy (default; 1.0 with --check-facts).")
+    ] = None,
     top_k: Annotated[int, typer.Option(min=0)] = 0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    candidates: Annotated[int | None, typer.Option(min=1, help="Images to sample (CogView self-reranking keeps the best; default 1), or texts with --check-facts (default 4).")] = None,
-    check_facts: Annotated[bool, typer.Option("--check-facts", help="Keep the candidate text with the fewest claims the KG contradicts; annotate every claim.")] = False,
-    kg: Annotated[str | None, typer.Option(help="KG folder for --check-facts, local or s3:// (default: eval.kg_uri).")] = None,
-    constrain: Annotated[bool, typer.Option(help="With --check-facts: a blank whose relation the KG knows takes the KG's answer.")] = True,
+    candidates: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Images to sample (CogView self-reranking keeps the best; default 1), or texts with --check-facts (default 4).",
+        ),
+    ] = None,
+    check_facts: Annotated[
+        bool,
+        typer.Option(
+            "--check-facts",
+            help="Keep the candidate text with the fewest claims the KG contradicts; annotate every claim.",
+        ),
+    ] = False,
+    kg: Annotated[
+        str | None, typer.Option(help="KG folder for --check-facts, local or s3:// (default: eval.kg_uri).")
+    ] = None,
+    constrain: Annotated[
+        bool, typer.Option(help="With --check-facts: a blank whose relation the KG knows takes the KG's answer.")
+    ] = True,
     seed: int = 0,
     json_out: JsonOpt = False,
 ) -> None:
@@ -252,7 +310,10 @@ def generate_cmd(
     temperature = temperature if temperature is not None else 1.0 if check_facts else 0.0
     candidates = candidates or (4 if check_facts else 1)
     if check_facts and candidates > 1 and temperature == 0:
-        typer.echo(f"error: --candidates {candidates} needs --temperature > 0 (greedy decoding draws one candidate {candidates} times)", err=True)
+        typer.echo(
+            f"error: --candidates {candidates} needs --temperature > 0 (greedy decoding draws one candidate {candidates} times)",
+            err=True,
+        )
         raise typer.Exit(2)
     kg = kg or (_settings().eval.kg_uri if check_facts else None)
     if check_facts and not kg:
@@ -270,8 +331,16 @@ def generate_cmd(
 
             checker = ClaimChecker(stages.load_kg(s, kg))  # a bad KG fails before the model loads
             gen, uri = stages.generator_for(s, model_uri)
-            result = generate_checked(gen, checker, text, candidates=candidates, max_new_tokens=max_new_tokens,
-                                      sampling=sampling, seed=seed, constrain=constrain)  # fmt: skip
+            result = generate_checked(
+                gen,
+                checker,
+                text,
+                candidates=candidates,
+                max_new_tokens=max_new_tokens,
+                sampling=sampling,
+                seed=seed,
+                constrain=constrain,
+            )
             return {"model": uri, "kg": kg, "prompt": text, **result.to_dict()}
         gen, uri = stages.generator_for(s, model_uri)
         if text is not None:
@@ -286,13 +355,17 @@ def _render_checked(r: dict[str, Any]) -> None:
     for c in r["claims"]:
         typer.echo(f"  [{c['verdict']}] {c['claim']}" + ("" if c["generated"] else "  (in the prompt)"))
     if (con := r["constrained"]) is not None:
-        said = f"constrained to the KG's {', '.join(con['answers'])}" if con["applied"] else f"not constrained: {con['reason']}"
+        said = (
+            f"constrained to the KG's {', '.join(con['answers'])}"
+            if con["applied"]
+            else f"not constrained: {con['reason']}"
+        )
         typer.echo(f"blank = {con['relation']} of {con['subject']} ({con['lang']}): {said}")
     counts = [f"{c['contradicted']} contradicted" for c in r["candidates"]]
     typer.echo(f"candidates tried: {r['candidates_tried']} ({', '.join(counts)}); kept #{r['chosen'] + 1}")
 
 
-class TuneMethod(str, Enum):
+class TuneMethod(StrEnum):
     ptuning = "ptuning"
     ptuning_v1 = "ptuning-v1"
     finetune = "finetune"
@@ -300,10 +373,25 @@ class TuneMethod(str, Enum):
 
 @app.command("tune")
 def tune_cmd(
-    task_dir: Annotated[Path, typer.Argument(help="Task folder: train.jsonl + dev.jsonl of {\"text\": \"... [MASK] ...\", \"label\"|\"target\": ...}.")],
-    model_uri: Annotated[str, typer.Option("--model", help="champion (default), candidate, models:/name/version, or a checkpoint URI.")] = "champion",
-    method: Annotated[TuneMethod | None, typer.Option(help="ptuning (v2: prefix keys/values in every layer), ptuning-v1 (input prompts) or finetune (every weight); default tune.method.")] = None,
-    prompt_len: Annotated[int | None, typer.Option(min=1, max=64, help="Prefix entries (v2) or pseudo tokens (v1); default tune.prompt_len.")] = None,
+    task_dir: Annotated[
+        Path,
+        typer.Argument(
+            help='Task folder: train.jsonl + dev.jsonl of {"text": "... [MASK] ...", "label"|"target": ...}.'
+        ),
+    ],
+    model_uri: Annotated[
+        str, typer.Option("--model", help="champion (default), candidate, models:/name/version, or a checkpoint URI.")
+    ] = "champion",
+    method: Annotated[
+        TuneMethod | None,
+        typer.Option(
+            help="ptuning (v2: prefix keys/values in every layer), ptuning-v1 (input prompts) or finetune (every weight); default tune.method."
+        ),
+    ] = None,
+    prompt_len: Annotated[
+        int | None,
+        typer.Option(min=1, max=64, help="Prefix entries (v2) or pseudo tokens (v1); default tune.prompt_len."),
+    ] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (default tune.steps).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -325,18 +413,24 @@ def _render_tune(r: dict[str, Any]) -> None:
     labels = f", labels {json.dumps(t['labels'], ensure_ascii=False)}" if "labels" in t else ""
     typer.echo(f"task:    {t['name']} ({t['kind']}{labels}): {t['train']} train, {t['dev']} dev rows")
     prompt = f", {r['prompt_len']} prompt positions" if r["prompt_len"] else ""
-    typer.echo(f"method:  {r['method']}{prompt}: {r['trainable_params']:,} trainable parameters = "
-               f"{100 * r['trainable_fraction']:.2f}% of {r['model_params']:,}; {r['steps']} steps in {r['seconds']} s")  # fmt: skip
+    typer.echo(
+        f"method:  {r['method']}{prompt}: {r['trainable_params']:,} trainable parameters = "
+        f"{100 * r['trainable_fraction']:.2f}% of {r['model_params']:,}; {r['steps']} steps in {r['seconds']} s"
+    )
     chance = f", chance {r['chance_accuracy']:.2f}" if "chance_accuracy" in r else ""
-    typer.echo(f"dev:     accuracy {r['dev_accuracy']:.2f}  (zero-shot base {r['base_accuracy']:.2f}, "
-               f"majority {r['majority_accuracy']:.2f}{chance}; train {r['train_accuracy']:.2f})")  # fmt: skip
+    typer.echo(
+        f"dev:     accuracy {r['dev_accuracy']:.2f}  (zero-shot base {r['base_accuracy']:.2f}, "
+        f"majority {r['majority_accuracy']:.2f}{chance}; train {r['train_accuracy']:.2f})"
+    )
     base = f"base {r['base']}" + ("" if r["base_version"] else " (unregistered checkpoint)")
     typer.echo(f"adapter: {r['adapter_uri']}  ({base})")
     typer.echo(f"MLflow:  {r['adapter_model_uri']}  run {r['run_url']}")
 
 
 @app.command("promote")
-def promote_cmd(version: Annotated[str, typer.Argument(help="Model version to make @champion.")], json_out: JsonOpt = False) -> None:
+def promote_cmd(
+    version: Annotated[str, typer.Argument(help="Model version to make @champion.")], json_out: JsonOpt = False
+) -> None:
     """Make a registered version the champion (recorded in the model's champion history)."""
     from wudao import registry
 
@@ -374,17 +468,32 @@ def _render_history(result: dict[str, Any]) -> None:
         info.add_column(col)
     for v in versions:
         kg = v["kg"] or {}
-        p1 = "-" if not kg else f"{kg['p_at_1']:.3f}" + (f" ({kg['chance']:.3f})" if kg.get("chance") is not None else "")
+        p1 = (
+            "-"
+            if not kg
+            else f"{kg['p_at_1']:.3f}" + (f" ({kg['chance']:.3f})" if kg.get("chance") is not None else "")
+        )
         gate = v["gate"] or {}
         failed = [n for n, g in gate.get("gates", {}).items() if g["status"] == "failed"]
-        verdict = "-" if not gate else ("passed" if gate["passed"] else f"failed: {', '.join(failed) or gate['reason']}")
-        info.add_row(v["version"], ", ".join("@" + a for a in v["aliases"]), ", ".join(v["slices"]), p1, num(v["fid"], 2), verdict)
+        verdict = (
+            "-" if not gate else ("passed" if gate["passed"] else f"failed: {', '.join(failed) or gate['reason']}")
+        )
+        info.add_row(
+            v["version"],
+            ", ".join("@" + a for a in v["aliases"]),
+            ", ".join(v["slices"]),
+            p1,
+            num(v["fid"], 2),
+            verdict,
+        )
     console = Console()
     console.print(info)
     # One table per measure, versions down, slices across; each cell says how it moved since the previous version,
     # so forgetting reads off a column.
-    for key, cols, title, digits in (("heldout_loss", result["slices"], "held-out loss per slice (lower is better)", 3),
-                                     ("kg_p_at_1", result["kg_slices"], "KG P@1 per KG slice (higher is better)", 3)):  # fmt: skip
+    for key, cols, title, digits in (
+        ("heldout_loss", result["slices"], "held-out loss per slice (lower is better)", 3),
+        ("kg_p_at_1", result["kg_slices"], "KG P@1 per KG slice (higher is better)", 3),
+    ):
         if not cols:
             continue
         table = Table(title=title)
@@ -418,9 +527,17 @@ def kg_build(
 @eval_app.command("kg")
 def eval_kg(
     kg: Annotated[str, typer.Option(help="KG folder (facts.jsonl + templates.jsonl), local or s3://.")],
-    model_uri: Annotated[str, typer.Option("--model", help="champion (default), a checkpoint URI, or models:/name/version.")] = "champion",
+    model_uri: Annotated[
+        str, typer.Option("--model", help="champion (default), a checkpoint URI, or models:/name/version.")
+    ] = "champion",
     limit: Annotated[int | None, typer.Option(min=1, help="Probe a seeded sample of N facts.")] = None,
-    slice_id: Annotated[str | None, typer.Option("--slice", help="Probe only facts whose facts.jsonl first_slice is this id (the demo KG: slice-01..); catalog slice ids (slice-00001.. unless `ingest --slice NAME`) match only if named alike.")] = None,
+    slice_id: Annotated[
+        str | None,
+        typer.Option(
+            "--slice",
+            help="Probe only facts whose facts.jsonl first_slice is this id (the demo KG: slice-01..); catalog slice ids (slice-00001.. unless `ingest --slice NAME`) match only if named alike.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Cloze-probe every fact against its relation's closed answer space (P@1 beside chance and majority, MRR, CI)
@@ -441,19 +558,35 @@ def _render_kg(r: dict[str, Any]) -> None:
         for name, v in r[key].items():
             typer.echo(f"  {title:8s} {name:16s} {p1(v)}  n={v['n_facts']}")
     c = r["claims"]
-    typer.echo(f"claims: {c['claims']} from {c['subjects']} subjects: supported {c['supported_rate']:.2f}, "
-               f"contradicted {c['contradicted_rate']:.2f}, unverifiable {c['unverifiable_rate']:.2f}")  # fmt: skip
+    typer.echo(
+        f"claims: {c['claims']} from {c['subjects']} subjects: supported {c['supported_rate']:.2f}, "
+        f"contradicted {c['contradicted_rate']:.2f}, unverifiable {c['unverifiable_rate']:.2f}"
+    )
     if r["problems"]:
         typer.echo(f"problems: {json.dumps(r['problems'], ensure_ascii=False)}")
 
 
 @eval_app.command("fid")
 def eval_fid(
-    coco: Annotated[str, typer.Option(help="MS-COCO root: annotations/captions_<split>.json + <split>/ images, local or s3://.")],
-    model_uri: Annotated[str, typer.Option("--model", help="champion (default), a checkpoint URI, or models:/name/version.")] = "champion",
-    n: Annotated[int | None, typer.Option(min=2, help="Captions to draw, one per image (default: eval.fid_n, 30000 as in CogView).")] = None,
-    candidates: Annotated[int | None, typer.Option(min=1, help="Images per caption; CogView self-reranking keeps the best (default: eval.fid_candidates).")] = None,
-    weights: Annotated[str | None, typer.Option(help="Inception weights file, local or s3:// (default: eval.fid_weights_uri).")] = None,
+    coco: Annotated[
+        str, typer.Option(help="MS-COCO root: annotations/captions_<split>.json + <split>/ images, local or s3://.")
+    ],
+    model_uri: Annotated[
+        str, typer.Option("--model", help="champion (default), a checkpoint URI, or models:/name/version.")
+    ] = "champion",
+    n: Annotated[
+        int | None,
+        typer.Option(min=2, help="Captions to draw, one per image (default: eval.fid_n, 30000 as in CogView)."),
+    ] = None,
+    candidates: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Images per caption; CogView self-reranking keeps the best (default: eval.fid_candidates)."
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Inception weights file, local or s3:// (default: eval.fid_weights_uri).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """MS-COCO FID and KID of text -> image generation against the captions' real images (reference statistics cached)."""
@@ -467,9 +600,11 @@ def eval_fid(
 
 
 def _follows_line(f: dict[str, Any]) -> str:
-    return (f"images follow their captions: {f['both_accuracy']:.2f} (chance {f['chance_both']:.2f}); background colour "
-            f"{f['background_accuracy']:.2f} (chance {f['chance_background']:.2f}), shape colour {f['shape_accuracy']:.2f} "
-            f"(chance {f['chance_shape']:.2f}) over {f['n_probed']} captions")  # fmt: skip
+    return (
+        f"images follow their captions: {f['both_accuracy']:.2f} (chance {f['chance_both']:.2f}); background colour "
+        f"{f['background_accuracy']:.2f} (chance {f['chance_background']:.2f}), shape colour {f['shape_accuracy']:.2f} "
+        f"(chance {f['chance_shape']:.2f}) over {f['n_probed']} captions"
+    )
 
 
 def _render_fid(r: dict[str, Any]) -> None:
@@ -482,7 +617,9 @@ def _render_fid(r: dict[str, Any]) -> None:
         typer.echo(_follows_line(follows))
     cached = "reused from the cache" if r["reference_cached"] else "computed and cached"
     skipped = f" {json.dumps(r['skipped'])}" if r["skipped"] else ""
-    typer.echo(f"images: {r['n_images']} generated from {r['model']}; {r['n_real']} real, {r['n_skipped']} skipped{skipped}")
+    typer.echo(
+        f"images: {r['n_images']} generated from {r['model']}; {r['n_real']} real, {r['n_skipped']} skipped{skipped}"
+    )
     typer.echo(f"reference statistics: {cached} ({r['reference_key']})")
     for key in ("warning", "weights_note"):
         if r.get(key):

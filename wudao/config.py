@@ -23,8 +23,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from wudao.model.objective import GLMObjective
 from wudao.model.config import GLMShape
+from wudao.model.objective import GLMObjective
 
 
 class CleanSettings(BaseModel):
@@ -487,5 +487,7 @@ def load_settings(**overrides: Any) -> Settings:
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in top.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged

@@ -10,8 +10,8 @@ A new gate is one function here, registered with `@gate("name")`, and its thresh
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from wudao.config import GateSettings
@@ -62,7 +62,9 @@ def gate(name: str) -> Callable[[Gate], Gate]:
     return register
 
 
-def evaluate_gates(cfg: GateSettings, evaluation: Evaluation | dict[str, Any], parent: ParentRecord | None) -> list[GateResult]:
+def evaluate_gates(
+    cfg: GateSettings, evaluation: Evaluation | dict[str, Any], parent: ParentRecord | None
+) -> list[GateResult]:
     """Every gate's verdict, in registration order (all skipped for a first version, which has no parent)."""
     if parent is None:
         skip = "first version: no parent to compare with"

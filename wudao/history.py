@@ -76,8 +76,14 @@ def gate_of(tags: dict[str, str]) -> dict[str, Any] | None:
     return out
 
 
-def version_record(version: str, aliases: list[str], tags: dict[str, str], metrics: dict[str, float],
-                   kg_slices: list[str], run_id: str | None = None) -> VersionRecord:  # fmt: skip
+def version_record(
+    version: str,
+    aliases: list[str],
+    tags: dict[str, str],
+    metrics: dict[str, float],
+    kg_slices: list[str],
+    run_id: str | None = None,
+) -> VersionRecord:
     """One version from its tags and its run's metrics. `kg_slices` says which `kg/p_at_1/<name>` are slices (the
     rest are languages)."""
     kg = None
@@ -147,7 +153,9 @@ def label(record: VersionRecord) -> str:
     return f"v{record.version}" + ("\n@champion" if CHAMPION in record.aliases else "")
 
 
-def forgetting_series(records: list[VersionRecord]) -> tuple[list[str], dict[str, list[float | None]], dict[str, list[float | None]]]:
+def forgetting_series(
+    records: list[VersionRecord],
+) -> tuple[list[str], dict[str, list[float | None]], dict[str, list[float | None]]]:
     """(x labels, held-out loss per slice, KG P@1 per slice), each series one value per version (None = not
     measured by that version, e.g. a slice that came later)."""
     labels = [label(r) for r in records]
@@ -159,8 +167,10 @@ def forgetting_series(records: list[VersionRecord]) -> tuple[list[str], dict[str
 def forgetting_columns(records: list[VersionRecord]) -> dict[str, list[Any]]:
     """The history as MLflow table columns (one row per version): the run's `eval/forgetting_history.json`."""
     _, heldout, kg = forgetting_series(records)
-    columns: dict[str, list[Any]] = {"version": [r.version for r in records],
-                                     "aliases": [",".join(r.aliases) for r in records]}  # fmt: skip
+    columns: dict[str, list[Any]] = {
+        "version": [r.version for r in records],
+        "aliases": [",".join(r.aliases) for r in records],
+    }
     columns.update({f"heldout_loss/{s}": v for s, v in heldout.items()})
     columns.update({f"kg/p_at_1/{s}": v for s, v in kg.items()})
     columns["kg/p_at_1"] = [r.kg["p_at_1"] if r.kg else None for r in records]
@@ -168,8 +178,9 @@ def forgetting_columns(records: list[VersionRecord]) -> dict[str, list[Any]]:
     return columns
 
 
-def forgetting_figure(labels: list[str], heldout_loss: dict[str, list[float | None]],
-                      kg_p_at_1: dict[str, list[float | None]]):  # fmt: skip
+def forgetting_figure(
+    labels: list[str], heldout_loss: dict[str, list[float | None]], kg_p_at_1: dict[str, list[float | None]]
+):
     """Two panels over the versions in order: held-out loss per slice (lower is better) and KG P@1 per slice
     (higher is better), one line per slice. Plain data in, a matplotlib Figure out (no pyplot: no global state,
     safe on Prefect's worker threads; rendered by Agg)."""
@@ -222,11 +233,17 @@ def read_versions(settings: Settings) -> list[VersionRecord]:
         versions = sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     except MlflowException as e:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
-            raise RegistryError(f"no registered model {name!r} at {hide_password(settings.mlflow_tracking_uri)}: run a cycle first "
-                                "(`wudao cycle SOURCE`)") from e  # fmt: skip
-        raise TrackingError(f"cannot read model {name!r} from MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message}") from e
+            raise RegistryError(
+                f"no registered model {name!r} at {hide_password(settings.mlflow_tracking_uri)}: run a cycle first "
+                "(`wudao cycle SOURCE`)"
+            ) from e
+        raise TrackingError(
+            f"cannot read model {name!r} from MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message}"
+        ) from e
     except Exception as e:  # connection refused and friends surface as requests/urllib3 errors
-        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`") from e
+        raise TrackingError(
+            f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`"
+        ) from e
     if not versions:
         raise RegistryError(f"model {name!r} has no versions yet: run a cycle first (`wudao cycle SOURCE`)")
     aliases: dict[str, list[str]] = {}
@@ -242,8 +259,11 @@ def read_versions(settings: Settings) -> list[VersionRecord]:
                 run = None
             if run is not None:
                 metrics, kg_slices = dict(run.data.metrics), _kg_slices(c, run)
-        records.append(version_record(str(mv.version), aliases.get(str(mv.version), []), dict(mv.tags), metrics,
-                                      kg_slices, mv.run_id))  # fmt: skip
+        records.append(
+            version_record(
+                str(mv.version), aliases.get(str(mv.version), []), dict(mv.tags), metrics, kg_slices, mv.run_id
+            )
+        )
     return records
 
 

@@ -38,8 +38,14 @@ CHECK_PARAMS = {"check_facts": False, "constrain": True, "temperature": 0.0, "to
 PARAMS.update(CHECK_PARAMS)
 
 
-def model_artifacts(store: ObjectStore, checkpoint_uri: str, tokenizer_key: str, image_size: int, into: Path,
-                    kg: dict[str, bytes] | None = None) -> dict[str, str]:  # fmt: skip
+def model_artifacts(
+    store: ObjectStore,
+    checkpoint_uri: str,
+    tokenizer_key: str,
+    image_size: int,
+    into: Path,
+    kg: dict[str, bytes] | None = None,
+) -> dict[str, str]:
     """Download what a version needs into `into` and name it for `mlflow.pyfunc.log_model(artifacts=…)`; `kg`:
     the KG's files by name (facts.jsonl, templates.jsonl), for checked generation."""
     from wudao.train import vq
@@ -53,8 +59,11 @@ def model_artifacts(store: ObjectStore, checkpoint_uri: str, tokenizer_key: str,
         version = store.get_json(vq.CURRENT)["version"]
         vq_dir = into / "vq"
         store.get_file(join_key("vq", version, "model.safetensors"), vq_dir / "model.safetensors")
-        (vq_dir / "config.json").write_text(json.dumps({**store.get_json(join_key("vq", version, "config.json")),
-                                                        "image_size": image_size, "version": version}))  # fmt: skip
+        (vq_dir / "config.json").write_text(
+            json.dumps(
+                {**store.get_json(join_key("vq", version, "config.json")), "image_size": image_size, "version": version}
+            )
+        )
         artifacts["vq"] = str(vq_dir)
     if kg:
         for name, data in kg.items():
@@ -93,7 +102,9 @@ class WudaoLM(mlflow.pyfunc.PythonModel):
             from wudao.eval.kg import KG_FACTS, KG_TEMPLATES, ClaimChecker, parse_kg
 
             kg_dir = Path(context.artifacts["kg"])
-            self.checker = ClaimChecker(parse_kg((kg_dir / KG_FACTS).read_text("utf-8"), (kg_dir / KG_TEMPLATES).read_text("utf-8")))
+            self.checker = ClaimChecker(
+                parse_kg((kg_dir / KG_FACTS).read_text("utf-8"), (kg_dir / KG_TEMPLATES).read_text("utf-8"))
+            )
 
     # `model_input` is hinted as a DataFrame on purpose: MLflow 3 infers a signature from any other hint (`list[str]`)
     # and it replaces the declared one, dropping every declared param from requests (mlflow#14908); without a hint it
@@ -106,7 +117,10 @@ class WudaoLM(mlflow.pyfunc.PythonModel):
             return [self._checked(str(prompt), p) for prompt in model_input]
         if p["mode"] == "image":
             return [self._draw(str(caption), int(p["candidates"]), int(p["seed"])) for caption in model_input]
-        return [self.generator.text(str(prompt), int(p["max_new_tokens"]), _sampling(p), int(p["seed"])) for prompt in model_input]
+        return [
+            self.generator.text(str(prompt), int(p["max_new_tokens"]), _sampling(p), int(p["seed"]))
+            for prompt in model_input
+        ]
 
     def _checked(self, prompt: str, p: dict[str, Any]) -> dict[str, Any]:
         from mlflow.exceptions import MlflowException
@@ -115,12 +129,22 @@ class WudaoLM(mlflow.pyfunc.PythonModel):
         from wudao.checked import CheckError, generate_checked
 
         if self.checker is None:
-            raise MlflowException("check_facts: this version carries no KG (it was registered without eval.kg_uri); "
-                                  "register one evaluated with a KG", INVALID_PARAMETER_VALUE)  # fmt: skip
+            raise MlflowException(
+                "check_facts: this version carries no KG (it was registered without eval.kg_uri); "
+                "register one evaluated with a KG",
+                INVALID_PARAMETER_VALUE,
+            )
         try:
-            return generate_checked(self.generator, self.checker, prompt, candidates=int(p["candidates"]),
-                                    max_new_tokens=int(p["max_new_tokens"]), sampling=_sampling(p), seed=int(p["seed"]),
-                                    constrain=bool(p["constrain"])).to_dict()  # fmt: skip
+            return generate_checked(
+                self.generator,
+                self.checker,
+                prompt,
+                candidates=int(p["candidates"]),
+                max_new_tokens=int(p["max_new_tokens"]),
+                sampling=_sampling(p),
+                seed=int(p["seed"]),
+                constrain=bool(p["constrain"]),
+            ).to_dict()
         except CheckError as e:  # the client's parameters: HTTP 400, not 500
             raise MlflowException(str(e), INVALID_PARAMETER_VALUE) from None
 
@@ -131,8 +155,9 @@ class WudaoLM(mlflow.pyfunc.PythonModel):
         if self.vq is None:
             raise ValueError("this version has no image tokenizer: it was registered before any images were learned")
         grid = self.image_size // 2**self.vq.cfg.n_down
-        codes_HW = self.generator.image_codes(caption, grid=grid, codebook_size=self.vq.cfg.codebook_size,
-                                              candidates=candidates, seed=seed)  # fmt: skip
+        codes_HW = self.generator.image_codes(
+            caption, grid=grid, codebook_size=self.vq.cfg.codebook_size, candidates=candidates, seed=seed
+        )
         with torch.no_grad():
             image_CHW = self.vq.decode(torch.from_numpy(codes_HW)[None]).clamp(0, 1)[0]
         buf = io.BytesIO()
@@ -174,8 +199,14 @@ class WudaoTunedLM(WudaoLM):
         if p["mode"] != "text" or p["check_facts"]:
             return super().predict(context, texts, params)
         tuned = [i for i, t in enumerate(texts) if self.blank in t]
-        out = dict(zip(tuned, self.tuned.predict([texts[i] for i in tuned], lang=p["lang"] or None,
-                                                 max_new_tokens=int(p["max_new_tokens"]))))  # fmt: skip
+        out = dict(
+            zip(
+                tuned,
+                self.tuned.predict(
+                    [texts[i] for i in tuned], lang=p["lang"] or None, max_new_tokens=int(p["max_new_tokens"])
+                ),
+            )
+        )
         rest = [i for i in range(len(texts)) if i not in out]
         out.update(zip(rest, super().predict(context, [texts[i] for i in rest], params) if rest else []))
         return [out[i] for i in range(len(texts))]

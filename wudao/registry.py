@@ -23,9 +23,9 @@ from mlflow.tracking import MlflowClient
 import wudao
 from wudao import gates
 from wudao.config import Settings, hide_password
-from wudao.tracking import TrackingError, client, log_table_once, run_url
 from wudao.errors import WudaoError
 from wudao.results import Evaluation, Registration, Trained
+from wudao.tracking import TrackingError, client, log_table_once, run_url
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 
@@ -49,8 +49,10 @@ def _complete(mv) -> Champion:
     """The version as a Champion, or a RegistryError naming what it lacks (never a KeyError)."""
     missing = [t for t in REQUIRED_TAGS if not mv.tags.get(t)]
     if missing:
-        raise RegistryError(f"model {mv.name} version {mv.version} was not registered completely (no {', '.join(missing)} "
-                            "tag): it cannot be used; promote another version or run a cycle")  # fmt: skip
+        raise RegistryError(
+            f"model {mv.name} version {mv.version} was not registered completely (no {', '.join(missing)} "
+            "tag): it cannot be used; promote another version or run a cycle"
+        )
     return Champion(mv.version, mv.tags["wudao.checkpoint_uri"], mv.tags["wudao.tokenizer_version"])
 
 
@@ -62,9 +64,13 @@ def alias_version(settings: Settings, alias: str) -> Champion | None:
     except MlflowException as e:
         if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
             return None
-        raise TrackingError(f"cannot read @{alias} from MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message}") from e
+        raise TrackingError(
+            f"cannot read @{alias} from MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message}"
+        ) from e
     except Exception as e:
-        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`") from e
+        raise TrackingError(
+            f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`"
+        ) from e
     return _complete(mv)
 
 
@@ -88,7 +94,12 @@ def version_of_checkpoint(settings: Settings, checkpoint_uri: str | None) -> Cha
 def learned_slices(settings: Settings) -> set[str]:
     """Every slice some complete version was trained on (its `wudao.slices`), champion or not."""
     versions = _search_versions(client(settings), f"name='{settings.registry.model_name}'")
-    return {s for v in versions if all(v.tags.get(t) for t in REQUIRED_TAGS) for s in json.loads(v.tags.get("wudao.slices", "[]"))}
+    return {
+        s
+        for v in versions
+        if all(v.tags.get(t) for t in REQUIRED_TAGS)
+        for s in json.loads(v.tags.get("wudao.slices", "[]"))
+    }
 
 
 def checkpoint_of(settings: Settings, model_uri: str) -> str:
@@ -152,10 +163,14 @@ def rollback(settings: Settings) -> dict[str, Any]:
     history = _history(c, name)
     earlier = [h["version"] for h in history if h["version"] != current.version]
     if not earlier:
-        raise RegistryError(f"version {current.version} is the only champion model {name} has had: nothing to roll back to")
+        raise RegistryError(
+            f"version {current.version} is the only champion model {name} has had: nothing to roll back to"
+        )
     target = earlier[-1]
     _set_champion(c, name, target, f"rollback from {current.version}")
-    c.set_model_version_tag(name, current.version, "wudao.rolled_back", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    c.set_model_version_tag(
+        name, current.version, "wudao.rolled_back", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    )
     return {"model": name, "champion": target, "previous": current.version}
 
 
@@ -165,8 +180,12 @@ def parent_record(c: MlflowClient, name: str, parent: Champion | None) -> gates.
         return None
     tags = c.get_model_version(name, parent.version).tags
     fid = tags.get("wudao.eval.fid")
-    return gates.ParentRecord(version=parent.version, slices=json.loads(tags.get("wudao.slices", "[]")),
-                              fid=float(fid) if fid else None, fid_key=tags.get("wudao.eval.fid_key"))  # fmt: skip
+    return gates.ParentRecord(
+        version=parent.version,
+        slices=json.loads(tags.get("wudao.slices", "[]")),
+        fid=float(fid) if fid else None,
+        fid_key=tags.get("wudao.eval.fid_key"),
+    )
 
 
 def _existing_version(c: MlflowClient, name: str, cycle_run_id: str) -> str | None:
@@ -185,11 +204,20 @@ def _search_versions(c: MlflowClient, filter_string: str) -> list:
         raise
 
 
-def log_model_version(settings: Settings, store, checkpoint_uri: str, tokenizer_version: str, cycle_run_id: str,
-                      tags: dict[str, str],
-                      *, name: str | None = None, extra_artifacts: dict[str, str] | None = None,
-                      params: dict[str, Any] | None = None, python_model=None,
-                      kg_files: dict[str, bytes] | None = None) -> str:  # fmt: skip
+def log_model_version(
+    settings: Settings,
+    store,
+    checkpoint_uri: str,
+    tokenizer_version: str,
+    cycle_run_id: str,
+    tags: dict[str, str],
+    *,
+    name: str | None = None,
+    extra_artifacts: dict[str, str] | None = None,
+    params: dict[str, Any] | None = None,
+    python_model=None,
+    kg_files: dict[str, bytes] | None = None,
+) -> str:
     """Log the checkpoint as a pyfunc LoggedModel in the cycle's run, then register it with all its tags in one
     call: a version never exists without its files or without the `wudao.*` tags every reader needs (a kill
     between a registration and tags set afterwards left versions that broke promote, generate and the cycle).
@@ -202,8 +230,9 @@ def log_model_version(settings: Settings, store, checkpoint_uri: str, tokenizer_
     from wudao.pyfunc import PARAMS, WudaoLM, model_artifacts
 
     with tempfile.TemporaryDirectory(prefix="wudao-register-") as tmp:
-        artifacts = model_artifacts(store, checkpoint_uri, tokenizer_key(tokenizer_version),
-                                    settings.ingest.image_size, Path(tmp), kg=kg_files)  # fmt: skip
+        artifacts = model_artifacts(
+            store, checkpoint_uri, tokenizer_key(tokenizer_version), settings.ingest.image_size, Path(tmp), kg=kg_files
+        )
         artifacts.update(extra_artifacts or {})
         with mlflow.start_run(run_id=cycle_run_id):
             info = mlflow.pyfunc.log_model(
@@ -212,8 +241,9 @@ def log_model_version(settings: Settings, store, checkpoint_uri: str, tokenizer_
                 artifacts=artifacts,
                 pip_requirements=[f"wudao=={wudao.__version__}"],
                 # Declares the request params, so serving accepts them (params absent from the signature are dropped).
-                signature=infer_signature(["The capital of France is [MASK]."], ["The capital of France is Paris."],
-                                          params=params or PARAMS),
+                signature=infer_signature(
+                    ["The capital of France is [MASK]."], ["The capital of France is Paris."], params=params or PARAMS
+                ),
             )
     c, name = client(settings), name or settings.registry.model_name
     try:
@@ -243,7 +273,10 @@ def register_cycle(
     c, name = client(settings), settings.registry.model_name
     results = gates.evaluate_gates(settings.registry.gates, evaluation, parent_record(c, name, parent))
     passed, reason = gates.verdict(results)
-    table = {col: [r.to_dict()[col] for r in results] for col in ("name", "status", "candidate", "parent", "threshold", "detail")}
+    table = {
+        col: [r.to_dict()[col] for r in results]
+        for col in ("name", "status", "candidate", "parent", "threshold", "detail")
+    }
     for run_id in {cycle_run_id, stage_run_id or cycle_run_id}:
         log_table_once(c, run_id, table, "gates.json")  # a retry does not list the gates twice
 
@@ -269,8 +302,15 @@ def register_cycle(
         tags["wudao.kg"] = kg_artifact["uri"] if "files" in kg_artifact else f"not logged: {kg_artifact['error']}"
     version = _existing_version(c, name, cycle_run_id)
     if version is None:
-        version = log_model_version(settings, store, trained.checkpoint_uri, trained.tokenizer_version, cycle_run_id, tags,
-                                    kg_files=(kg_artifact or {}).get("files"))
+        version = log_model_version(
+            settings,
+            store,
+            trained.checkpoint_uri,
+            trained.tokenizer_version,
+            cycle_run_id,
+            tags,
+            kg_files=(kg_artifact or {}).get("files"),
+        )
     else:  # a retry: the earlier attempt's version gets this attempt's tags (idempotent)
         for k, v in tags.items():
             c.set_model_version_tag(name, version, k, v)

@@ -44,31 +44,54 @@ class Generator:
         blank = blank_prompt(self.tokenizer, prompt, self.ids)
         if blank is None:
             ids = self.tokenizer.encode(prompt).ids
-            return prompt + self.tokenizer.decode(continue_text(self.model, ids, self.ids, max_new_tokens, sampling, gen))
-        filled = fill_blank(self.model, blank.part_a, self.ids, max_new_tokens=max_new_tokens, sampling=sampling, generator=gen)[0]
+            return prompt + self.tokenizer.decode(
+                continue_text(self.model, ids, self.ids, max_new_tokens, sampling, gen)
+            )
+        filled = fill_blank(
+            self.model, blank.part_a, self.ids, max_new_tokens=max_new_tokens, sampling=sampling, generator=gen
+        )[0]
         return blank.text(self.tokenizer.decode(filled))
 
     @torch.no_grad()
-    def image_codes(self, caption: str, *, grid: int, codebook_size: int, candidates: int = 1,
-                    sampling: Sampling = Sampling(temperature=1.0, top_k=100), seed: int = 0) -> np.ndarray:  # fmt: skip
+    def image_codes(
+        self,
+        caption: str,
+        *,
+        grid: int,
+        codebook_size: int,
+        candidates: int = 1,
+        sampling: Sampling = Sampling(temperature=1.0, top_k=100),
+        seed: int = 0,
+    ) -> np.ndarray:
         """Codes (grid, grid) for a caption; with several candidates, CogView self-reranking keeps the one whose
         caption is most likely given the image."""
         offset = self.tokenizer.get_vocab_size()
         caption_ids = self.tokenizer.encode(caption).ids
         prompt = cogview_prompt(self.ids, offset, caption=caption_ids)
-        codes = sample_image_codes(self.model, prompt, self.ids, n_codes=grid * grid, code_offset=offset,
-                                   codebook_size=codebook_size, sampling=sampling, num_samples=candidates,
-                                   generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        codes = sample_image_codes(
+            self.model,
+            prompt,
+            self.ids,
+            n_codes=grid * grid,
+            code_offset=offset,
+            codebook_size=codebook_size,
+            sampling=sampling,
+            num_samples=candidates,
+            generator=torch.Generator().manual_seed(seed),
+        )
         best = 0
         if candidates > 1:
-            prompts = [cogview_prompt(self.ids, offset, codes=c.numpy().reshape(grid, grid), image_first=True) for c in codes]
+            prompts = [
+                cogview_prompt(self.ids, offset, codes=c.numpy().reshape(grid, grid), image_first=True) for c in codes
+            ]
             best, _ = rerank(self.model, prompts, caption_ids, self.ids)
         return codes[best].numpy().reshape(grid, grid)
 
 
 @contextlib.contextmanager
-def mlflow_serve(model_uri: str, log: Path, env: dict[str, str] | None = None, port: int | None = None,
-                 timeout_s: float = 300.0) -> Iterator[str]:  # fmt: skip
+def mlflow_serve(
+    model_uri: str, log: Path, env: dict[str, str] | None = None, port: int | None = None, timeout_s: float = 300.0
+) -> Iterator[str]:
     """`mlflow models serve -m MODEL_URI --env-manager local` on 127.0.0.1:PORT (default: a free one) in its own
     process group, for as long as the block runs; yields the base URL once `/ping` answers. The server's output
     goes to `log`."""
@@ -76,14 +99,32 @@ def mlflow_serve(model_uri: str, log: Path, env: dict[str, str] | None = None, p
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port), "-w", "1", "-t", "600"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+        "-t",
+        "600",
+    ]
     full_env = {**os.environ, **(env or {})}
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"  # its uvicorn, ours
     url = f"http://127.0.0.1:{port}"
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + timeout_s
         while True:

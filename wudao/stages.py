@@ -21,7 +21,6 @@ from wudao.errors import WudaoError
 from wudao.results import Evaluation, FIDSummary, IngestResult, KGSummary, Registration, Trained, TrainResult
 from wudao.storage import ObjectStore, S3Store, StorageError, open_store, store_from_settings
 
-
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 """A training run id: one path segment of `checkpoints/<run_id>/` (no '/', no '..')."""
 
@@ -51,19 +50,35 @@ def source_store_for(settings: Settings, source: str) -> ObjectStore:
     return store_from_settings(settings, source) if source.startswith("s3://") else open_store(source)
 
 
-def run_ingest(settings: Settings, source: str, slice_name: str | None = None, progress=None, readers: Readers | None = None,
-               on_wait=None) -> IngestResult:  # fmt: skip
+def run_ingest(
+    settings: Settings,
+    source: str,
+    slice_name: str | None = None,
+    progress=None,
+    readers: Readers | None = None,
+    on_wait=None,
+) -> IngestResult:
     """New objects of `source` -> a committed slice (or no slice when nothing new arrived). Batches are read by
     `readers` (the ingest flow's Prefect tasks), else in this process or `ingest.workers` worker processes."""
     source_store = source_store_for(settings, source)
     store = platform_store(settings)
     cat = catalog(settings)
     try:
+
         def waiting() -> None:
             print("waiting for another ingest to finish (catalog lock)", file=sys.stderr, flush=True)
 
-        return ingest(source, source_store=source_store, store=store, catalog=cat, settings=settings.ingest,
-                      slice_name=slice_name, progress=progress, on_wait=on_wait or waiting, readers=readers)  # fmt: skip
+        return ingest(
+            source,
+            source_store=source_store,
+            store=store,
+            catalog=cat,
+            settings=settings.ingest,
+            slice_name=slice_name,
+            progress=progress,
+            on_wait=on_wait or waiting,
+            readers=readers,
+        )
     finally:
         cat.close()
 
@@ -105,7 +120,9 @@ def baseline_checkpoint(settings: Settings, resumed_from: str | None) -> str | N
     return resumed_from or resolve_checkpoint(settings, registry.CHAMPION)
 
 
-def run_train(settings: Settings, slice_id: str | None = None, start: str = "champion", run_id: str | None = None) -> TrainResult:
+def run_train(
+    settings: Settings, slice_id: str | None = None, start: str = "champion", run_id: str | None = None
+) -> TrainResult:
     """Train on `slice_id` (default: the newest slice) with replay from every earlier slice.
 
     The run id defaults to a digest of (slices, start checkpoint, train settings), so rerunning the same
@@ -142,7 +159,9 @@ def run_train(settings: Settings, slice_id: str | None = None, start: str = "cha
         cat.close()
 
 
-def run_train_torchrun(settings: Settings, overrides: dict[str, Any] | None, slice_id: str | None, start: str | None) -> TrainResult:
+def run_train_torchrun(
+    settings: Settings, overrides: dict[str, Any] | None, slice_id: str | None, start: str | None
+) -> TrainResult:
     """The same training as `run_train`, as `torchrun --standalone --nproc-per-node N wudao train` in a subprocess
     (rank 0 prints the result). The caller's overrides travel in the environment, secrets stay in it."""
     import json
@@ -152,12 +171,27 @@ def run_train_torchrun(settings: Settings, overrides: dict[str, Any] | None, sli
     from wudao.config import OVERRIDES_ENV
 
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(settings.train.nproc_per_node),
-           "-m", "wudao.cli", "train", "--slice", slice_id or "latest", "--from", start or "scratch", "--json", "--keep-history"]  # fmt: skip
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc-per-node",
+        str(settings.train.nproc_per_node),
+        "-m",
+        "wudao.cli",
+        "train",
+        "--slice",
+        slice_id or "latest",
+        "--from",
+        start or "scratch",
+        "--json",
+        "--keep-history",
+    ]
     env = {**os.environ, OVERRIDES_ENV: json.dumps(overrides or {})}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")] or proc.stderr.strip().splitlines()[-1:]
+        lines = [
+            line for line in proc.stderr.splitlines() if line.startswith("error:")
+        ] or proc.stderr.strip().splitlines()[-1:]
         raise StageError(f"torchrun training failed ({proc.returncode}): {lines[-1] if lines else 'no output'}")
     return TrainResult.model_validate_json(proc.stdout.strip().splitlines()[-1])
 
@@ -185,9 +219,16 @@ def _image_pairs(settings: Settings, store: ObjectStore, slices: list[str]):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would train (and write) its own tokenizer
             raise StageError("no image tokenizer yet: run `wudao train-vq` once before a multi-process training")
         try:
-            report = vq.train_vq(store, slices, _cache_dir(settings), image_size=settings.ingest.image_size,
-                                 codebook_size=settings.model.image_codebook_size, steps=settings.train.vq_steps,
-                                 hidden=settings.train.vq_hidden, seed=settings.train.seed)  # fmt: skip
+            report = vq.train_vq(
+                store,
+                slices,
+                _cache_dir(settings),
+                image_size=settings.ingest.image_size,
+                codebook_size=settings.model.image_codebook_size,
+                steps=settings.train.vq_steps,
+                hidden=settings.train.vq_hidden,
+                seed=settings.train.seed,
+            )
         except vq.VQError as e:  # no images yet: text only this time
             print(f"no image tokenizer and {e}: training on text only", file=sys.stderr)
             return None
@@ -196,12 +237,16 @@ def _image_pairs(settings: Settings, store: ObjectStore, slices: list[str]):
     codes = (settings.ingest.image_size // 2**model.cfg.n_down) ** 2
     row_len = settings.train.image_seq_len or settings.train.seq_len
     if row_len < codes + 24:  # [ROI] caption [BASE] [BOI] codes [EOI] in one row
-        raise StageError(f"train.image_seq_len (or seq_len)={row_len} cannot hold an image row ({codes} codes + its caption): "
-                         f"set train.image_seq_len to at least {codes + 24} (model.max_seq_len grows with it), or image_ratio=0")  # fmt: skip
+        raise StageError(
+            f"train.image_seq_len (or seq_len)={row_len} cannot hold an image row ({codes} codes + its caption): "
+            f"set train.image_seq_len to at least {codes + 24} (model.max_seq_len grows with it), or image_ratio=0"
+        )
     return vq.encode_slices(model, store, slices, _cache_dir(settings), settings.ingest.image_size, settings.model)
 
 
-def run_evaluate(settings: Settings, checkpoint_uri: str, parent_checkpoint_uri: str | None, mlflow_run_id: str | None = None) -> Evaluation:
+def run_evaluate(
+    settings: Settings, checkpoint_uri: str, parent_checkpoint_uri: str | None, mlflow_run_id: str | None = None
+) -> Evaluation:
     """Held-out loss of the candidate, and of its parent, on every slice the candidate has seen."""
     from wudao.data.glm import SpecialIds
     from wudao.data.tokenizer import load_tokenizer, tokenizer_key
@@ -211,7 +256,9 @@ def run_evaluate(settings: Settings, checkpoint_uri: str, parent_checkpoint_uri:
     store = platform_store(settings)
     candidate = load_checkpoint(store, checkpoint_uri)
     slices = candidate.manifest["slice_ids"]
-    ids = SpecialIds.from_tokenizer(load_tokenizer(store.get_bytes(tokenizer_key(candidate.manifest["tokenizer_version"]))))
+    ids = SpecialIds.from_tokenizer(
+        load_tokenizer(store.get_bytes(tokenizer_key(candidate.manifest["tokenizer_version"])))
+    )
 
     def losses(model):
         return heldout_losses(model, store, slices, _cache_dir(settings), ids, seq_len=settings.train.seq_len)
@@ -238,7 +285,9 @@ def _cycle_fid(settings: Settings, checkpoint_uri: str, mlflow_run_id: str | Non
     if not platform_store(settings).exists(vq.CURRENT):  # run_eval_fid loads the model itself
         print("FID skipped: no image tokenizer yet (no images ingested)", file=sys.stderr)
         return None
-    report = run_eval_fid(settings, checkpoint_uri, settings.eval.fid_coco_uri, mlflow_run_id=mlflow_run_id, log_metrics=False)
+    report = run_eval_fid(
+        settings, checkpoint_uri, settings.eval.fid_coco_uri, mlflow_run_id=mlflow_run_id, log_metrics=False
+    )
     # FIDs compare only when measured the same way: same reference set and statistics, same number of candidates.
     return {**report, "key": f"{report['reference_key']}/k{report['candidates']}"}
 
@@ -264,8 +313,14 @@ def load_kg(settings: Settings, kg_uri: str):
     return parse_kg(files[KG_FACTS].decode("utf-8", "replace"), files[KG_TEMPLATES].decode("utf-8", "replace"))
 
 
-def run_eval_kg(settings: Settings, model: str, kg_uri: str, limit: int | None, with_facts: bool = False,
-                slice_id: str | None = None) -> dict[str, Any]:  # fmt: skip
+def run_eval_kg(
+    settings: Settings,
+    model: str,
+    kg_uri: str,
+    limit: int | None,
+    with_facts: bool = False,
+    slice_id: str | None = None,
+) -> dict[str, Any]:
     """Cloze P@1 / MRR beside chance and majority (macro over relations, by language and by slice, bootstrap CI)
     and claim rates; `slice_id` keeps only the facts whose `first_slice` it is."""
     from wudao.eval.kg import evaluate_kg, facts_of_slice
@@ -276,8 +331,9 @@ def run_eval_kg(settings: Settings, model: str, kg_uri: str, limit: int | None, 
     except ValueError as e:
         raise StageError(str(e)) from e
     gen, uri = generator_for(settings, model)
-    report = evaluate_kg(gen.model, gen.tokenizer, kg, limit=limit, slice_id=slice_id,
-                         claim_subjects=settings.eval.kg_claim_subjects)  # fmt: skip
+    report = evaluate_kg(
+        gen.model, gen.tokenizer, kg, limit=limit, slice_id=slice_id, claim_subjects=settings.eval.kg_claim_subjects
+    )
     return {"model": uri, "kg": kg_uri, **report.to_dict(with_facts=with_facts)}
 
 
@@ -293,11 +349,20 @@ def run_register(
     # The parent is the version the candidate was trained from, else the champion it would replace.
     parent = registry.version_of_checkpoint(settings, trained.resumed_from) or registry.champion(settings)
     kg = None
-    if kg_uri := evaluation.kg.get("kg") if evaluation.kg else None:  # the KG this version was evaluated with travels with it
+    if (
+        kg_uri := evaluation.kg.get("kg") if evaluation.kg else None
+    ):  # the KG this version was evaluated with travels with it
         try:
             kg = {"uri": kg_uri, "files": kg_files(settings, kg_uri)}
-        except (StageError, StorageError, OSError) as e:  # gone since the evaluation: the version is still registered, and says why it has none
-            print(f"warning: KG {kg_uri} not logged with the version ({e}): it cannot check facts when served", file=sys.stderr)
+        except (
+            StageError,
+            StorageError,
+            OSError,
+        ) as e:  # gone since the evaluation: the version is still registered, and says why it has none
+            print(
+                f"warning: KG {kg_uri} not logged with the version ({e}): it cannot check facts when served",
+                file=sys.stderr,
+            )
             kg = {"uri": kg_uri, "error": str(e).splitlines()[0]}
     return registry.register_cycle(
         settings,
@@ -317,8 +382,14 @@ def train_result_of(settings: Settings, checkpoint_uri: str) -> Trained:
     from wudao.train.checkpoint import read_manifest
 
     m = read_manifest(platform_store(settings), checkpoint_uri)
-    return Trained(run_id=m["run_id"], checkpoint_uri=checkpoint_uri, resumed_from=m.get("parent_checkpoint_uri"),
-                   slice_ids=m["slice_ids"], tokenizer_version=m["tokenizer_version"], steps=m["step"])  # fmt: skip
+    return Trained(
+        run_id=m["run_id"],
+        checkpoint_uri=checkpoint_uri,
+        resumed_from=m.get("parent_checkpoint_uri"),
+        slice_ids=m["slice_ids"],
+        tokenizer_version=m["tokenizer_version"],
+        steps=m["step"],
+    )
 
 
 def generator_for(settings: Settings, model: str):
@@ -348,7 +419,9 @@ def _newest_trained(settings: Settings) -> str | None:
     cat = catalog(settings)
     try:
         with cat.session() as s:
-            run = s.scalars(select(TrainingRun).where(TrainingRun.status == "finished").order_by(TrainingRun.finished_at.desc())).first()
+            run = s.scalars(
+                select(TrainingRun).where(TrainingRun.status == "finished").order_by(TrainingRun.finished_at.desc())
+            ).first()
             uri = run.checkpoint_uri if run else None
     finally:
         cat.close()
@@ -375,8 +448,16 @@ def draw(settings: Settings, gen, caption: str, out, candidates: int, seed: int)
     return {"out": str(out), "grid": grid, "candidates": candidates}
 
 
-def run_eval_fid(settings: Settings, model: str, coco_uri: str, n: int | None = None, candidates: int | None = None,
-                 mlflow_run_id: str | None = None, step: int = 0, log_metrics: bool = True) -> dict[str, Any]:  # fmt: skip
+def run_eval_fid(
+    settings: Settings,
+    model: str,
+    coco_uri: str,
+    n: int | None = None,
+    candidates: int | None = None,
+    mlflow_run_id: str | None = None,
+    step: int = 0,
+    log_metrics: bool = True,
+) -> dict[str, Any]:
     """MS-COCO FID / KID (and FID-k) of `model`'s text -> image generation (see wudao/eval/fid.py).
 
     Generated PNGs, the sample grid and the report go to `eval/<mlflow_run_id or fid-<digest>>/fid/` in the platform
@@ -399,9 +480,13 @@ def run_eval_fid(settings: Settings, model: str, coco_uri: str, n: int | None = 
 
     ev = settings.eval
     if not coco_uri.startswith("s3://") and not Path(coco_uri).is_dir():
-        raise StageError(f"MS-COCO folder {coco_uri} does not exist (annotations/captions_<split>.json + <split>/ "
-                         "images; `wudao demo-data OUT` writes one under OUT/coco)")  # fmt: skip
-    weights = fid.resolve_weights(ev.fid_weights_uri, _cache_dir(settings), lambda uri: store_from_settings(settings, uri))
+        raise StageError(
+            f"MS-COCO folder {coco_uri} does not exist (annotations/captions_<split>.json + <split>/ "
+            "images; `wudao demo-data OUT` writes one under OUT/coco)"
+        )
+    weights = fid.resolve_weights(
+        ev.fid_weights_uri, _cache_dir(settings), lambda uri: store_from_settings(settings, uri)
+    )
     store = platform_store(settings)
     coco = store_from_settings(settings, coco_uri) if coco_uri.startswith("s3://") else open_store(coco_uri)
     vq_model = vq.load_current(store)
@@ -415,8 +500,16 @@ def run_eval_fid(settings: Settings, model: str, coco_uri: str, n: int | None = 
 
     def generate(captions: list[str], image_ids: list[int]) -> np.ndarray:
         # The model samples one caption at a time (its candidates as a batch); the VQ decodes the whole batch.
-        codes = [gen.image_codes(c, grid=grid, codebook_size=vq_model.cfg.codebook_size, candidates=k,
-                                 seed=zlib.crc32(f"{ev.fid_seed}:{i}".encode())) for c, i in zip(captions, image_ids)]  # fmt: skip
+        codes = [
+            gen.image_codes(
+                c,
+                grid=grid,
+                codebook_size=vq_model.cfg.codebook_size,
+                candidates=k,
+                seed=zlib.crc32(f"{ev.fid_seed}:{i}".encode()),
+            )
+            for c, i in zip(captions, image_ids)
+        ]
         with torch.no_grad():
             images = vq_model.decode(torch.from_numpy(np.stack(codes))).clamp(0, 1)
         images_NHWC = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
@@ -424,10 +517,19 @@ def run_eval_fid(settings: Settings, model: str, coco_uri: str, n: int | None = 
         drawn[1].extend(images_NHWC)
         return images_NHWC
 
-    cfg = fid.FIDConfig(n=n or ev.fid_n, resolution=ev.fid_resolution or settings.ingest.image_size, real_set=ev.fid_real,
-                        split=ev.fid_split, blur_sigmas=tuple(ev.fid_blur_sigmas), seed=ev.fid_seed,
-                        batch_size=ev.fid_batch_size, max_pixels=settings.ingest.image_max_pixels)  # fmt: skip
-    eval_id = mlflow_run_id or "fid-" + hashlib.sha256(json.dumps([uri, coco_uri, repr(cfg), k]).encode()).hexdigest()[:12]
+    cfg = fid.FIDConfig(
+        n=n or ev.fid_n,
+        resolution=ev.fid_resolution or settings.ingest.image_size,
+        real_set=ev.fid_real,
+        split=ev.fid_split,
+        blur_sigmas=tuple(ev.fid_blur_sigmas),
+        seed=ev.fid_seed,
+        batch_size=ev.fid_batch_size,
+        max_pixels=settings.ingest.image_max_pixels,
+    )
+    eval_id = (
+        mlflow_run_id or "fid-" + hashlib.sha256(json.dumps([uri, coco_uri, repr(cfg), k]).encode()).hexdigest()[:12]
+    )
     report, grid_image = fid.evaluate_fid(coco, store, join_key("eval", eval_id, "fid"), weights, generate, cfg)
     if follows := follows_captions(*drawn, SCENE_PALETTE):  # captions of plain-colour scenes (the demo's) only
         report["follows"] = follows.to_dict()
@@ -436,9 +538,13 @@ def run_eval_fid(settings: Settings, model: str, coco_uri: str, n: int | None = 
         from mlflow.entities import Metric
 
         c = registry.client(settings)
-        values = {"fid": report["fid"], "kid_mean": report["kid_mean"], "kid_std": report["kid_std"],
-                  **{f"fid_blur/{r}": v for r, v in report.get("fid_blur", {}).items()},
-                  **{f"follows/{name}": v for name, v in report.get("follows", {}).items()}}  # fmt: skip
+        values = {
+            "fid": report["fid"],
+            "kid_mean": report["kid_mean"],
+            "kid_std": report["kid_std"],
+            **{f"fid_blur/{r}": v for r, v in report.get("fid_blur", {}).items()},
+            **{f"follows/{name}": v for name, v in report.get("follows", {}).items()},
+        }
         now = int(time.time() * 1000)
         if log_metrics:
             c.log_batch(mlflow_run_id, metrics=[Metric(name, float(v), now, step) for name, v in values.items()])

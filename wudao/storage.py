@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
 from wudao.errors import WudaoError
 
 MANIFEST = "manifest.json"
@@ -122,7 +123,9 @@ class ObjectStore(ABC):
         try:
             recorded = self._download(validate_key(key), tmp)
             if recorded is not None and sha256_file(tmp) != recorded:
-                raise ChecksumError(f"checksum mismatch reading {self.url(key)}: the object changed after it was written")
+                raise ChecksumError(
+                    f"checksum mismatch reading {self.url(key)}: the object changed after it was written"
+                )
             tmp.replace(dest)
         finally:
             tmp.unlink(missing_ok=True)
@@ -333,12 +336,23 @@ class S3Store(ObjectStore):
             aws_secret_access_key=secret_access_key,
             region_name=region,
             # "standard" retry mode: exponential backoff with jitter on throttling and transient errors.
-            config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=5, read_timeout=60),
+            config=Config(
+                retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=5, read_timeout=60
+            ),
         )
-        self.transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=max(multipart_threshold, 5 * 1024 * 1024))
+        self.transfer = TransferConfig(
+            multipart_threshold=multipart_threshold, multipart_chunksize=max(multipart_threshold, 5 * 1024 * 1024)
+        )
         # What rebuilds this store in another process (ingest workers): a boto3 client itself cannot be pickled.
-        self._init_args = {"uri": uri, "endpoint_url": endpoint_url, "access_key_id": access_key_id, "secret_access_key": secret_access_key,
-                           "region": region, "multipart_threshold": multipart_threshold, "max_attempts": max_attempts}  # fmt: skip
+        self._init_args = {
+            "uri": uri,
+            "endpoint_url": endpoint_url,
+            "access_key_id": access_key_id,
+            "secret_access_key": secret_access_key,
+            "region": region,
+            "multipart_threshold": multipart_threshold,
+            "max_attempts": max_attempts,
+        }
 
     def __getstate__(self) -> dict:
         return self._init_args
@@ -367,7 +381,9 @@ class S3Store(ObjectStore):
                     f"S3 refused the credentials ({code}) for {what}: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
                 ) from e
             if code in ("NoSuchBucket",):
-                raise StorageError(f"bucket {self.bucket} does not exist ({what}): run `wudao stack up` or create it") from e
+                raise StorageError(
+                    f"bucket {self.bucket} does not exist ({what}): run `wudao stack up` or create it"
+                ) from e
             if code in ("NoSuchKey", "404", "NotFound"):
                 raise StorageError(f"no object {what}") from e
             raise StorageError(f"S3 error {code} for {what}: {e}") from e

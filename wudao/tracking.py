@@ -45,9 +45,13 @@ def experiment_id(c: MlflowClient, settings: Settings) -> str:
     try:
         exp = c.get_experiment_by_name(settings.registry.experiment)
     except MlflowException as e:
-        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message.splitlines()[0]}") from e
+        raise TrackingError(
+            f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message.splitlines()[0]}"
+        ) from e
     except Exception as e:  # connection refused and friends surface as requests/urllib3 errors
-        raise TrackingError(f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`") from e
+        raise TrackingError(
+            f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`"
+        ) from e
     if exp is not None:
         if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag existed (or by hand): set it once
             c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
@@ -56,8 +60,9 @@ def experiment_id(c: MlflowClient, settings: Settings) -> str:
     if not settings.mlflow_tracking_uri.startswith("http"):
         # A server-less (SQLite) store would otherwise put artefacts under the current directory.
         artifact_location = (settings.home / "mlflow" / "artifacts").as_uri()
-    return c.create_experiment(settings.registry.experiment, artifact_location=artifact_location,
-                               tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})  # fmt: skip
+    return c.create_experiment(
+        settings.registry.experiment, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
 def run_url(settings: Settings, run_id: str) -> str:
@@ -77,7 +82,9 @@ def _owner_tags(prefect_flow_run_id: str | None) -> dict[str, str]:
     return tags
 
 
-def begin_cycle(settings: Settings, name: str, kind: str = "lifelong-cycle", prefect_flow_run_id: str | None = None) -> str:
+def begin_cycle(
+    settings: Settings, name: str, kind: str = "lifelong-cycle", prefect_flow_run_id: str | None = None
+) -> str:
     """The cycle's parent run, created before training so it shows in the UI while the cycle runs. Its params
     are the resolved config (no secrets)."""
     c = client(settings)
@@ -89,7 +96,9 @@ def begin_cycle(settings: Settings, name: str, kind: str = "lifelong-cycle", pre
     return run_id
 
 
-def begin_stage(settings: Settings, parent_run_id: str | None, stage: str, prefect_flow_run_id: str | None = None) -> str:
+def begin_stage(
+    settings: Settings, parent_run_id: str | None, stage: str, prefect_flow_run_id: str | None = None
+) -> str:
     """A run for one stage, nested under its cycle's run (or a top-level run when the stage runs alone)."""
     if parent_run_id is None:
         return begin_cycle(settings, stage, kind=stage, prefect_flow_run_id=prefect_flow_run_id)
@@ -122,8 +131,11 @@ def fail_dead_runs(settings: Settings) -> list[dict[str, str]]:
         return []
     host = socket.gethostname()
     dead = []
-    runs = c.search_runs([exp.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
-                         max_results=1000)  # fmt: skip
+    runs = c.search_runs(
+        [exp.experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=1000,
+    )
     for run in runs:
         pid = run.data.tags.get(PID_TAG, "")
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
@@ -158,16 +170,30 @@ def slice_inputs(settings: Settings, store, slices: list[str], context: str) -> 
         digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
         source = json.dumps({"uri": f"{settings.storage_uri.rstrip('/')}/slices/{slice_id}/"})
         profile = json.dumps({k: manifest.get(k) for k in ("documents", "tokens", "images") if k in manifest})
-        dataset = Dataset(name=slice_id, digest=digest, source_type="s3" if settings.storage_uri.startswith("s3://") else "local",
-                          source=source, profile=profile)  # fmt: skip
+        dataset = Dataset(
+            name=slice_id,
+            digest=digest,
+            source_type="s3" if settings.storage_uri.startswith("s3://") else "local",
+            source=source,
+            profile=profile,
+        )
         inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
     return inputs
 
 
 def log_ingest(settings: Settings, run_id: str, store, report: IngestResult) -> None:
     """Counts as metrics, the full report (quarantine list included) as an artefact, the new slice as an input."""
-    keys = ("objects_seen", "objects_new", "documents_accepted", "documents_heldout", "duplicates_exact",
-            "duplicates_near", "quarantined", "tokens", "images_accepted")  # fmt: skip
+    keys = (
+        "objects_seen",
+        "objects_new",
+        "documents_accepted",
+        "documents_heldout",
+        "duplicates_exact",
+        "duplicates_near",
+        "quarantined",
+        "tokens",
+        "images_accepted",
+    )
     now = int(time.time() * 1000)
     metrics = [Metric(f"ingest/{k}", float(getattr(report, k)), now, 0) for k in keys]
     metrics += [Metric(f"ingest/quarantine/{r}", float(n), now, 0) for r, n in report.quarantine_reasons.items()]
@@ -182,12 +208,20 @@ def log_ingest(settings: Settings, run_id: str, store, report: IngestResult) -> 
 def log_train(settings: Settings, run_id: str, store, result: TrainResult) -> None:
     """Per-step metrics (loss, loss per objective, aux losses, expert load, grad norm, LR, tokens/s), the run's
     lineage, and the slices it trained on as dataset inputs (context `training`)."""
-    metrics = [Metric("train_loss" if k == "loss" else k, float(v), 0, h["step"])
-               for h in result.history for k, v in h.items() if k != "step" and v is not None]  # fmt: skip
+    metrics = [
+        Metric("train_loss" if k == "loss" else k, float(v), 0, h["step"])
+        for h in result.history
+        for k, v in h.items()
+        if k != "step" and v is not None
+    ]
     if result.mfu is not None:
         metrics.append(Metric("mfu", result.mfu, 0, result.steps))
-    tags = {"wudao.train_run_id": result.run_id, "wudao.checkpoint_uri": result.checkpoint_uri,
-            "wudao.resumed_from": str(result.resumed_from), "wudao.tokenizer_version": result.tokenizer_version}  # fmt: skip
+    tags = {
+        "wudao.train_run_id": result.run_id,
+        "wudao.checkpoint_uri": result.checkpoint_uri,
+        "wudao.resumed_from": str(result.resumed_from),
+        "wudao.tokenizer_version": result.tokenizer_version,
+    }
     log_metrics(settings, run_id, metrics, tags)
     client(settings).log_inputs(run_id, datasets=slice_inputs(settings, store, result.slice_ids, "training"))
 
@@ -213,11 +247,18 @@ def evaluation_metrics(evaluation: Evaluation) -> list[Metric]:
         metrics += [Metric(f"kg/p_at_1/{sl}", v["p_at_1"], 0, 0) for sl, v in kg.by_slice.items()]
         if (chance := kg_chance(kg)) is not None:
             metrics.append(Metric("kg/chance", chance, 0, 0))
-        metrics += [Metric(f"kg/claims/{k}", kg.claims[k], 0, 0) for k in ("supported_rate", "contradicted_rate", "unverifiable_rate")]
+        metrics += [
+            Metric(f"kg/claims/{k}", kg.claims[k], 0, 0)
+            for k in ("supported_rate", "contradicted_rate", "unverifiable_rate")
+        ]
     if evaluation.kg_parent:
         metrics.append(Metric("parent/kg/p_at_1", evaluation.kg_parent.p_at_1, 0, 0))
     if fid := evaluation.fid:
-        metrics += [Metric(k, float(v), 0, 0) for k, v in (("fid", fid.fid), ("kid_mean", fid.kid_mean), ("kid_std", fid.kid_std)) if v is not None]
+        metrics += [
+            Metric(k, float(v), 0, 0)
+            for k, v in (("fid", fid.fid), ("kid_mean", fid.kid_mean), ("kid_std", fid.kid_std))
+            if v is not None
+        ]
         metrics += [Metric(f"fid_blur/{k}", float(v), 0, 0) for k, v in fid.fid_blur.items()]
         metrics += [Metric(f"follows/{k}", float(v), 0, 0) for k, v in (fid.follows or {}).items()]
     return metrics
@@ -233,8 +274,12 @@ def log_evaluation(settings: Settings, run_id: str, evaluation: Evaluation | dic
     log_metrics(settings, run_id, evaluation_metrics(evaluation), kg_tags)
     c = client(settings)
     candidate, parent = evaluation.candidate, evaluation.parent or {}
-    log_table_once(c, run_id, {"slice": list(candidate), "candidate": list(candidate.values()),
-                               "parent": [parent.get(s) for s in candidate]}, "eval/forgetting.json")  # fmt: skip
+    log_table_once(
+        c,
+        run_id,
+        {"slice": list(candidate), "candidate": list(candidate.values()), "parent": [parent.get(s) for s in candidate]},
+        "eval/forgetting.json",
+    )
     summary = evaluation.to_dict()
     if kg := summary.pop("kg", None):
         c.log_dict(run_id, kg.pop("per_fact", None) or [], "eval/kg_per_fact.json")

@@ -31,7 +31,9 @@ _ZH_BOILERPLATE = re.compile(
     r"|扫一扫|关注我们|ICP备|公网安备|网站地图|设为首页|加入收藏|责任编辑",
     re.IGNORECASE,
 )
-_EN_STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with", "is", "in", "a", "it", "for", "on", "are", "as"))
+_EN_STOP_WORDS = frozenset(
+    ("the", "be", "to", "of", "and", "that", "have", "with", "is", "in", "a", "it", "for", "on", "are", "as")
+)
 
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
 _CN_ID = re.compile(r"(?<!\d)\d{6}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx](?![\dXx])")
@@ -81,6 +83,8 @@ def _plainly_english(text: str) -> bool:
         return False
     words = text.lower().split()
     return len(words) >= 20 and sum(map(_ENGLISH_ONLY_WORDS.__contains__, words)) >= 0.12 * len(words)
+
+
 _ALPHA_TOKEN = re.compile(r"\S*[^\W\d_]\S*")
 
 
@@ -123,8 +127,18 @@ class Cleaner:
         from lingua import Language, LanguageDetectorBuilder
 
         # A small set of likely languages keeps detection fast and accurate; anything else is tagged "other".
-        languages = [Language.ENGLISH, Language.CHINESE, Language.JAPANESE, Language.KOREAN, Language.FRENCH,
-                     Language.GERMAN, Language.SPANISH, Language.RUSSIAN, Language.PORTUGUESE, Language.ITALIAN]  # fmt: skip
+        languages = [
+            Language.ENGLISH,
+            Language.CHINESE,
+            Language.JAPANESE,
+            Language.KOREAN,
+            Language.FRENCH,
+            Language.GERMAN,
+            Language.SPANISH,
+            Language.RUSSIAN,
+            Language.PORTUGUESE,
+            Language.ITALIAN,
+        ]
         return LanguageDetectorBuilder.from_languages(*languages).with_preloaded_language_models().build()
 
     @cached_property
@@ -143,7 +157,9 @@ class Cleaner:
         todo = [i for i, lang in enumerate(out) if not lang]
         if todo:
             # The first 500 characters settle the language of a document; more only costs time.
-            all_confidences = self._detector.compute_language_confidence_values_in_parallel([texts[i][:500] for i in todo])
+            all_confidences = self._detector.compute_language_confidence_values_in_parallel(
+                [texts[i][:500] for i in todo]
+            )
             for i, confidences in zip(todo, all_confidences):
                 # Short English full of proper names ("Liechtenstein uses the Swiss Franc") can score slightly
                 # higher for another language; a fair English confidence suffices when only zh and en are kept.
@@ -227,7 +243,10 @@ class Cleaner:
         if (text.count("#") + text.count("...") + text.count("…")) / len(tokens) > c.en_max_symbol_word_ratio:
             return "en_symbols"
         lines = [line for line in text.split("\n") if line.strip()]
-        if sum(1 for line in lines if line.rstrip().endswith((".", "!", "?", '"', "'"))) / len(lines) < c.en_min_terminal_punct_lines:
+        if (
+            sum(1 for line in lines if line.rstrip().endswith((".", "!", "?", '"', "'"))) / len(lines)
+            < c.en_min_terminal_punct_lines
+        ):
             return "en_terminal_punctuation"
         return self._repetition(lowered, c.max_top_ngram_fraction)
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import re
 import zlib
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from itertools import chain, islice
 
 import numpy as np
@@ -41,8 +41,10 @@ class MinHasher:
     """
 
     SCHEME = "affine32"
-    _MULTIPLIERS = np.array([0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646C, 0xFD7046C5, 0xB55A4F09],
-                            dtype=np.uint64)  # fmt: skip
+    _MULTIPLIERS = np.array(
+        [0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xD3A2646C, 0xFD7046C5, 0xB55A4F09],
+        dtype=np.uint64,
+    )
 
     def __init__(self, bands: int, rows: int, ngram_en: int, ngram_zh: int, seed: int = 1):
         from datasketch import MinHash
@@ -91,7 +93,9 @@ class MinHasher:
             pools.append(self._grams(ids, n))
             base += len(pools[-1])
         for d in np.flatnonzero(counts <= 0).tolist():  # shorter than n: one gram of every unit (or 0 for none)
-            pools.append(self._grams(ids[starts[d] : starts[d] + lens[d]], lens[d]) if lens[d] else np.zeros(1, dtype=np.uint64))
+            pools.append(
+                self._grams(ids[starts[d] : starts[d] + lens[d]], lens[d]) if lens[d] else np.zeros(1, dtype=np.uint64)
+            )
             pool_start[d], counts[d] = base, 1
             base += 1
         first = np.cumsum(counts) - counts
@@ -209,8 +213,12 @@ class DedupIndex:
             return
         with self.catalog.session() as s:
             conn = s.connection()
-            _insert_rows(conn, Document.__table__, ("hash", "slice_id", "lang"),
-                         ((h, self.slice_id, self._docs[h]) for h in sorted(self._docs)))  # fmt: skip
+            _insert_rows(
+                conn,
+                Document.__table__,
+                ("hash", "slice_id", "lang"),
+                ((h, self.slice_id, self._docs[h]) for h in sorted(self._docs)),
+            )
             keys = chain.from_iterable(self._keys[i : i + 50_000].tolist() for i in range(0, len(self._keys), 50_000))
             _insert_rows(conn, MinhashBand.__table__, ("band_key", "slice_id"), ((k, self.slice_id) for k in keys))
         self._keys = np.zeros(0, dtype=np.int64)

@@ -27,9 +27,13 @@ TEMPLATES: dict[tuple[str, str], list[str]] = {
     ("capital", "zh"): ["[X]的首都是[Y]。", "[Y]是[X]的首都。", "[X]的首都为[Y]。"],
     ("continent", "en"): ["[X] is a country in [Y].", "[X] is located in [Y].", "[X] lies on the continent of [Y]."],
     ("continent", "zh"): ["[X]是位于[Y]的国家。", "[X]位于[Y]。", "[X]地处[Y]。"],
-    ("currency", "en"): ["The currency of [X] is the [Y].", "In [X], people pay with the [Y].", "[X] uses the [Y] as its currency."],
+    ("currency", "en"): [
+        "The currency of [X] is the [Y].",
+        "In [X], people pay with the [Y].",
+        "[X] uses the [Y] as its currency.",
+    ],
     ("currency", "zh"): ["[X]的货币是[Y]。", "[X]使用的货币为[Y]。", "在[X]，人们用[Y]付款。"],
-}  # fmt: skip
+}
 
 _HAN_ONLY = re.compile(r"^[\u4e00-\u9fff]{1,12}$")
 
@@ -124,11 +128,20 @@ def write_kg(kg_dir: Path, facts: list[Fact]) -> int:
 
 def build_kg(out: Path) -> dict:
     """`wudao kg build`: every country fact (capital, continent, currency) in English and Chinese."""
-    facts = [Fact(info["name"], r, info[r], lang, 0) for _, langs in sorted(country_facts().items())
-             for lang, info in langs.items() for r in ("capital", "continent", "currency") if r in info]  # fmt: skip
+    facts = [
+        Fact(info["name"], r, info[r], lang, 0)
+        for _, langs in sorted(country_facts().items())
+        for lang, info in langs.items()
+        for r in ("capital", "continent", "currency")
+        if r in info
+    ]
     n = write_kg(out, facts)
-    return {"out": str(out), "facts": n, "relations": sorted({f.relation for f in facts}),
-            "languages": sorted({f.lang for f in facts})}  # fmt: skip
+    return {
+        "out": str(out),
+        "facts": n,
+        "relations": sorted({f.relation for f in facts}),
+        "languages": sorted({f.lang for f in facts}),
+    }
 
 
 TASK_TEMPLATES = {"en": "Which continent is [X] in? [MASK]", "zh": "[X]在哪个大洲？[MASK]"}
@@ -152,8 +165,15 @@ uses; a model that learned the facts from the corpus answers it only as well as 
 """
 
 
-def write_task(out: Path, countries: dict[str, dict[str, dict[str, str]]], isos: list[str], *, seed: int = 0,
-               dev_fraction: float = 0.4, name: str = "continent") -> dict:  # fmt: skip
+def write_task(
+    out: Path,
+    countries: dict[str, dict[str, dict[str, str]]],
+    isos: list[str],
+    *,
+    seed: int = 0,
+    dev_fraction: float = 0.4,
+    name: str = "continent",
+) -> dict:
     """A cloze task for `wudao tune` under `out/<name>/`: "Which continent is [X] in?" for the countries `isos`,
     in each language they have; train/dev split by country, stratified by continent."""
     by_continent: dict[str, list[str]] = {}
@@ -172,7 +192,8 @@ def write_task(out: Path, countries: dict[str, dict[str, dict[str, str]]], isos:
             if "continent" in info:
                 text = TASK_TEMPLATES[lang].replace("[X]", info["name"])
                 rows["dev" if iso in dev_isos else "train"].append(
-                    {"text": text, "label": info["continent"], "lang": lang, "subject": info["name"], "iso": iso})
+                    {"text": text, "label": info["continent"], "lang": lang, "subject": info["name"], "iso": iso}
+                )
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     for split, items in rows.items():
@@ -185,11 +206,26 @@ def write_task(out: Path, countries: dict[str, dict[str, dict[str, str]]], isos:
         top[lang] = max(labels, key=labels.count)
     majority = sum(top.get(r["lang"]) == r["label"] for r in rows["dev"]) / max(1, len(rows["dev"]))
     n_labels = max(len({r["label"] for r in rows["train"] if r["lang"] == lang}) for lang in top)
-    (folder / "README.md").write_text(_TASK_README.format(
-        name=name, n_labels=n_labels, seed=seed, train=len(rows["train"]), dev=len(rows["dev"]), majority=majority,
-        train_countries=len({r["iso"] for r in rows["train"]}), dev_countries=len(dev_isos)), encoding="utf-8")
-    return {"task_dir": str(folder), "train": len(rows["train"]), "dev": len(rows["dev"]), "labels": n_labels,
-            "majority_accuracy": round(majority, 3)}  # fmt: skip
+    (folder / "README.md").write_text(
+        _TASK_README.format(
+            name=name,
+            n_labels=n_labels,
+            seed=seed,
+            train=len(rows["train"]),
+            dev=len(rows["dev"]),
+            majority=majority,
+            train_countries=len({r["iso"] for r in rows["train"]}),
+            dev_countries=len(dev_isos),
+        ),
+        encoding="utf-8",
+    )
+    return {
+        "task_dir": str(folder),
+        "train": len(rows["train"]),
+        "dev": len(rows["dev"]),
+        "labels": n_labels,
+        "majority_accuracy": round(majority, 3),
+    }
 
 
 def _render(sentences: list[str], lang: str) -> str:
@@ -200,8 +236,9 @@ def _fill(template: str, subject: str, obj: str) -> str:
     return template.replace("[X]", subject).replace("[Y]", obj)
 
 
-def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: int = 3, images: int = 48,
-               train_scenes: int = 0) -> dict:  # fmt: skip
+def write_demo(
+    out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: int = 3, images: int = 48, train_scenes: int = 0
+) -> dict:
     """Write the demo corpus, KG and captioned images under `out`; returns a summary. (`wudao demo-data` adds the
     TEST-ONLY random Inception weights the demo's offline FID uses: `wudao.eval.fid.write_random_inception_weights`.)"""
     if slices < 1:
@@ -263,9 +300,13 @@ def write_demo(out: Path, *, slices: int = 3, seed: int = 0, docs_per_fact_set: 
 
 
 _COLORS = {
-    "red": ("红色", (220, 40, 40)), "green": ("绿色", (40, 170, 60)), "blue": ("蓝色", (40, 80, 220)),
-    "yellow": ("黄色", (240, 210, 40)), "white": ("白色", (245, 245, 245)), "black": ("黑色", (20, 20, 20)),
-}  # fmt: skip
+    "red": ("红色", (220, 40, 40)),
+    "green": ("绿色", (40, 170, 60)),
+    "blue": ("蓝色", (40, 80, 220)),
+    "yellow": ("黄色", (240, 210, 40)),
+    "white": ("白色", (245, 245, 245)),
+    "black": ("黑色", (20, 20, 20)),
+}
 _SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
 SCENE_PALETTE = {name: ((name, zh), rgb) for name, (zh, rgb) in _COLORS.items()}
 """The scenes' colours as `wudao.eval.follows` reads them: name -> (caption names en + zh, RGB)."""
@@ -299,7 +340,13 @@ def write_scenes(coco_dir: Path, *, n: int, seed: int, split: str = "val2017", s
         img.save(img_dir / name)
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
         annotations.append({"id": 2 * i + 1, "image_id": i + 1, "caption": f"a {fg} {shape} on a {bg} background"})
-        annotations.append({"id": 2 * i + 2, "image_id": i + 1, "caption": f"{_COLORS[bg][0]}背景上的一个{_COLORS[fg][0]}{_SHAPES[shape]}"})
+        annotations.append(
+            {
+                "id": 2 * i + 2,
+                "image_id": i + 1,
+                "caption": f"{_COLORS[bg][0]}背景上的一个{_COLORS[fg][0]}{_SHAPES[shape]}",
+            }
+        )
     captions = {"info": {"description": "WuDao demo scenes"}, "images": images, "annotations": annotations}
     (coco_dir / "annotations" / f"captions_{split}.json").write_text(json.dumps(captions, ensure_ascii=False, indent=1))
     return n

@@ -120,16 +120,28 @@ def _coco_items(ann, by_key, is_new, store, rejected, claimed) -> list[WorkItem]
         return []
     images, captions = index.files, index.captions
     if ann_new:
-        rejected += [Rejected(ann.key, _record(image_id), Reason.INVALID_UNICODE,
-                              f"caption of image {image_id!r} holds a lone surrogate escape"[:200])
-                     for image_id in index.unencodable]  # fmt: skip
+        rejected += [
+            Rejected(
+                ann.key,
+                _record(image_id),
+                Reason.INVALID_UNICODE,
+                f"caption of image {image_id!r} holds a lone surrogate escape"[:200],
+            )
+            for image_id in index.unencodable
+        ]
     items = []
     # Ids of mixed types (1 and "1") cannot be compared: order by type name, then value, which is stable.
     for image_id, file_name in sorted(images.items(), key=lambda kv: (type(kv[0]).__name__, str(kv[0]))):
         if not isinstance(file_name, str) or not encodable(file_name):
             if ann_new:
-                rejected.append(Rejected(ann.key, _record(image_id), Reason.MALFORMED_JSON,
-                                         f"image {image_id!r}: file_name {file_name!r} is not a string"[:200]))  # fmt: skip
+                rejected.append(
+                    Rejected(
+                        ann.key,
+                        _record(image_id),
+                        Reason.MALFORMED_JSON,
+                        f"image {image_id!r}: file_name {file_name!r} is not a string"[:200],
+                    )
+                )
             continue
         key = posixpath.join(root, split, file_name) if root else posixpath.join(split, file_name)
         claimed.add(key)

@@ -25,8 +25,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from wudao.model.objective import GLMObjective, Kind
 from wudao.data.tokenizer import BASE, BOI, CLS, EOI, EOP, EOS, GMASK, MASK, PAD, ROI, SMASK, SOP
+from wudao.model.objective import GLMObjective, Kind
 
 Span = tuple[int, int]  # [start, end) in the source row
 
@@ -59,8 +59,20 @@ class SpecialIds:
     @classmethod
     def from_tokenizer(cls, tok) -> SpecialIds:
         """From anything with `token_to_id(str) -> int | None` (a `tokenizers.Tokenizer`)."""
-        names = dict(pad=PAD, eos=EOS, cls=CLS, mask=MASK, smask=SMASK, gmask=GMASK, sop=SOP, eop=EOP,
-                     boi=BOI, eoi=EOI, roi=ROI, base=BASE)  # fmt: skip
+        names = dict(
+            pad=PAD,
+            eos=EOS,
+            cls=CLS,
+            mask=MASK,
+            smask=SMASK,
+            gmask=GMASK,
+            sop=SOP,
+            eop=EOP,
+            boi=BOI,
+            eoi=EOI,
+            roi=ROI,
+            base=BASE,
+        )
         ids = {k: tok.token_to_id(v) for k, v in names.items()}
         if None in ids.values():
             raise ValueError(f"tokenizer lacks special tokens {[names[k] for k, v in ids.items() if v is None]}")
@@ -137,8 +149,15 @@ class GLMBatch:
     kind: Kind
 
     def tensors(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        names = ("input_ids_BT", "position_ids_BT", "block_position_ids_BT", "target_ids_BT", "loss_mask_BT", "sep_B",
-                 "real_BT")  # fmt: skip
+        names = (
+            "input_ids_BT",
+            "position_ids_BT",
+            "block_position_ids_BT",
+            "target_ids_BT",
+            "loss_mask_BT",
+            "sep_B",
+            "real_BT",
+        )
         return {n: torch.from_numpy(getattr(self, n)).to(device) for n in names}
 
 
@@ -175,8 +194,9 @@ def token_spans(n: int, bounds: list[Span], rng: np.random.Generator, obj: GLMOb
     return sorted(spans)
 
 
-def sentence_spans(tokens: np.ndarray, bounds: list[Span], rng: np.random.Generator, obj: GLMObjective,
-                   end_ids: Iterable[int]) -> list[Span]:  # fmt: skip
+def sentence_spans(
+    tokens: np.ndarray, bounds: list[Span], rng: np.random.Generator, obj: GLMObjective, end_ids: Iterable[int]
+) -> list[Span]:
     """Whole sentences (ending in a token of `end_ids`, or at the document end) in random order until ≥ ratio."""
     is_end = np.isin(tokens, np.fromiter(end_ids, dtype=np.int64))
     sentences = []
@@ -202,8 +222,9 @@ def document_spans(bounds: list[Span], rng: np.random.Generator, obj: GLMObjecti
     return spans
 
 
-def glm_sample(tokens: np.ndarray, spans: Sequence[Span], mask_id: int, ids: SpecialIds, seq_len: int,
-               rng: np.random.Generator) -> dict[str, np.ndarray]:  # fmt: skip
+def glm_sample(
+    tokens: np.ndarray, spans: Sequence[Span], mask_id: int, ids: SpecialIds, seq_len: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Part A + shuffled Part B for sorted, non-overlapping `spans`, padded to `seq_len` (one row of GLMBatch).
 
     The result has len(tokens) + 2·len(spans) tokens (a mask in Part A and a [sop] in Part B per span); spans
@@ -239,9 +260,15 @@ def glm_sample(tokens: np.ndarray, spans: Sequence[Span], mask_id: int, ids: Spe
         row["block"][at : at + n] = np.arange(1, n + 1)
         loss[at : at + n] = True
         at += n
-    return {"input_ids_BT": row["input"], "position_ids_BT": row["position"], "block_position_ids_BT": row["block"],
-            "target_ids_BT": row["target"], "loss_mask_BT": loss, "sep_B": np.int64(sep),
-            "real_BT": row["input"] != ids.pad}  # fmt: skip
+    return {
+        "input_ids_BT": row["input"],
+        "position_ids_BT": row["position"],
+        "block_position_ids_BT": row["block"],
+        "target_ids_BT": row["target"],
+        "loss_mask_BT": loss,
+        "sep_B": np.int64(sep),
+        "real_BT": row["input"] != ids.pad,
+    }
 
 
 def choose_spans(

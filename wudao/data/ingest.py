@@ -30,9 +30,9 @@ from wudao.data.formats import WorkItem, encodable, plan, printable_key
 from wudao.data.quarantine import Reason, Rejected
 from wudao.data.read import Part, read_batch, read_parts
 from wudao.data.slice_builder import SliceBuilder
-from wudao.storage import LocalStore, ObjectStore, StorageError
 from wudao.errors import WudaoError
 from wudao.results import IngestResult
+from wudao.storage import LocalStore, ObjectStore, StorageError
 
 SLICE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,47}$")
 INGEST_LOCK = "ingest"
@@ -74,7 +74,9 @@ def prepare(source: str, *, source_store: ObjectStore, catalog: Catalog, slice_n
     """Register the source, list it, and plan the work items of new or changed objects."""
     source_uri = canonical_source(source)
     if slice_name is not None and not SLICE_NAME.match(slice_name):
-        raise IngestError(f"invalid slice name {slice_name!r}: use 1-48 of a-z 0-9 . _ - (starting with a letter or digit)")
+        raise IngestError(
+            f"invalid slice name {slice_name!r}: use 1-48 of a-z 0-9 . _ - (starting with a letter or digit)"
+        )
     try:  # first: a source that cannot be listed leaves no trace in the catalog
         listing = sorted(source_store.list(), key=lambda o: o.key)
     except StorageError as e:
@@ -88,7 +90,10 @@ def prepare(source: str, *, source_store: ObjectStore, catalog: Catalog, slice_n
             s.add(src)
             s.flush()
         source_id = src.id
-        seen = {(k, e) for k, e in s.execute(select(SeenObject.key, SeenObject.etag).where(SeenObject.source_id == source_id))}
+        seen = {
+            (k, e)
+            for k, e in s.execute(select(SeenObject.key, SeenObject.etag).where(SeenObject.source_id == source_id))
+        }
         tokenizer_row = s.scalars(select(Tokenizer).order_by(Tokenizer.created_at)).first()
         seq = (s.scalar(select(func.max(Slice.seq))) or 0) + 1
     skipped = list(source_store.skipped()) if isinstance(source_store, LocalStore) else []
@@ -104,12 +109,18 @@ def prepare(source: str, *, source_store: ObjectStore, catalog: Catalog, slice_n
     for obj, reason in skipped:  # dot-files and links: recorded as seen with their reason, like unsupported types
         if encodable(obj.key) and is_new(obj):
             reason = Reason(reason)  # the store names why it skipped it with a reason's value
-            rejected.append(Rejected(obj.key, None, reason, "links are never followed" if reason == Reason.SKIPPED_LINK else "a dot-file"))
+            rejected.append(
+                Rejected(
+                    obj.key, None, reason, "links are never followed" if reason == Reason.SKIPPED_LINK else "a dot-file"
+                )
+            )
             items.append(WorkItem("unsupported", obj.key, [obj]))
     report.objects_new = len({o.key for item in items for o in item.objects if is_new(o)})
     report.quarantined = len(rejected)
     report.quarantine_reasons = dict(sorted(Counter(q.reason for q in rejected).items()))
-    return IngestPlan(source_uri, source_id, slice_name or f"slice-{seq:05d}", seq, tokenizer_row, items, rejected, report)
+    return IngestPlan(
+        source_uri, source_id, slice_name or f"slice-{seq:05d}", seq, tokenizer_row, items, rejected, report
+    )
 
 
 def batches(items: list[WorkItem], max_objects: int, max_bytes: int) -> list[list[WorkItem]]:
@@ -134,8 +145,16 @@ def builder_for(p: IngestPlan, *, store: ObjectStore, catalog: Catalog, settings
     prefix (no manifest, so never visible) is removed first, so the new slice holds only its own shards."""
     if store.read_manifest(f"slices/{p.slice_id}") is None:
         store.delete_prefix(f"slices/{p.slice_id}/")
-    builder = SliceBuilder(store=store, catalog=catalog, settings=settings, source_id=p.source_id, slice_id=p.slice_id,
-                           seq=p.seq, tokenizer_row=p.tokenizer_row, report=p.report)  # fmt: skip
+    builder = SliceBuilder(
+        store=store,
+        catalog=catalog,
+        settings=settings,
+        source_id=p.source_id,
+        slice_id=p.slice_id,
+        seq=p.seq,
+        tokenizer_row=p.tokenizer_row,
+        report=p.report,
+    )
     builder.rejected.extend(p.planning_rejects)
     return builder
 
@@ -189,8 +208,12 @@ def ingest(
         return builder.commit()
 
 
-def reduce_in_order(work: list[list[WorkItem]], builder: SliceBuilder, readers: Readers,
-                    progress: Callable[[int, int], None] | None = None) -> None:  # fmt: skip
+def reduce_in_order(
+    work: list[list[WorkItem]],
+    builder: SliceBuilder,
+    readers: Readers,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     """The one reduce of every ingest: batches go out ahead in a bounded window (memory does not grow with the
     source) and their parts are added in listing order. A batch is submitted with the tokenizer known at that
     moment; before the first slice has one, its documents come back as text and are tokenized here instead."""
@@ -218,8 +241,10 @@ def reduce_in_order(work: list[list[WorkItem]], builder: SliceBuilder, readers: 
         while pending:
             reduce_oldest()
     except BrokenProcessPool as e:
-        raise IngestError("an ingest worker process died: out of memory (lower ingest.workers or ingest.batch_bytes), or a "
-                          "Python script started the ingest outside `if __name__ == '__main__':` (or set ingest.workers=1)") from e  # fmt: skip
+        raise IngestError(
+            "an ingest worker process died: out of memory (lower ingest.workers or ingest.batch_bytes), or a "
+            "Python script started the ingest outside `if __name__ == '__main__':` (or set ingest.workers=1)"
+        ) from e
 
 
 class _Lazy:
@@ -241,7 +266,9 @@ def _default_readers(source_store: ObjectStore, settings: IngestSettings, n_batc
     # spawn, not fork: the parent may hold threads (tokenizers, lingua) that a forked child would inherit broken.
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_core_each)
     try:
-        yield Readers(lambda batch, tok: pool.submit(read_batch, batch, source_store, settings, tok), window=2 * workers)
+        yield Readers(
+            lambda batch, tok: pool.submit(read_batch, batch, source_store, settings, tok), window=2 * workers
+        )
     finally:
         # Every result is in (or the ingest failed): the workers' exit (freeing their language models takes a second
         # or two) need not hold up the commit; the interpreter still joins them before it exits.

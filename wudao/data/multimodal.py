@@ -16,11 +16,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from wudao.data.glm import GLMBatch, SpecialIds, Span, glm_sample, stack_rows
+from wudao.data.glm import GLMBatch, Span, SpecialIds, glm_sample, stack_rows
 
 
-def cogview_layout(caption: Sequence[int], codes: np.ndarray, ids: SpecialIds, code_offset: int,
-                   image_first: bool = False) -> tuple[np.ndarray, Span]:  # fmt: skip
+def cogview_layout(
+    caption: Sequence[int], codes: np.ndarray, ids: SpecialIds, code_offset: int, image_first: bool = False
+) -> tuple[np.ndarray, Span]:
     """Tokens of one pair and the span to generate (the codes for text->image, the caption for image->text)."""
     cap = np.asarray(caption, dtype=np.int64)
     img = np.asarray(codes, dtype=np.int64).reshape(-1) + code_offset
@@ -36,8 +37,14 @@ def blank_out(tokens: np.ndarray, span: Span, mask_id: int) -> list[int]:
     return [*tokens[: span[0]].tolist(), mask_id, *tokens[span[1] :].tolist()]
 
 
-def cogview_prompt(ids: SpecialIds, code_offset: int, *, caption: Sequence[int] = (), codes: np.ndarray | None = None,
-                   image_first: bool = False) -> list[int]:  # fmt: skip
+def cogview_prompt(
+    ids: SpecialIds,
+    code_offset: int,
+    *,
+    caption: Sequence[int] = (),
+    codes: np.ndarray | None = None,
+    image_first: bool = False,
+) -> list[int]:
     """Text->image prompt from a caption, or image->text prompt from codes (reranking), with its [gMASK]."""
     placeholder = np.zeros(1, dtype=np.int64)
     if image_first:
@@ -49,8 +56,14 @@ def cogview_prompt(ids: SpecialIds, code_offset: int, *, caption: Sequence[int] 
     return blank_out(tokens, span, ids.gmask)
 
 
-def cogview_batch(pairs: Sequence[tuple[Sequence[int], np.ndarray]], ids: SpecialIds, code_offset: int,
-                  seq_len: int, rng: np.random.Generator, image_first: bool = False) -> GLMBatch:  # fmt: skip
+def cogview_batch(
+    pairs: Sequence[tuple[Sequence[int], np.ndarray]],
+    ids: SpecialIds,
+    code_offset: int,
+    seq_len: int,
+    rng: np.random.Generator,
+    image_first: bool = False,
+) -> GLMBatch:
     """A document-level ([gMASK]) GLM batch of (caption ids, codes) pairs."""
     rows = []
     for caption, codes in pairs:

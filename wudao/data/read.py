@@ -75,19 +75,31 @@ class Part:
     low_quality_rules: Counter = field(default_factory=Counter)
 
 
-def read_batch(items: list[WorkItem], source_store: ObjectStore, settings: IngestSettings, tokenizer_json: str | None = None,
-               chunk_records: int = CHUNK_RECORDS) -> list[Part]:  # fmt: skip
+def read_batch(
+    items: list[WorkItem],
+    source_store: ObjectStore,
+    settings: IngestSettings,
+    tokenizer_json: str | None = None,
+    chunk_records: int = CHUNK_RECORDS,
+) -> list[Part]:
     """A whole batch's parts: what a worker process or a Prefect task returns (memory bounded by the batch)."""
     return list(read_parts(items, source_store, settings, tokenizer_json, chunk_records))
 
 
-def read_parts(items: list[WorkItem], source_store: ObjectStore, settings: IngestSettings, tokenizer_json: str | None = None,
-               chunk_records: int = CHUNK_RECORDS) -> Iterator[Part]:  # fmt: skip
+def read_parts(
+    items: list[WorkItem],
+    source_store: ObjectStore,
+    settings: IngestSettings,
+    tokenizer_json: str | None = None,
+    chunk_records: int = CHUNK_RECORDS,
+) -> Iterator[Part]:
     """A batch's parts one at a time, so a consumer that reduces as it goes holds one part however large the objects
     are. The parts (their boundaries included) depend only on the items and settings, never on where they are
     read: that is what makes one worker and many give the same slice."""
     cleaner = Cleaner.shared(settings.clean)
-    hasher = MinHasher(settings.minhash_bands, settings.minhash_rows, settings.minhash_ngram_en, settings.minhash_ngram_zh)
+    hasher = MinHasher(
+        settings.minhash_bands, settings.minhash_rows, settings.minhash_ngram_en, settings.minhash_ngram_zh
+    )
     tok = _tokenizer(tokenizer_json) if tokenizer_json else None
     out = Part()
     records: list[TextRecord] = []

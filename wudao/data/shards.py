@@ -48,7 +48,14 @@ class TokenShardWriter:
     shard as soon as it holds `max_tokens`; `written` describes the uploaded shards for the slice manifest."""
 
     def __init__(self, store: ObjectStore, prefix: str, split: str, dtype: np.dtype, max_tokens: int, tmp: Path):
-        self.store, self.prefix, self.split, self.dtype, self.max_tokens, self.tmp = store, prefix, split, dtype, max_tokens, tmp
+        self.store, self.prefix, self.split, self.dtype, self.max_tokens, self.tmp = (
+            store,
+            prefix,
+            split,
+            dtype,
+            max_tokens,
+            tmp,
+        )
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
         self.written: list[dict] = []
@@ -67,7 +74,9 @@ class TokenShardWriter:
         for path in (files.bin_path, files.idx_path):
             self.store.put_file(join_key(self.prefix, path.name), path)
         sha = hashlib.sha256(files.bin_path.read_bytes()).hexdigest()
-        self.written.append({"split": self.split, "name": name, "tokens": files.n_tokens, "documents": files.n_documents, "sha256": sha})
+        self.written.append(
+            {"split": self.split, "name": name, "tokens": files.n_tokens, "documents": files.n_documents, "sha256": sha}
+        )
         files.bin_path.unlink()
         files.idx_path.unlink()
         self.pending, self.pending_tokens = [], 0

@@ -36,8 +36,18 @@ def is_heldout(doc_hash: str, fraction: float) -> bool:
 class SliceBuilder:
     """The reduce side of one ingest; feed parts in listing order with `add`, then `commit`."""
 
-    def __init__(self, *, store: ObjectStore, catalog: Catalog, settings: IngestSettings, source_id: int,
-                 slice_id: str, seq: int, tokenizer_row: Tokenizer | None, report: IngestResult):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        store: ObjectStore,
+        catalog: Catalog,
+        settings: IngestSettings,
+        source_id: int,
+        slice_id: str,
+        seq: int,
+        tokenizer_row: Tokenizer | None,
+        report: IngestResult,
+    ):
         self.store, self.catalog, self.settings = store, catalog, settings
         self.source_id, self.slice_id, self.seq = source_id, slice_id, seq
         self.prefix = f"slices/{slice_id}"
@@ -63,8 +73,12 @@ class SliceBuilder:
         self.tok, self.report.tokenizer_version = load_tokenizer(tokenizer_json.encode()), version
         self.eos = self.tok.token_to_id(EOS)
         self.dtype = token_dtype(self.tok.get_vocab_size())
-        self.train = TokenShardWriter(self.store, self.prefix, "train", self.dtype, self.settings.shard_tokens, self.tmp)
-        self.heldout = TokenShardWriter(self.store, self.prefix, "heldout", self.dtype, self.settings.shard_tokens, self.tmp)
+        self.train = TokenShardWriter(
+            self.store, self.prefix, "train", self.dtype, self.settings.shard_tokens, self.tmp
+        )
+        self.heldout = TokenShardWriter(
+            self.store, self.prefix, "heldout", self.dtype, self.settings.shard_tokens, self.tmp
+        )
         self.images = ImageShardWriter(self.store, self.prefix, self.settings.shard_images, self.tmp)
 
     def add(self, objects: list[ObjectInfo], part: Part) -> None:
@@ -73,8 +87,10 @@ class SliceBuilder:
         self.rejected.extend(part.rejected)
         self.report.low_quality_rules = dict(Counter(self.report.low_quality_rules) + part.low_quality_rules)
         docs = part.texts
-        verdicts = self.dedup.check_and_add([Candidate(h, k, lang) for h, k, lang in zip(docs.hashes, docs.band_keys, docs.langs)]
-                                            + [Candidate(i.hash, [], "image") for i in part.images])  # fmt: skip
+        verdicts = self.dedup.check_and_add(
+            [Candidate(h, k, lang) for h, k, lang in zip(docs.hashes, docs.band_keys, docs.langs)]
+            + [Candidate(i.hash, [], "image") for i in part.images]
+        )
         keep = np.zeros(len(docs), dtype=bool)
         for n, verdict in enumerate(verdicts[: len(docs)]):
             if verdict == "exact":
@@ -137,7 +153,9 @@ class SliceBuilder:
         tok = train_tokenizer(texts, self.settings.vocab_size)
         version = tokenizer_version(tok)
         self.store.put_bytes(tokenizer_key(version), tok.to_str().encode())
-        self.new_tokenizer = Tokenizer(version=version, uri=self.store.url(tokenizer_key(version)), vocab_size=tok.get_vocab_size())
+        self.new_tokenizer = Tokenizer(
+            version=version, uri=self.store.url(tokenizer_key(version)), vocab_size=tok.get_vocab_size()
+        )
         self._use_tokenizer(tok.to_str(), version)
         waiting, self._sample = self._sample, []
         self._write_texts(waiting)
@@ -188,18 +206,53 @@ class SliceBuilder:
                 s.add(self.new_tokenizer)
                 s.flush()  # the slice row references it
             if slice_id:
-                s.add(Slice(id=slice_id, seq=self.seq, source_id=self.source_id, tokenizer_version=r.tokenizer_version,
-                            manifest_uri=r.manifest_uri, n_documents=r.documents_accepted,
-                            n_heldout_documents=r.documents_heldout, n_tokens=r.tokens, n_images=r.images_accepted,
-                            languages=json.dumps(r.languages, sort_keys=True)))  # fmt: skip
+                s.add(
+                    Slice(
+                        id=slice_id,
+                        seq=self.seq,
+                        source_id=self.source_id,
+                        tokenizer_version=r.tokenizer_version,
+                        manifest_uri=r.manifest_uri,
+                        n_documents=r.documents_accepted,
+                        n_heldout_documents=r.documents_heldout,
+                        n_tokens=r.tokens,
+                        n_images=r.images_accepted,
+                        languages=json.dumps(r.languages, sort_keys=True),
+                    )
+                )
                 s.flush()
                 for sh in shards:
                     ext = ".tar" if sh["split"] == "images" else ".bin"
-                    s.add(Shard(slice_id=slice_id, split=sh["split"], key=join_key(self.prefix, sh["name"] + ext),
-                                n_tokens=sh.get("tokens", 0), n_documents=sh.get("documents", sh.get("images", 0)), sha256=sh["sha256"]))  # fmt: skip
+                    s.add(
+                        Shard(
+                            slice_id=slice_id,
+                            split=sh["split"],
+                            key=join_key(self.prefix, sh["name"] + ext),
+                            n_tokens=sh.get("tokens", 0),
+                            n_documents=sh.get("documents", sh.get("images", 0)),
+                            sha256=sh["sha256"],
+                        )
+                    )
             for obj in self.objects:
                 status = "quarantined" if obj.key in whole_object else "ingested"
-                s.add(SeenObject(source_id=self.source_id, key=obj.key, size=obj.size, etag=obj.etag, slice_id=slice_id, status=status))
+                s.add(
+                    SeenObject(
+                        source_id=self.source_id,
+                        key=obj.key,
+                        size=obj.size,
+                        etag=obj.etag,
+                        slice_id=slice_id,
+                        status=status,
+                    )
+                )
             for q in self.rejected:
-                s.add(QuarantineRecord(source_id=self.source_id, slice_id=slice_id, object_key=q.key, record=q.record,
-                                       reason=q.reason, detail=q.detail))  # fmt: skip
+                s.add(
+                    QuarantineRecord(
+                        source_id=self.source_id,
+                        slice_id=slice_id,
+                        object_key=q.key,
+                        record=q.record,
+                        reason=q.reason,
+                        detail=q.detail,
+                    )
+                )

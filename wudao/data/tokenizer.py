@@ -32,8 +32,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     id says nothing about its colour words. One pre-token per character (as BERT-Chinese does) keeps every
     character a reusable token; BPE still merges a character's UTF-8 bytes, and Latin text is unchanged."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CJK_CHARACTER), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])  # fmt: skip
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CJK_CHARACTER), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -35,8 +35,8 @@ from PIL import Image
 from wudao.data.formats import parse_coco_captions
 from wudao.data.images import ImageRejected, normalize_image
 from wudao.data.quarantine import Reason
-from wudao.storage import ObjectStore, StorageError, join_key, sha256_file
 from wudao.errors import WudaoError
+from wudao.storage import ObjectStore, StorageError, join_key, sha256_file
 
 STANDARD_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FEATURE_DIM = 2048
@@ -45,10 +45,12 @@ KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's defaults
 TEST_MARKER = "wudao-test-weights"  # a state-dict `_metadata` entry: load_state_dict ignores it, weights_info sees it
 REFERENCE_PREFIX = "eval/fid-reference"
 _CACHE_VERSION = 1
-_HOW = (f"the standard file is {STANDARD_WEIGHTS} from pytorch-fid's GitHub release (torch-fidelity's release has the "
-        "same weights as weights-inception-2015-12-05-6726825d.pth); download it once and set "
-        "WUDAO_EVAL__FID_WEIGHTS_URI=/path/or/s3-uri (or fid_weights_uri under [eval] in wudao.toml); "
-        "nothing is downloaded at run time")  # fmt: skip
+_HOW = (
+    f"the standard file is {STANDARD_WEIGHTS} from pytorch-fid's GitHub release (torch-fidelity's release has the "
+    "same weights as weights-inception-2015-12-05-6726825d.pth); download it once and set "
+    "WUDAO_EVAL__FID_WEIGHTS_URI=/path/or/s3-uri (or fid_weights_uri under [eval] in wudao.toml); "
+    "nothing is downloaded at run time"
+)
 
 Generate = Callable[[list[str], list[int]], np.ndarray]
 """(captions, image ids) -> generated images (B, H, W, 3) uint8, one per caption."""
@@ -102,8 +104,10 @@ def weights_info(path: Path) -> tuple[str, str | None]:
         marker = None
     note = None
     if marker is not None:
-        note = (f"FID/KID ran with random TEST-ONLY Inception weights ({path.name}, seed {marker.get('seed')}): "
-                f"the numbers only compare runs with these same weights, never published FIDs; {_HOW}")  # fmt: skip
+        note = (
+            f"FID/KID ran with random TEST-ONLY Inception weights ({path.name}, seed {marker.get('seed')}): "
+            f"the numbers only compare runs with these same weights, never published FIDs; {_HOW}"
+        )
     return sha256_file(path), note
 
 
@@ -148,8 +152,12 @@ def _unloaded(cls: type, features: list[str], **kwargs: Any) -> torch.nn.Module:
     with tempfile.TemporaryDirectory(prefix="wudao-fid-") as tmp:
         placeholder = Path(tmp) / "placeholder.pth"
         torch.save({}, placeholder)
-        return Unloaded(name="inception-v3-compat", features_list=features,
-                        feature_extractor_weights_path=str(placeholder), **kwargs)  # fmt: skip
+        return Unloaded(
+            name="inception-v3-compat",
+            features_list=features,
+            feature_extractor_weights_path=str(placeholder),
+            **kwargs,
+        )
 
 
 def _first_line(e: Exception) -> str:
@@ -168,8 +176,10 @@ class InceptionFeatures:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:
             first = _first_line(e)
-            raise FIDError(f"{weights} is not a plain Inception-v3 state dict (refused by torch.load(weights_only=True): "
-                           f"{first}): {_HOW}") from e  # fmt: skip
+            raise FIDError(
+                f"{weights} is not a plain Inception-v3 state dict (refused by torch.load(weights_only=True): "
+                f"{first}): {_HOW}"
+            ) from e
         try:
             self.net = _unloaded(NoTrainInceptionV3, [str(FEATURE_DIM)], antialias=False)
             if not isinstance(state, dict) or not state:
@@ -225,7 +235,9 @@ def frechet_distance(real: GaussianStats, fake_ND: np.ndarray) -> float:
     metric = FrechetInceptionDistance(feature=_Precomputed(len(real.mu_D)), reset_real_features=False)
     # The metric keeps sums; restore them from the cached mean and covariance (its compute() inverts this).
     metric.real_features_sum = torch.from_numpy(real.mu_D * real.n)
-    metric.real_features_cov_sum = torch.from_numpy(real.sigma_DD * (real.n - 1) + real.n * np.outer(real.mu_D, real.mu_D))
+    metric.real_features_cov_sum = torch.from_numpy(
+        real.sigma_DD * (real.n - 1) + real.n * np.outer(real.mu_D, real.mu_D)
+    )
     metric.real_features_num_samples = torch.tensor(real.n)
     metric.update(torch.from_numpy(np.asarray(fake_ND, np.float64)), real=False)
     return float(metric.compute())
@@ -236,15 +248,23 @@ def kernel_distance(real_ND: np.ndarray, fake_ND: np.ndarray, seed: int) -> tupl
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
     size = min(KID_SUBSET_SIZE, len(real_ND), len(fake_ND))
-    out = kid_features_to_metric(torch.from_numpy(real_ND), torch.from_numpy(fake_ND), kid_subsets=KID_SUBSETS,
-                                 kid_subset_size=size, rng_seed=seed, verbose=False)  # fmt: skip
+    out = kid_features_to_metric(
+        torch.from_numpy(real_ND),
+        torch.from_numpy(fake_ND),
+        kid_subsets=KID_SUBSETS,
+        kid_subset_size=size,
+        rng_seed=seed,
+        verbose=False,
+    )
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD], size
 
 
 def gaussian_blur(images_NHWC: np.ndarray, sigma: float) -> np.ndarray:
     from PIL import ImageFilter
 
-    return np.stack([np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(radius=sigma))) for im in images_NHWC])
+    return np.stack(
+        [np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(radius=sigma))) for im in images_NHWC]
+    )
 
 
 class _FeatureSets:
@@ -280,8 +300,10 @@ def load_coco(store: ObjectStore, split: str | None = None) -> CocoIndex:
         found = sorted(m.group(1) for m in matches if m)
         vals = [s for s in found if s.startswith("val")]
         if len(found) != 1 and len(vals) != 1:
-            raise FIDError(f"{store.uri}: expected one annotations/captions_<split>.json, found {found or 'none'}; "
-                           "set eval.fid_split (WUDAO_EVAL__FID_SPLIT)")  # fmt: skip
+            raise FIDError(
+                f"{store.uri}: expected one annotations/captions_<split>.json, found {found or 'none'}; "
+                "set eval.fid_split (WUDAO_EVAL__FID_SPLIT)"
+            )
         split = found[0] if len(found) == 1 else vals[0]
     key = f"annotations/captions_{split}.json"
     try:
@@ -290,7 +312,9 @@ def load_coco(store: ObjectStore, split: str | None = None) -> CocoIndex:
         files = {int(i): str(name) for i, name in parsed.files.items()}
         captions = {int(i): c for i, c in parsed.captions.items()}
     except StorageError as e:
-        raise FIDError(f"no {store.url(key)}: give an MS-COCO root (annotations/captions_<split>.json + <split>/ images)") from e
+        raise FIDError(
+            f"no {store.url(key)}: give an MS-COCO root (annotations/captions_<split>.json + <split>/ images)"
+        ) from e
     except (ValueError, KeyError, TypeError) as e:
         raise FIDError(f"{store.url(key)} is not an MS-COCO captions file: {e}") from e
     digest = hashlib.sha256(raw)
@@ -307,7 +331,9 @@ def caption_order(index: CocoIndex, seed: int) -> list[tuple[int, str]]:
     return [(i, random.Random(f"{seed}:{i}").choice(index.captions[i])) for i in ids]
 
 
-def read_real(store: ObjectStore, index: CocoIndex, image_ids: list[int], size: int, max_pixels: int) -> list[np.ndarray | str]:
+def read_real(
+    store: ObjectStore, index: CocoIndex, image_ids: list[int], size: int, max_pixels: int
+) -> list[np.ndarray | str]:
     """Each image center-cropped and resized (uint8 HWC), or the reason it was skipped."""
 
     def one(image_id: int) -> np.ndarray | str:
@@ -332,14 +358,24 @@ def read_real(store: ObjectStore, index: CocoIndex, image_ids: list[int], size: 
 
 
 def reference_key(index: CocoIndex, cfg: FIDConfig, weights_sha: str) -> str:
-    parts = {"dataset": index.digest, "split": index.split, "n": cfg.n, "resolution": cfg.resolution, "weights": weights_sha,
-             "real_set": cfg.real_set, "seed": cfg.seed, "blur": sorted(cfg.blur_sigmas), "max_pixels": cfg.max_pixels,
-             "version": _CACHE_VERSION}  # fmt: skip
+    parts = {
+        "dataset": index.digest,
+        "split": index.split,
+        "n": cfg.n,
+        "resolution": cfg.resolution,
+        "weights": weights_sha,
+        "real_set": cfg.real_set,
+        "seed": cfg.seed,
+        "blur": sorted(cfg.blur_sigmas),
+        "max_pixels": cfg.max_pixels,
+        "version": _CACHE_VERSION,
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _reference(coco: ObjectStore, index: CocoIndex, extractor: InceptionFeatures, cfg: FIDConfig, out: ObjectStore,
-               prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray], bool]:  # fmt: skip
+def _reference(
+    coco: ObjectStore, index: CocoIndex, extractor: InceptionFeatures, cfg: FIDConfig, out: ObjectStore, prefix: str
+) -> tuple[dict[str, Any], dict[str, np.ndarray], bool]:
     """(meta, arrays, cached): the real side from the cache, or computed by walking the seeded caption order."""
     meta = out.read_manifest(prefix)
     if meta is not None:
@@ -375,8 +411,9 @@ def _reference(coco: ObjectStore, index: CocoIndex, extractor: InceptionFeatures
     return meta, arrays, False
 
 
-def evaluate_fid(coco: ObjectStore, out: ObjectStore, out_prefix: str, weights: Path, generate: Generate,
-                 cfg: FIDConfig) -> tuple[dict[str, Any], Image.Image]:  # fmt: skip
+def evaluate_fid(
+    coco: ObjectStore, out: ObjectStore, out_prefix: str, weights: Path, generate: Generate, cfg: FIDConfig
+) -> tuple[dict[str, Any], Image.Image]:
     """FID, KID (and FID-k) of `generate` on the captions of `coco`; generated PNGs, the sample grid and the report
     go under `out_prefix` in `out`. Returns the report and the grid image."""
     started = time.perf_counter()
@@ -411,23 +448,43 @@ def evaluate_fid(coco: ObjectStore, out: ObjectStore, out_prefix: str, weights: 
     out.put_json(join_key(out_prefix, "samples.json"), [{"image_id": i, "caption": c} for i, c in shown])
 
     report: dict[str, Any] = {
-        "fid": fid, "kid_mean": kid_mean, "kid_std": kid_std, "n_requested": cfg.n, "n_images": len(captions),
-        "n_real": n_real, "n_skipped": sum(meta["skipped"].values()), "skipped": meta["skipped"],
-        "reference_cached": cached, "reference_key": key, "split": index.split, "real_set": cfg.real_set,
-        "resolution": cfg.resolution, "seed": cfg.seed, "kid_subsets": KID_SUBSETS, "kid_subset_size": subset,
-        "weights_sha256": weights_sha, "generated_uri": out.url(join_key(out_prefix, "generated")),
+        "fid": fid,
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "n_requested": cfg.n,
+        "n_images": len(captions),
+        "n_real": n_real,
+        "n_skipped": sum(meta["skipped"].values()),
+        "skipped": meta["skipped"],
+        "reference_cached": cached,
+        "reference_key": key,
+        "split": index.split,
+        "real_set": cfg.real_set,
+        "resolution": cfg.resolution,
+        "seed": cfg.seed,
+        "kid_subsets": KID_SUBSETS,
+        "kid_subset_size": subset,
+        "weights_sha256": weights_sha,
+        "generated_uri": out.url(join_key(out_prefix, "generated")),
         "samples_uri": out.url(join_key(out_prefix, "samples.png")),
-    }  # fmt: skip
+    }
     if cfg.blur_sigmas:
-        blurred = {s: GaussianStats(arrays[f"mu_blur_{s:g}"], arrays[f"sigma_blur_{s:g}"], n_real) for s in cfg.blur_sigmas}
+        blurred = {
+            s: GaussianStats(arrays[f"mu_blur_{s:g}"], arrays[f"sigma_blur_{s:g}"], n_real) for s in cfg.blur_sigmas
+        }
         report["fid_blur"] = {f"{s:g}": frechet_distance(stats, fake.get(s)) for s, stats in blurred.items()}
     if len(captions) < FULL_RANK_N:
-        report["warning"] = (f"N={len(captions)} < {FULL_RANK_N}: the feature covariance is rank-deficient and FID is "
-                             "biased upward at small N; compare only FIDs with the same N (KID is unbiased)")  # fmt: skip
+        report["warning"] = (
+            f"N={len(captions)} < {FULL_RANK_N}: the feature covariance is rank-deficient and FID is "
+            "biased upward at small N; compare only FIDs with the same N (KID is unbiased)"
+        )
     if note:
         report["weights_note"] = note
-    report["seconds"] = {"reference": round(t_reference, 2), "generate": round(t_generate, 2),
-                         "total": round(time.perf_counter() - started, 2)}  # fmt: skip
+    report["seconds"] = {
+        "reference": round(t_reference, 2),
+        "generate": round(t_generate, 2),
+        "total": round(time.perf_counter() - started, 2),
+    }
     out.put_json(join_key(out_prefix, "report.json"), report)
     return report, grid
 
@@ -435,7 +492,9 @@ def evaluate_fid(coco: ObjectStore, out: ObjectStore, out_prefix: str, weights: 
 def _to_size(images_NHWC: np.ndarray, size: int) -> np.ndarray:
     if images_NHWC.shape[1:3] == (size, size):
         return images_NHWC
-    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in images_NHWC])
+    return np.stack(
+        [np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in images_NHWC]
+    )
 
 
 def _png(image_HWC: np.ndarray) -> bytes:
@@ -446,9 +505,13 @@ def _png(image_HWC: np.ndarray) -> bytes:
 
 # Fonts with CJK glyphs, as (path, face index in a .ttc): Debian's fonts-noto-cjk (face 2 = Simplified Chinese
 # shapes), fonts-wqy-microhei, Fedora/Arch's Noto CJK, macOS. PIL's own default font has no CJK glyphs (boxes).
-_CJK_FONTS = (("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc", 2), ("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc", 0),
-              ("/usr/share/fonts/google-noto-cjk/NotoSansCJK-Regular.ttc", 2), ("/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc", 2),
-              ("/System/Library/Fonts/PingFang.ttc", 0))  # fmt: skip
+_CJK_FONTS = (
+    ("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc", 2),
+    ("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc", 0),
+    ("/usr/share/fonts/google-noto-cjk/NotoSansCJK-Regular.ttc", 2),
+    ("/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc", 2),
+    ("/System/Library/Fonts/PingFang.ttc", 0),
+)
 _warned_no_cjk_font = False
 
 
@@ -463,8 +526,12 @@ def cjk_font_file() -> tuple[str, int] | None:
             return path, index
     if shutil.which("fc-match"):
         try:
-            out = subprocess.run(["fc-match", "-f", "%{file}|%{index}|%{lang}", "sans-serif:lang=zh-cn"],
-                                 capture_output=True, text=True, timeout=10).stdout  # fmt: skip
+            out = subprocess.run(
+                ["fc-match", "-f", "%{file}|%{index}|%{lang}", "sans-serif:lang=zh-cn"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
         except (OSError, subprocess.SubprocessError):
             return None
         path, _, rest = out.partition("|")
@@ -490,7 +557,10 @@ def caption_font(size: int = 11):
             pass
     if not _warned_no_cjk_font:
         _warned_no_cjk_font = True
-        print("warning: no CJK font found (install fonts-noto-cjk): Chinese captions in sample grids show as boxes", file=sys.stderr)
+        print(
+            "warning: no CJK font found (install fonts-noto-cjk): Chinese captions in sample grids show as boxes",
+            file=sys.stderr,
+        )
     return ImageFont.load_default(size=size)
 
 
@@ -515,7 +585,9 @@ def _wrap_px(text: str, font, width_px: int, max_lines: int) -> list[str]:
     return lines[:max_lines]
 
 
-def sample_grid(captions: list[str], generated: list[np.ndarray], real: list[np.ndarray | None], cell: int = 128) -> Image.Image:
+def sample_grid(
+    captions: list[str], generated: list[np.ndarray], real: list[np.ndarray | None], cell: int = 128
+) -> Image.Image:
     """One column per caption: the generated image on top, its real image below, the caption under both."""
     from PIL import ImageDraw
 
@@ -523,7 +595,14 @@ def sample_grid(captions: list[str], generated: list[np.ndarray], real: list[np.
     text_h = 4 * 13
     # The grid keeps its size; a CJK font's lines are taller than PIL's default font's, so fewer of them fit.
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
-    max_lines = max([n for n in range(1, 5) if probe.multiline_textbbox((0, 1), "\n".join(["国Ag"] * n), font=font, spacing=1)[3] <= text_h] or [1])
+    max_lines = max(
+        [
+            n
+            for n in range(1, 5)
+            if probe.multiline_textbbox((0, 1), "\n".join(["国Ag"] * n), font=font, spacing=1)[3] <= text_h
+        ]
+        or [1]
+    )
     grid = Image.new("RGB", (max(1, len(captions)) * cell, 2 * cell + text_h), "white")
     draw = ImageDraw.Draw(grid)
     for col, (caption, gen, ref) in enumerate(zip(captions, generated, real)):
@@ -531,6 +610,8 @@ def sample_grid(captions: list[str], generated: list[np.ndarray], real: list[np.
         grid.paste(Image.fromarray(gen).resize((cell, cell), Image.Resampling.NEAREST), (x, 0))
         if ref is not None:
             grid.paste(Image.fromarray(ref).resize((cell, cell), Image.Resampling.NEAREST), (x, cell))
-        lines = _wrap_px(caption, font, cell - 4, max_lines)  # by drawn width: CJK glyphs are twice as wide as Latin ones
+        lines = _wrap_px(
+            caption, font, cell - 4, max_lines
+        )  # by drawn width: CJK glyphs are twice as wide as Latin ones
         draw.multiline_text((x + 2, 2 * cell + 1), "\n".join(lines), fill="black", font=font, spacing=1)
     return grid

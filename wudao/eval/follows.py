@@ -33,7 +33,10 @@ def caption_colours(caption: str, palette: Palette) -> tuple[str, str] | None:
     spans: list[tuple[int, int, str]] = []
     for colour, (names, _) in palette.items():
         for name in names:
-            spans += [(m.start(), m.end(), colour) for m in re.finditer(rf"(?<![A-Za-z]){re.escape(name)}(?![A-Za-z])", caption, re.IGNORECASE)]
+            spans += [
+                (m.start(), m.end(), colour)
+                for m in re.finditer(rf"(?<![A-Za-z]){re.escape(name)}(?![A-Za-z])", caption, re.IGNORECASE)
+            ]
     named = {colour for _, _, colour in spans}
     if len(named) != 2:
         return None
@@ -75,7 +78,9 @@ class FollowsReport:
         return asdict(self)
 
 
-def follows_captions(captions: Sequence[str], images_NHWC: Sequence[np.ndarray], palette: Palette) -> FollowsReport | None:
+def follows_captions(
+    captions: Sequence[str], images_NHWC: Sequence[np.ndarray], palette: Palette
+) -> FollowsReport | None:
     """How often each generated image shows the colours its caption names; None when no caption can be probed."""
     hits_bg = hits_shape = hits_both = probed = 0
     for caption, image in zip(captions, images_NHWC, strict=True):
@@ -90,6 +95,13 @@ def follows_captions(captions: Sequence[str], images_NHWC: Sequence[np.ndarray],
     if not probed:
         return None
     k = len(palette)
-    return FollowsReport(n_probed=probed, unparsed=len(captions) - probed, background_accuracy=hits_bg / probed,
-                         shape_accuracy=hits_shape / probed, both_accuracy=hits_both / probed,
-                         chance_background=1 / k, chance_shape=1 / (k - 1), chance_both=1 / (k * (k - 1)))  # fmt: skip
+    return FollowsReport(
+        n_probed=probed,
+        unparsed=len(captions) - probed,
+        background_accuracy=hits_bg / probed,
+        shape_accuracy=hits_shape / probed,
+        both_accuracy=hits_both / probed,
+        chance_background=1 / k,
+        chance_shape=1 / (k - 1),
+        chance_both=1 / (k * (k - 1)),
+    )

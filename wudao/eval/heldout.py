@@ -14,16 +14,25 @@ import torch
 
 from wudao.data.glm import SpecialIds, build_glm_batch
 from wudao.data.slices import load_slice_tokens
-from wudao.model.objective import GLM_10B
 from wudao.model import GLMModel
+from wudao.model.objective import GLM_10B
 from wudao.storage import ObjectStore
 
 KINDS = ("token", "document")
 
 
 @torch.no_grad()
-def heldout_losses(model: GLMModel, store: ObjectStore, slice_ids: list[str], cache_dir: Path, ids: SpecialIds, *,
-                   seq_len: int = 64, max_windows: int = 64, batch_size: int = 16) -> dict[str, float]:  # fmt: skip
+def heldout_losses(
+    model: GLMModel,
+    store: ObjectStore,
+    slice_ids: list[str],
+    cache_dir: Path,
+    ids: SpecialIds,
+    *,
+    seq_len: int = 64,
+    max_windows: int = 64,
+    batch_size: int = 16,
+) -> dict[str, float]:
     """Token-weighted mean GLM loss on each slice's held-out documents (slices without any are left out)."""
     model.eval()
     seq_len = min(seq_len, model.cfg.max_seq_len)
@@ -38,8 +47,9 @@ def heldout_losses(model: GLMModel, store: ObjectStore, slice_ids: list[str], ca
         total, count = 0.0, 0
         for k, kind in enumerate(KINDS):
             for b in range(0, n, batch_size):
-                batch = build_glm_batch(rows[b : b + batch_size], ids, seq_len, np.random.default_rng([k, b]),
-                                        GLM_10B, kind=kind)  # fmt: skip
+                batch = build_glm_batch(
+                    rows[b : b + batch_size], ids, seq_len, np.random.default_rng([k, b]), GLM_10B, kind=kind
+                )
                 out = model.loss(**batch.tensors())
                 total += float(out.lm_loss) * out.n_tokens
                 count += out.n_tokens

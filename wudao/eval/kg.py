@@ -77,8 +77,14 @@ def parse_kg(facts_text: str, templates_text: str) -> KG:
             continue
         try:
             row = json.loads(line)
-            fact = Fact(str(row["subject"]), str(row["relation"]), str(row["object"]), str(row["lang"]),
-                        [str(a) for a in row.get("aliases") or []], row.get("first_slice"))  # fmt: skip
+            fact = Fact(
+                str(row["subject"]),
+                str(row["relation"]),
+                str(row["object"]),
+                str(row["lang"]),
+                [str(a) for a in row.get("aliases") or []],
+                row.get("first_slice"),
+            )
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             problems["malformed_fact_line"] += 1
             continue
@@ -159,9 +165,19 @@ def majority_objects(kg: KG) -> dict[tuple[str, str], set[str]]:
 
 
 @torch.no_grad()
-def evaluate_kg(model: GLMModel, tokenizer, kg: KG, *, limit: int | None = None, seed: int = 0,
-                claim_subjects: int = 20, max_new_tokens: int = 24, bootstrap: int = 1000,
-                slice_id: str | None = None, max_tokens: int = 16384) -> KGReport:  # fmt: skip
+def evaluate_kg(
+    model: GLMModel,
+    tokenizer,
+    kg: KG,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    claim_subjects: int = 20,
+    max_new_tokens: int = 24,
+    bootstrap: int = 1000,
+    slice_id: str | None = None,
+    max_tokens: int = 16384,
+) -> KGReport:
     """Cloze-probe the facts (of `slice_id`'s `first_slice` only, if given) and check generated claims.
 
     Every (fact, template, candidate) row of the probe is scored in a few batched forwards (`cloze_scores_many`,
@@ -193,8 +209,9 @@ def evaluate_kg(model: GLMModel, tokenizer, kg: KG, *, limit: int | None = None,
                 problems["longer_than_model_context"] += 1
                 continue
             probes.append((k, part_a, key))
-    scored = cloze_scores_many(model, [p[1] for p in probes], ids, [encoded[p[2]] for p in probes],
-                               max_tokens=max_tokens)  # fmt: skip
+    scored = cloze_scores_many(
+        model, [p[1] for p in probes], ids, [encoded[p[2]] for p in probes], max_tokens=max_tokens
+    )
 
     by_fact: dict[int, list[tuple[int, list]]] = defaultdict(list)  # fact index -> (gold rank, scores) per template
     for (k, _, _), result in zip(probes, scored):
@@ -208,16 +225,24 @@ def evaluate_kg(model: GLMModel, tokenizer, kg: KG, *, limit: int | None = None,
         gold, ranks = space.index(fact.object), [rank for rank, _ in templates]
         tops = Counter(space[int(np.argmax([r.sum for r in result]))] for _, result in templates)
         top_set = majority[(fact.relation, fact.lang)]
-        per_fact.append({
-            "subject": fact.subject, "relation": fact.relation, "object": fact.object, "lang": fact.lang,
-            "first_slice": fact.first_slice, "p_at_1": float(np.mean([r == 1 for r in ranks])),
-            "rr": float(np.mean([1 / r for r in ranks])), "answer_space": len(space), "chance": 1 / len(space),
-            # Tied most common objects: the expected P@1 of picking one of them at random.
-            "majority": 1 / len(top_set) if fact.object in top_set else 0.0,
-            "gold_sum": float(np.mean([result[gold].sum for _, result in templates])),
-            "gold_mean": float(np.mean([result[gold].mean for _, result in templates])),
-            "top": tops.most_common(1)[0][0],  # the answer ranked first by the most templates
-        })  # fmt: skip
+        per_fact.append(
+            {
+                "subject": fact.subject,
+                "relation": fact.relation,
+                "object": fact.object,
+                "lang": fact.lang,
+                "first_slice": fact.first_slice,
+                "p_at_1": float(np.mean([r == 1 for r in ranks])),
+                "rr": float(np.mean([1 / r for r in ranks])),
+                "answer_space": len(space),
+                "chance": 1 / len(space),
+                # Tied most common objects: the expected P@1 of picking one of them at random.
+                "majority": 1 / len(top_set) if fact.object in top_set else 0.0,
+                "gold_sum": float(np.mean([result[gold].sum for _, result in templates])),
+                "gold_mean": float(np.mean([result[gold].mean for _, result in templates])),
+                "top": tops.most_common(1)[0][0],  # the answer ranked first by the most templates
+            }
+        )
 
     def summary(rows: list[dict]) -> dict:
         """Macro average over relations (mean over facts within a relation, then over relations)."""
@@ -228,8 +253,13 @@ def evaluate_kg(model: GLMModel, tokenizer, kg: KG, *, limit: int | None = None,
         def macro(field: str) -> float:
             return float(np.mean([np.mean([r[field] for r in v]) for v in by_rel.values()])) if rows else 0.0
 
-        return {"p_at_1": macro("p_at_1"), "chance": macro("chance"), "majority": macro("majority"),
-                "mrr": macro("rr"), "n_facts": len(rows)}  # fmt: skip
+        return {
+            "p_at_1": macro("p_at_1"),
+            "chance": macro("chance"),
+            "majority": macro("majority"),
+            "mrr": macro("rr"),
+            "n_facts": len(rows),
+        }
 
     def group(key: str) -> dict[str, dict]:
         groups = defaultdict(list)
@@ -246,10 +276,21 @@ def evaluate_kg(model: GLMModel, tokenizer, kg: KG, *, limit: int | None = None,
             boot.append(summary(sample)["p_at_1"])
     ci95 = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if boot else [0.0, 0.0]
     claims = check_claims(model, tokenizer, kg, ids, rng, claim_subjects, max_new_tokens, facts=pool)
-    return KGReport(p_at_1=overall["p_at_1"], chance=overall["chance"], majority=overall["majority"],
-                    mrr=overall["mrr"], n_facts=overall["n_facts"], slice_id=slice_id, by_relation=group("relation"),
-                    by_language=group("lang"), by_slice=group("first_slice"), ci95=ci95, claims=claims,
-                    problems=dict(problems), per_fact=per_fact)  # fmt: skip
+    return KGReport(
+        p_at_1=overall["p_at_1"],
+        chance=overall["chance"],
+        majority=overall["majority"],
+        mrr=overall["mrr"],
+        n_facts=overall["n_facts"],
+        slice_id=slice_id,
+        by_relation=group("relation"),
+        by_language=group("lang"),
+        by_slice=group("first_slice"),
+        ci95=ci95,
+        claims=claims,
+        problems=dict(problems),
+        per_fact=per_fact,
+    )
 
 
 VERDICTS = ("supported", "contradicted", "unverifiable")
@@ -340,8 +381,18 @@ class ClaimChecker:
                 for template in templates:
                     for m in self._pattern(template, subject, relation, lang, open_end).finditer(text):
                         obj = m.group("obj").strip()
-                        found.append(Claim(m.group("claim"), subject, relation, obj, lang,
-                                           self.judge(subject, relation, lang, obj), m.start("claim"), m.end("claim")))  # fmt: skip
+                        found.append(
+                            Claim(
+                                m.group("claim"),
+                                subject,
+                                relation,
+                                obj,
+                                lang,
+                                self.judge(subject, relation, lang, obj),
+                                m.start("claim"),
+                                m.end("claim"),
+                            )
+                        )
         return sorted(found, key=lambda c: (c.start, c.end))
 
 
@@ -349,8 +400,16 @@ def verdict_counts(claims: list[Claim]) -> dict[str, int]:
     return {v: sum(c.verdict == v for c in claims) for v in VERDICTS}
 
 
-def check_claims(model: GLMModel, tokenizer, kg: KG, ids: SpecialIds, rng: np.random.Generator, n_subjects: int,
-                 max_new_tokens: int, facts: list[Fact] | None = None) -> dict[str, float | int]:  # fmt: skip
+def check_claims(
+    model: GLMModel,
+    tokenizer,
+    kg: KG,
+    ids: SpecialIds,
+    rng: np.random.Generator,
+    n_subjects: int,
+    max_new_tokens: int,
+    facts: list[Fact] | None = None,
+) -> dict[str, float | int]:
     """Generate from `<subject>` for sampled subjects (of `facts`, default all); judge every template-shaped claim
     of the text (`ClaimChecker`) against the whole KG."""
     checker = ClaimChecker(kg)
@@ -376,7 +435,9 @@ def naive_cloze_sums(model: GLMModel, part_a: list[int], ids: SpecialIds, candid
         n_a, n_b = len(part_a), len(target)
         pos = list(range(n_a)) + [mask_pos] * n_b
         block = [0] * n_a + list(range(1, n_b + 1))
-        logits = model(torch.tensor([inp]), torch.tensor([pos]), torch.tensor([block]), torch.tensor([n_a])).logits_BTV[0]
+        logits = model(torch.tensor([inp]), torch.tensor([pos]), torch.tensor([block]), torch.tensor([n_a])).logits_BTV[
+            0
+        ]
         logp = logits[n_a:].float().log_softmax(-1).gather(-1, torch.tensor(target)[:, None]).sum()
         out.append(float(logp))
     return out

@@ -8,13 +8,26 @@ from importlib import import_module
 
 _WHERE = {
     "KVCache": "attention",
-    "ClozeScore": "generation", "Sampling": "generation", "cloze_scores": "generation", "continue_text": "generation",
-    "fill_blank": "generation", "rerank": "generation", "sample_image_codes": "generation",
-    "GLMAux": "glm", "GLMLoss": "glm", "GLMModel": "glm", "GLMOutput": "glm",
-    "GLMConfig": "config", "GLMShape": "config", "GLMObjective": "objective",
-    "MoE": "moe", "MoEStats": "moe",
-    "VQVAE": "vq", "VQConfig": "vq", "VQOutput": "vq",
-}  # fmt: skip
+    "ClozeScore": "generation",
+    "Sampling": "generation",
+    "cloze_scores": "generation",
+    "continue_text": "generation",
+    "fill_blank": "generation",
+    "rerank": "generation",
+    "sample_image_codes": "generation",
+    "GLMAux": "glm",
+    "GLMLoss": "glm",
+    "GLMModel": "glm",
+    "GLMOutput": "glm",
+    "GLMConfig": "config",
+    "GLMShape": "config",
+    "GLMObjective": "objective",
+    "MoE": "moe",
+    "MoEStats": "moe",
+    "VQVAE": "vq",
+    "VQConfig": "vq",
+    "VQOutput": "vq",
+}
 __all__ = sorted(_WHERE)
 
 

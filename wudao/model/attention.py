@@ -84,8 +84,16 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def empty(cls, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
-              dtype: torch.dtype, device: torch.device | str) -> KVCache:  # fmt: skip
+    def empty(
+        cls,
+        n_layers: int,
+        batch: int,
+        n_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> KVCache:
         shape = (n_layers, batch, n_heads, max_len, head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 

@@ -133,8 +133,13 @@ def fill_blank(
             pos_BT, block_BT = _part_b(part_b_BT, mask_pos, 1)
             a_BA = a_1A.expand(B, -1)
             a_pos_BA = torch.arange(a_BA.size(1), device=a_BA.device).expand_as(a_BA)
-            h_BTD, _ = model.hidden(torch.cat([a_BA, part_b_BT], 1), torch.cat([a_pos_BA, pos_BT], 1),
-                                    torch.cat([torch.zeros_like(a_BA), block_BT], 1), sep_B, prompts=prompts)  # fmt: skip
+            h_BTD, _ = model.hidden(
+                torch.cat([a_BA, part_b_BT], 1),
+                torch.cat([a_pos_BA, pos_BT], 1),
+                torch.cat([torch.zeros_like(a_BA), block_BT], 1),
+                sep_B,
+                prompts=prompts,
+            )
             logits_BV = model.project(h_BTD[:, -1])  # only the last position is needed
         if vocab_range is not None:
             keep_V = torch.zeros(logits_BV.size(-1), dtype=torch.bool, device=logits_BV.device)
@@ -152,13 +157,27 @@ def fill_blank(
     return out
 
 
-def continue_text(model: GLMModel, prompt: Sequence[int], ids: BlankIds, max_new_tokens: int,
-                  sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
-                  prompts: Prompts | None = None) -> list[int]:  # fmt: skip
+def continue_text(
+    model: GLMModel,
+    prompt: Sequence[int],
+    ids: BlankIds,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    generator: torch.Generator | None = None,
+    prompts: Prompts | None = None,
+) -> list[int]:
     """GLM text continuation: the prompt followed by `[gMASK]` (the document-level objective), then generate."""
     part_a = [*prompt, ids.gmask]
-    return fill_blank(model, part_a, ids, max_new_tokens=max_new_tokens, sampling=sampling,
-                      mask_pos=len(prompt), generator=generator, prompts=prompts)[0]  # fmt: skip
+    return fill_blank(
+        model,
+        part_a,
+        ids,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        mask_pos=len(prompt),
+        generator=generator,
+        prompts=prompts,
+    )[0]
 
 
 def sample_image_codes(
@@ -175,9 +194,17 @@ def sample_image_codes(
 ) -> torch.Tensor:
     """Codes (num_samples, n_codes) in 0..codebook_size-1 for a text-to-image prompt holding the `[gMASK]`
     (see `wudao.data.multimodal.cogview_prompt`); only image-code ids can be sampled, exactly n_codes of them."""
-    rows = fill_blank(model, prompt, ids, max_new_tokens=n_codes, sampling=sampling, num_samples=num_samples,
-                      stop_at_eop=False, vocab_range=(code_offset, code_offset + codebook_size),
-                      generator=generator)  # fmt: skip
+    rows = fill_blank(
+        model,
+        prompt,
+        ids,
+        max_new_tokens=n_codes,
+        sampling=sampling,
+        num_samples=num_samples,
+        stop_at_eop=False,
+        vocab_range=(code_offset, code_offset + codebook_size),
+        generator=generator,
+    )
     return torch.tensor(rows) - code_offset
 
 
@@ -307,9 +334,14 @@ def cloze_scores_many(
     return out
 
 
-def _cloze_rows(model: GLMModel, part_as: Sequence[Sequence[int]], ids: BlankIds,
-                candidates: Sequence[Sequence[Sequence[int]]], mask_pos: Sequence[int] | None,
-                max_nodes: int) -> tuple[list[int], list[tuple[int, _AnswerTrie]]]:  # fmt: skip
+def _cloze_rows(
+    model: GLMModel,
+    part_as: Sequence[Sequence[int]],
+    ids: BlankIds,
+    candidates: Sequence[Sequence[Sequence[int]]],
+    mask_pos: Sequence[int] | None,
+    max_nodes: int,
+) -> tuple[list[int], list[tuple[int, _AnswerTrie]]]:
     """Checked inputs of a cloze scoring: each prompt's blank position, and its (prompt index, trie) rows."""
     if len(candidates) != len(part_as):
         raise ValueError(f"{len(part_as)} prompts but {len(candidates)} candidate lists")
@@ -350,15 +382,17 @@ def cloze_score_matrix(
     return scores_NC.masked_fill(absent_NC.to(scores_NC.device), float("-inf"))
 
 
-def _score_trie_rows(model: GLMModel, rows: list[tuple[Sequence[int], int, _AnswerTrie]],
-                     prompts: Prompts | None = None) -> list[np.ndarray]:  # fmt: skip
+def _score_trie_rows(
+    model: GLMModel, rows: list[tuple[Sequence[int], int, _AnswerTrie]], prompts: Prompts | None = None
+) -> list[np.ndarray]:
     """For rows (Part A, blank position, trie) in one padded forward: each trie's scored log-probabilities."""
     logp_S, sizes = _trie_logprobs(model, rows, prompts)
     return np.split(logp_S.detach().cpu().numpy(), np.cumsum(sizes)[:-1])
 
 
-def _trie_logprobs(model: GLMModel, rows: list[tuple[Sequence[int], int, _AnswerTrie]],
-                   prompts: Prompts | None = None) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
+def _trie_logprobs(
+    model: GLMModel, rows: list[tuple[Sequence[int], int, _AnswerTrie]], prompts: Prompts | None = None
+) -> tuple[torch.Tensor, list[int]]:
     """The scored log-probabilities of all rows' tries, concatenated row by row (differentiable), and how many
     each row has."""
     device = model.tok_emb.weight.device

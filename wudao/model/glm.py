@@ -48,8 +48,13 @@ class GLMAux:
         lb_L = torch.stack([s.load_balance_loss for s in stats])
         z_L = torch.stack([s.z_loss for s in stats])
         aux = (cfg.aux_loss_weight * lb_L + cfg.z_loss_weight * z_L).sum()
-        return cls(aux, lb_L.mean(), z_L.mean(),
-                   torch.stack([s.tokens_per_expert_E for s in stats]), sum(s.dropped for s in stats))  # fmt: skip
+        return cls(
+            aux,
+            lb_L.mean(),
+            z_L.mean(),
+            torch.stack([s.tokens_per_expert_E for s in stats]),
+            sum(s.dropped for s in stats),
+        )
 
 
 @dataclass
@@ -93,8 +98,15 @@ class Block(nn.Module):
         self.ln_ffn_out = norm() if sandwich else nn.Identity()
         self.attn = GLMAttention(cfg.d_model, cfg.n_heads, cfg.pb_relax, cfg.pb_alpha)
         if cfg.is_moe(layer):
-            self.ffn: nn.Module = MoE(cfg.d_model, cfg.moe_hidden or cfg.hidden, cfg.n_experts, cfg.top_k,
-                                      cfg.capacity_factor, cfg.eval_capacity_factor, cfg.router_jitter)  # fmt: skip
+            self.ffn: nn.Module = MoE(
+                cfg.d_model,
+                cfg.moe_hidden or cfg.hidden,
+                cfg.n_experts,
+                cfg.top_k,
+                cfg.capacity_factor,
+                cfg.eval_capacity_factor,
+                cfg.router_jitter,
+            )
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.hidden)
 
@@ -237,7 +249,9 @@ class GLMModel(nn.Module):
         real_BT: torch.Tensor | None = None,
         prompts: Prompts | None = None,
     ) -> GLMOutput:
-        h_BTD, aux = self.hidden(input_ids_BT, position_ids_BT, block_position_ids_BT, sep_B, kv_cache, real_BT, prompts)
+        h_BTD, aux = self.hidden(
+            input_ids_BT, position_ids_BT, block_position_ids_BT, sep_B, kv_cache, real_BT, prompts
+        )
         return GLMOutput(self.project(h_BTD), aux)
 
     def loss(
@@ -252,7 +266,9 @@ class GLMModel(nn.Module):
         prompts: Prompts | None = None,
     ) -> GLMLoss:
         """GLM loss on Part B only; takes exactly the tensors of `GLMBatch.tensors()` as keywords."""
-        h_BTD, aux = self.hidden(input_ids_BT, position_ids_BT, block_position_ids_BT, sep_B, real_BT=real_BT, prompts=prompts)
+        h_BTD, aux = self.hidden(
+            input_ids_BT, position_ids_BT, block_position_ids_BT, sep_B, real_BT=real_BT, prompts=prompts
+        )
         keep_BT = loss_mask_BT.bool()
         # Project only the target positions: Part B is a small share of the row and V can be large.
         logits_NV = self.project(h_BTD[keep_BT])

@@ -108,7 +108,7 @@ def grouped_mm_supported(x_AD: torch.Tensor, w_EDH: torch.Tensor) -> bool:
 
 
 def choose_backend(x_AD: torch.Tensor, w_EDH: torch.Tensor, counts_E: torch.Tensor, max_count: int) -> str:
-    """"grouped" or "bmm" for backend="auto".
+    """ "grouped" or "bmm" for backend="auto".
 
     On GPU one grouped GEMM kernel is the right tool. On CPU `_grouped_mm` runs one mm per group, each its own
     parallel region: with several threads that costs dearly for many small groups (and stalls when cores are
@@ -122,8 +122,9 @@ def choose_backend(x_AD: torch.Tensor, w_EDH: torch.Tensor, counts_E: torch.Tens
     return "bmm" if counts_E.numel() * max_count <= 1.25 * x_AD.size(0) else "grouped"
 
 
-def grouped_ffn(x_AD: torch.Tensor, w_in_EDH: torch.Tensor, w_out_EHD: torch.Tensor, counts_E: torch.Tensor,
-                backend: str = "auto") -> torch.Tensor:  # fmt: skip
+def grouped_ffn(
+    x_AD: torch.Tensor, w_in_EDH: torch.Tensor, w_out_EHD: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
     """GELU FFN of expert e applied to its contiguous rows of x_AD (rows sorted by expert, `counts_E` each).
 
     backend: "grouped" (torch._grouped_mm), "bmm" (groups padded to the largest, one batched matmul) or "auto".
@@ -151,9 +152,17 @@ class MoE(nn.Module):
     over the expert-parallel group and must be left out of the data-parallel gradient all-reduce.
     """
 
-    def __init__(self, d_model: int, hidden: int, n_experts: int, top_k: int = 2,
-                 capacity_factor: float | None = None, eval_capacity_factor: float | None = None,
-                 router_jitter: float = 0.0, backend: str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        n_experts: int,
+        top_k: int = 2,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        router_jitter: float = 0.0,
+        backend: str = "auto",
+    ):
         super().__init__()
         if top_k not in (1, 2) or top_k > n_experts:
             raise ValueError(f"top_k must be 1 or 2 and at most n_experts, got {top_k} with {n_experts} experts")

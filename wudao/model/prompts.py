@@ -83,8 +83,15 @@ class PrefixEncoder(nn.Module):
     keys/values of real tokens than from noise: Li & Liang 2021, §7.2); without them, N(0, 0.02).
     """
 
-    def __init__(self, n_layers: int, n_heads: int, head_dim: int, prompt_len: int, hidden: int | None = None,
-                 init_LHPK: tuple[torch.Tensor, torch.Tensor] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        n_layers: int,
+        n_heads: int,
+        head_dim: int,
+        prompt_len: int,
+        hidden: int | None = None,
+        init_LHPK: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         super().__init__()
         if prompt_len < 1:
             raise ValueError("prompt_len must be at least 1")

@@ -21,9 +21,22 @@ from typing import TYPE_CHECKING
 import httpx
 
 from wudao.errors import WudaoError
-from wudao.stack.state import (FLOW_SERVER, OBJECT_STORE, ORCHESTRATOR, SERVICES, TRACKING, Endpoints, Service,  # noqa: F401
-                               default_urls, log_path, pid_alive, pid_file, read_s3_credentials, recorded_urls,
-                               running_endpoints, running_pid, state_dir)  # fmt: skip
+from wudao.stack.state import (
+    FLOW_SERVER,
+    OBJECT_STORE,
+    ORCHESTRATOR,
+    SERVICES,
+    TRACKING,
+    Service,  # noqa: F401
+    default_urls,
+    log_path,
+    pid_alive,
+    pid_file,
+    read_s3_credentials,
+    recorded_urls,
+    running_pid,
+    state_dir,
+)
 
 if TYPE_CHECKING:
     from wudao.config import StackSettings
@@ -119,18 +132,40 @@ def _commands(home: Path, cfg: StackSettings) -> dict[Service, tuple[list[str], 
     key_id, secret = read_s3_credentials(home)
     master = cfg.master_port
     weed_cmd = [
-        weed, "mini", f"-dir={home / 'seaweedfs'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-s3.port={cfg.s3_port}", f"-master.port={master}",
-        f"-volume.port={master + WEED_OFFSETS['volume']}", f"-filer.port={master + WEED_OFFSETS['filer']}",
-        f"-admin.port={master + WEED_OFFSETS['admin']}", "-admin.ui=false", "-webdav=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-        f"-s3.config={state / 'weed-s3.json'}", f"-bucket={cfg.bucket}",
-    ]  # fmt: skip
+        weed,
+        "mini",
+        f"-dir={home / 'seaweedfs'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-s3.port={cfg.s3_port}",
+        f"-master.port={master}",
+        f"-volume.port={master + WEED_OFFSETS['volume']}",
+        f"-filer.port={master + WEED_OFFSETS['filer']}",
+        f"-admin.port={master + WEED_OFFSETS['admin']}",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.telemetry=false",
+        f"-s3.config={state / 'weed-s3.json'}",
+        f"-bucket={cfg.bucket}",
+    ]
     mlflow_cmd = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(cfg.mlflow_port),
-        "--workers", "1", "--backend-store-uri", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
-        "--artifacts-destination", f"s3://{cfg.bucket}/mlflow",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(cfg.mlflow_port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
+        "--artifacts-destination",
+        f"s3://{cfg.bucket}/mlflow",
+    ]
     mlflow_env = {
         "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{cfg.s3_port}",
         "AWS_ACCESS_KEY_ID": key_id,
@@ -139,7 +174,17 @@ def _commands(home: Path, cfg: StackSettings) -> dict[Service, tuple[list[str], 
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "true",
     }
-    prefect_cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(cfg.prefect_port)]
+    prefect_cmd = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(cfg.prefect_port),
+    ]
     prefect_env = {
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -154,7 +199,9 @@ def _healthy(svc: Service, url: str, home: Path, cfg: StackSettings) -> bool:
             from wudao.storage import S3Store
 
             key_id, secret = read_s3_credentials(home)
-            store = S3Store(f"s3://{cfg.bucket}", endpoint_url=url, access_key_id=key_id, secret_access_key=secret, max_attempts=1)
+            store = S3Store(
+                f"s3://{cfg.bucket}", endpoint_url=url, access_key_id=key_id, secret_access_key=secret, max_attempts=1
+            )
             store.client.head_bucket(Bucket=cfg.bucket)
             return True
         return httpx.get(url + "/health", timeout=2.0).status_code == 200  # mlflow: /health, prefect: /api/health
@@ -184,8 +231,10 @@ def _check_ports_free(svc: Service, cfg: StackSettings) -> None:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError as e:
-                raise StackError(f"cannot start {svc.program}: port {port} on 127.0.0.1 is in use (another stack or program); "
-                                 f"stop it or set {setting}") from e  # fmt: skip
+                raise StackError(
+                    f"cannot start {svc.program}: port {port} on 127.0.0.1 is in use (another stack or program); "
+                    f"stop it or set {setting}"
+                ) from e
 
 
 def start_service(svc: Service, home: Path, cfg: StackSettings) -> int:
@@ -201,7 +250,13 @@ def start_service(svc: Service, home: Path, cfg: StackSettings) -> int:
         # weed runs in the state dir, where its security.toml is; the others in home.
         cwd = state_dir(home) if svc == OBJECT_STORE else home
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=cwd
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            cwd=cwd,
         )
     pid_file(home, svc).write_text(str(proc.pid))
     return proc.pid
@@ -318,7 +373,9 @@ def start_flow_server(home: Path, cmd: list[str], prefect_api_url: str, timeout_
     if pid is None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         pid = proc.pid
         pid_file(home, FLOW_SERVER).write_text(str(pid))
     url = f"{prefect_api_url.rstrip('/')}/deployments/name/lifelong-cycle/default"
@@ -330,7 +387,12 @@ def start_flow_server(home: Path, cmd: list[str], prefect_api_url: str, timeout_
             raise StackError(f"`wudao deploy` exited during start-up: see {log_file}")
         try:
             if httpx.get(url, timeout=5).status_code == 200:
-                return {"pid": pid, "started_now": proc is not None, "log": str(log_file), "prefect_api_url": prefect_api_url}
+                return {
+                    "pid": pid,
+                    "started_now": proc is not None,
+                    "log": str(log_file),
+                    "prefect_api_url": prefect_api_url,
+                }
         except httpx.HTTPError:
             pass
         time.sleep(1)

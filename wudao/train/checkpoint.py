@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from wudao.errors import WudaoError
 from wudao.model import GLMConfig, GLMModel
 from wudao.storage import MANIFEST, LocalStore, ObjectStore, StorageError, join_key, key_in_store
-from wudao.errors import WudaoError
 
 _STEP_DIR = re.compile(r"^checkpoints/([^/]+)/step-(\d{8})/manifest\.json$")
 _ANY_STEP = re.compile(r"^step-(\d{8})/")

@@ -24,7 +24,10 @@ def pngs_to_tensor(pngs: list[bytes], size: int) -> torch.Tensor:
     """(N, 3, size, size) floats in [0, 1]."""
     from PIL import Image
 
-    arrays = [np.asarray(Image.open(io.BytesIO(p)).convert("RGB").resize((size, size)), dtype=np.float32) / 255.0 for p in pngs]
+    arrays = [
+        np.asarray(Image.open(io.BytesIO(p)).convert("RGB").resize((size, size)), dtype=np.float32) / 255.0
+        for p in pngs
+    ]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -41,10 +44,22 @@ class ImagePairs:
 class MixtureLoader:
     """GLM batches for given steps and ranks; see the module docstring for the determinism contract."""
 
-    def __init__(self, new: SliceTokens, old: list[SliceTokens], *, ids: SpecialIds, sentence_ends: frozenset[int],
-                 seq_len: int, seed: int, replay_fraction: float, slice_weights: dict[str, float],
-                 objective: GLMObjective, image_ratio: float = 0.0, images: ImagePairs | None = None,
-                 image_seq_len: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        new: SliceTokens,
+        old: list[SliceTokens],
+        *,
+        ids: SpecialIds,
+        sentence_ends: frozenset[int],
+        seq_len: int,
+        seed: int,
+        replay_fraction: float,
+        slice_weights: dict[str, float],
+        objective: GLMObjective,
+        image_ratio: float = 0.0,
+        images: ImagePairs | None = None,
+        image_seq_len: int | None = None,
+    ):
         old = [s for s in old if len(s.tokens) > 0]
         self.images = images if images is not None and len(images.captions) else None
         if len(new.tokens) == 0:
@@ -100,8 +115,9 @@ class MixtureLoader:
         budget = self.image_seq_len - self.images.codes_NHW[i].size - 8
         caption = self.images.captions[i][: max(1, budget)]
         # Both directions, as CogView: caption -> image, and image -> caption (used for self-reranking).
-        tokens, span = cogview_layout(caption, self.images.codes_NHW[i], self.ids, self.images.code_offset,
-                                      image_first=bool(rng.random() < 0.5))  # fmt: skip
+        tokens, span = cogview_layout(
+            caption, self.images.codes_NHW[i], self.ids, self.images.code_offset, image_first=bool(rng.random() < 0.5)
+        )
         return glm_sample(tokens, [span], self.ids.gmask, self.ids, self.image_seq_len, rng)
 
     def batch(self, step: int, indices: range) -> GLMBatch:

@@ -75,7 +75,9 @@ def wrap(model: nn.Module, parallel: str = "ddp", ignore: list[str] | None = Non
     ids = [device().index] if device().type == "cuda" else None
     root = LossModule(model)
     if ignore:
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, [f"model.{n}" for n in ignore])
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            root, [f"model.{n}" for n in ignore]
+        )
     # Dropless MoE may leave an expert without tokens in a micro-batch: its weights then get no gradient.
     return nn.parallel.DistributedDataParallel(root, device_ids=ids, find_unused_parameters=True)
 

@@ -69,8 +69,9 @@ class AllToAllExchange:
         in_splits, out_splits = send_counts_PL.sum(1).tolist(), recv_counts_PL.sum(1).tolist()
         x_RD = _AllToAll.apply(x_AD, out_splits, in_splits, self.group)  # source-major, then local expert
         L = recv_counts_PL.size(1)
-        expert_R = torch.repeat_interleave(torch.arange(L, device=x_AD.device).repeat(P), recv_counts_PL.reshape(-1),
-                                           output_size=x_RD.size(0))  # fmt: skip
+        expert_R = torch.repeat_interleave(
+            torch.arange(L, device=x_AD.device).repeat(P), recv_counts_PL.reshape(-1), output_size=x_RD.size(0)
+        )
         order_R = torch.argsort(expert_R, stable=True)  # local-expert-major, sources in rank order inside
         return x_RD[order_R], recv_counts_PL.sum(0), (order_R, in_splits, out_splits)
 
@@ -183,7 +184,9 @@ def gather_full(state: dict[str, torch.Tensor], model: nn.Module, groups: Expert
     return out
 
 
-def gather_full_optimizer(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, groups: ExpertGroups) -> dict:
+def gather_full_optimizer(
+    state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, groups: ExpertGroups
+) -> dict:
     """The same for a full optimizer state dict (`{"state": {param name: {"exp_avg": ...}}, ...}`). The moments
     come from `optimizer` itself, so every rank gathers the same tensors in the same order even where the
     state dict is empty (ranks other than 0)."""

@@ -23,16 +23,16 @@ import torch
 from wudao.catalog import Catalog, TrainingRun
 from wudao.config import ModelSettings, TrainSettings
 from wudao.data.glm import SpecialIds, sentence_end_ids
+from wudao.data.slices import load_slice_tokens
 from wudao.data.tokenizer import load_tokenizer, tokenizer_key
+from wudao.errors import WudaoError
 from wudao.model import GLMConfig, GLMModel
 from wudao.model.objective import GLMObjective
+from wudao.results import TrainResult
 from wudao.storage import ObjectStore
 from wudao.train import dist, expert_parallel
 from wudao.train.checkpoint import checkpoint_prefix, complete_steps, load_checkpoint, prune, save_checkpoint
-from wudao.data.slices import load_slice_tokens
 from wudao.train.data import ImagePairs, MixtureLoader, sample_indices
-from wudao.errors import WudaoError
-from wudao.results import TrainResult
 
 
 class TrainError(WudaoError):
@@ -100,8 +100,10 @@ class _SpikeGuard:
             return True
         self.in_row += 1
         if self.in_row >= self.cfg.max_skipped_in_row:
-            raise TrainError(f"{self.in_row} steps in a row had a non-finite or spiking loss (last {loss}): aborting; "
-                             "lower train.lr or check the newest slice")  # fmt: skip
+            raise TrainError(
+                f"{self.in_row} steps in a row had a non-finite or spiking loss (last {loss}): aborting; "
+                "lower train.lr or check the newest slice"
+            )
         return False
 
 
@@ -141,7 +143,9 @@ def train(
     """Train on `slice_ids[-1]` with replay from the others, resuming `run_id` if it has a complete checkpoint."""
     dist.init()
     try:
-        run = _setup(store, catalog, cache_dir, slice_ids, init_checkpoint_uri, model_settings, train_settings, run_id, images)
+        run = _setup(
+            store, catalog, cache_dir, slice_ids, init_checkpoint_uri, model_settings, train_settings, run_id, images
+        )
         return _fit(run, store, catalog, slice_ids, train_settings)
     finally:
         dist.shutdown()
@@ -175,12 +179,16 @@ def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, 
     else:
         ckpt = None
     if ckpt is not None and ckpt.manifest["tokenizer_version"] != tokenizer_version:
-        raise TrainError(f"checkpoint {ckpt.uri} uses tokenizer {ckpt.manifest['tokenizer_version']} but the data uses "
-                         f"{tokenizer_version}: start from scratch or re-ingest with the model's tokenizer")  # fmt: skip
+        raise TrainError(
+            f"checkpoint {ckpt.uri} uses tokenizer {ckpt.manifest['tokenizer_version']} but the data uses "
+            f"{tokenizer_version}: start from scratch or re-ingest with the model's tokenizer"
+        )
     longest = max(cfg.seq_len, cfg.image_seq_len or 0) if images is not None else cfg.seq_len
     model = ckpt.model if ckpt is not None else GLMModel(model_config(model_settings, tok.get_vocab_size(), longest))
     if model.cfg.max_seq_len < longest:
-        raise TrainError(f"train.seq_len / image_seq_len={longest} exceeds the model's max_seq_len={model.cfg.max_seq_len}")
+        raise TrainError(
+            f"train.seq_len / image_seq_len={longest} exceeds the model's max_seq_len={model.cfg.max_seq_len}"
+        )
     moe_layers = sum(model.cfg.is_moe(i) for i in range(model.cfg.n_layers))
     why = expert_parallel.check(cfg.expert_parallel, dist.world_size(), model.cfg.n_experts, moe_layers, cfg.parallel)
     if why:
@@ -196,8 +204,11 @@ def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, 
     # The optimizer state is reset every cycle (new data, re-warmed LR); a resumed run restores it exactly.
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(0.9, 0.95))  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
     start_step, history, recent = 0, [], []
     if resume_steps:
         state = ckpt.optimizer_state
@@ -205,40 +216,80 @@ def _setup(store, catalog, cache_dir, slice_ids, init_uri, model_settings, cfg, 
             state = expert_parallel.local_optimizer_state(state, model, experts)
         dist.load_optimizer_state(model, optimizer, state)
         torch.set_rng_state(ckpt.rng_state)
-        start_step, history, recent = ckpt.train_state["step"], ckpt.train_state["history"], ckpt.train_state["guard_recent"]
+        start_step, history, recent = (
+            ckpt.train_state["step"],
+            ckpt.train_state["history"],
+            ckpt.train_state["guard_recent"],
+        )
     try:
         loader = MixtureLoader(
-            new, old, ids=ids, sentence_ends=sentence_end_ids(tok), seq_len=cfg.seq_len, seed=cfg.seed,
-            replay_fraction=cfg.replay_fraction, slice_weights=cfg.slice_weights,
+            new,
+            old,
+            ids=ids,
+            sentence_ends=sentence_end_ids(tok),
+            seq_len=cfg.seq_len,
+            seed=cfg.seed,
+            replay_fraction=cfg.replay_fraction,
+            slice_weights=cfg.slice_weights,
             objective=GLMObjective.model_validate(cfg.objective),  # a dict when settings were model_copy()-updated
-            image_ratio=cfg.image_ratio, images=images, image_seq_len=cfg.image_seq_len,
-        )  # fmt: skip
+            image_ratio=cfg.image_ratio,
+            images=images,
+            image_seq_len=cfg.image_seq_len,
+        )
     except ValueError as e:
         raise TrainError(str(e)) from e
     if catalog is not None and dist.is_main():
         with catalog.session() as s:
             row = s.get(TrainingRun, run_id)
             if row is None:
-                s.add(TrainingRun(id=run_id, status="running", parent_checkpoint_uri=init_uri,
-                                  slice_ids=json.dumps(slice_ids), tokenizer_version=tokenizer_version))  # fmt: skip
+                s.add(
+                    TrainingRun(
+                        id=run_id,
+                        status="running",
+                        parent_checkpoint_uri=init_uri,
+                        slice_ids=json.dumps(slice_ids),
+                        tokenizer_version=tokenizer_version,
+                    )
+                )
             else:
                 row.status = "running"
-    return _Run(run_id, model, ddp_model, optimizer, loader, start_step, _SpikeGuard(cfg, recent), history,
-                tokenizer_version, init_uri, device, flops_per_token, experts)  # fmt: skip
+    return _Run(
+        run_id,
+        model,
+        ddp_model,
+        optimizer,
+        loader,
+        start_step,
+        _SpikeGuard(cfg, recent),
+        history,
+        tokenizer_version,
+        init_uri,
+        device,
+        flops_per_token,
+        experts,
+    )
 
 
 def _autocast(cfg: TrainSettings, device: torch.device):
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def _fit(run: _Run, store: ObjectStore, catalog: Catalog | None, slice_ids: list[str], cfg: TrainSettings) -> TrainResult:
+def _fit(
+    run: _Run, store: ObjectStore, catalog: Catalog | None, slice_ids: list[str], cfg: TrainSettings
+) -> TrainResult:
     model, optimizer = run.model, run.optimizer
     world, rank = dist.world_size(), dist.rank()
     flops_per_token = run.flops_per_token
     peak = _peak_tflops(cfg, run.device)
-    manifest_base = {"run_id": run.run_id, "tokenizer_version": run.tokenizer_version, "slice_ids": slice_ids,
-                     "parent_checkpoint_uri": run.init_uri}  # fmt: skip
+    manifest_base = {
+        "run_id": run.run_id,
+        "tokenizer_version": run.tokenizer_version,
+        "slice_ids": slice_ids,
+        "parent_checkpoint_uri": run.init_uri,
+    }
     run.ddp_model.train()
     tokens_done, elapsed = 0, 0.0
     for step in range(run.start_step, cfg.steps):
@@ -254,11 +305,13 @@ def _fit(run: _Run, store: ObjectStore, catalog: Catalog | None, slice_ids: list
         for m, indices in enumerate(micro):
             batch = run.loader.batch(step, indices)
             sync = m == len(micro) - 1
-            with (contextlib.nullcontext() if sync else dist.no_sync(run.ddp_model)), _autocast(cfg, run.device):
+            with contextlib.nullcontext() if sync else dist.no_sync(run.ddp_model), _autocast(cfg, run.device):
                 out = _loss(run, batch)
                 (out.loss / len(micro)).backward()
-            totals += torch.tensor([out.loss.item(), out.lm_loss.item(), out.aux.load_balance_loss.item(), out.aux.z_loss.item()],
-                                   dtype=torch.float64) / len(micro)  # fmt: skip
+            totals += torch.tensor(
+                [out.loss.item(), out.lm_loss.item(), out.aux.load_balance_loss.item(), out.aux.z_loss.item()],
+                dtype=torch.float64,
+            ) / len(micro)
             counts = out.aux.tokens_per_expert_LE
             if counts is not None and counts.numel():
                 expert_load = counts.float().sum(0) if expert_load is None else expert_load + counts.float().sum(0)
@@ -281,9 +334,18 @@ def _fit(run: _Run, store: ObjectStore, catalog: Catalog | None, slice_ids: list
         step_tokens = cfg.batch_size * run.loader.row_tokens(kind)
         tokens_done += step_tokens
         elapsed += step_seconds
-        entry = {"step": step, "loss": loss, f"loss/{kind}": float(totals[1]), "lm_loss": float(totals[1]),
-                 "load_balance_loss": float(totals[2]), "z_loss": float(totals[3]), "grad_norm": grad_norm, "lr": lr,
-                 "tokens_per_s": step_tokens / step_seconds, "skipped": 0 if accepted else 1}  # fmt: skip
+        entry = {
+            "step": step,
+            "loss": loss,
+            f"loss/{kind}": float(totals[1]),
+            "lm_loss": float(totals[1]),
+            "load_balance_loss": float(totals[2]),
+            "z_loss": float(totals[3]),
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_s": step_tokens / step_seconds,
+            "skipped": 0 if accepted else 1,
+        }
         if expert_load is not None:
             share = (expert_load / expert_load.sum().clamp(min=1)).tolist()
             entry.update({f"expert_load/{e}": v for e, v in enumerate(share)})
@@ -302,13 +364,20 @@ def _fit(run: _Run, store: ObjectStore, catalog: Catalog | None, slice_ids: list
             row.status, row.checkpoint_uri, row.steps = "finished", uri, cfg.steps
             row.final_loss, row.finished_at = final_loss, datetime.now(UTC)
     return TrainResult(
-        run_id=run.run_id, checkpoint_uri=uri, resumed_from=run.init_uri, restarted_at_step=run.start_step,
-        slice_ids=slice_ids, tokenizer_version=run.tokenizer_version, steps=cfg.steps,
+        run_id=run.run_id,
+        checkpoint_uri=uri,
+        resumed_from=run.init_uri,
+        restarted_at_step=run.start_step,
+        slice_ids=slice_ids,
+        tokenizer_version=run.tokenizer_version,
+        steps=cfg.steps,
         tokens=sum(cfg.batch_size * run.loader.row_tokens(run.loader.step_kind(s)) for s in range(cfg.steps)),
-        final_loss=final_loss, tokens_per_s=tokens_per_s,
+        final_loss=final_loss,
+        tokens_per_s=tokens_per_s,
         skipped_steps=sum(h["skipped"] for h in run.history),
-        mfu=(flops_per_token * tokens_per_s / (peak * 1e12 * world)) if peak else None, history=run.history,
-    )  # fmt: skip
+        mfu=(flops_per_token * tokens_per_s / (peak * 1e12 * world)) if peak else None,
+        history=run.history,
+    )
 
 
 def _loss(run: _Run, batch):
@@ -328,11 +397,28 @@ def _save(run: _Run, store: ObjectStore, step: int, manifest_base: dict, cfg: Tr
     if dist.is_main():
         losses = [h["loss"] for h in run.history if not h["skipped"]]
         manifest = {**manifest_base, "step": step, "final_loss": losses[-1] if losses else None}
-        train_state = {"step": step, "history": run.history, "guard_recent": run.guard.recent, "loader": {"next_step": step},
-                       "schedule": {"lr": cfg.lr, "warmup_fraction": cfg.warmup_fraction, "min_lr_ratio": cfg.min_lr_ratio,
-                                    "schedule": cfg.schedule, "steps": cfg.steps}}  # fmt: skip
-        uri = save_checkpoint(store, checkpoint_prefix(run.run_id, step), run.model, manifest, model_state=model_state,
-                              optimizer_state=optimizer_state, train_state=train_state)  # fmt: skip
+        train_state = {
+            "step": step,
+            "history": run.history,
+            "guard_recent": run.guard.recent,
+            "loader": {"next_step": step},
+            "schedule": {
+                "lr": cfg.lr,
+                "warmup_fraction": cfg.warmup_fraction,
+                "min_lr_ratio": cfg.min_lr_ratio,
+                "schedule": cfg.schedule,
+                "steps": cfg.steps,
+            },
+        }
+        uri = save_checkpoint(
+            store,
+            checkpoint_prefix(run.run_id, step),
+            run.model,
+            manifest,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
+            train_state=train_state,
+        )
         prune(store, run.run_id, cfg.keep_last)
     dist.barrier()
     return uri

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wudao.config import ModelSettings
+from wudao.data.slices import load_slice_images
+from wudao.errors import WudaoError
 from wudao.model import VQVAE, VQConfig
 from wudao.storage import ObjectStore, join_key
-from wudao.data.slices import load_slice_images
 from wudao.train.data import ImagePairs, pngs_to_tensor
-from wudao.errors import WudaoError
 
 CURRENT = "vq/current.json"
 
@@ -29,8 +29,19 @@ class VQError(WudaoError):
     pass
 
 
-def train_vq(store: ObjectStore, slice_ids: list[str], cache_dir: Path, *, image_size: int, codebook_size: int,
-             steps: int, hidden: int = 32, batch_size: int = 32, lr: float = 2e-3, seed: int = 0) -> dict:  # fmt: skip
+def train_vq(
+    store: ObjectStore,
+    slice_ids: list[str],
+    cache_dir: Path,
+    *,
+    image_size: int,
+    codebook_size: int,
+    steps: int,
+    hidden: int = 32,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> dict:
     pairs = [p for s in slice_ids for p in load_slice_images(store, s, cache_dir)]
     if not pairs:
         raise VQError("no images in the committed slices: ingest image-caption pairs first")
@@ -55,9 +66,18 @@ def train_vq(store: ObjectStore, slice_ids: list[str], cache_dir: Path, *, image
         mse = float(((recon - images) ** 2).mean())
         baseline = float(((images - images.mean(0, keepdim=True)) ** 2).mean())
     version = _save(store, model)
-    return {"version": version, "uri": store.url(f"vq/{version}"), "images": len(images), "steps": steps,
-            "final_loss": loss, "reconstruction_mse": mse, "mean_image_mse": baseline,
-            "codebook_size": codebook_size, "code_grid": image_size // 2**n_down, "seconds": time.perf_counter() - started}  # fmt: skip
+    return {
+        "version": version,
+        "uri": store.url(f"vq/{version}"),
+        "images": len(images),
+        "steps": steps,
+        "final_loss": loss,
+        "reconstruction_mse": mse,
+        "mean_image_mse": baseline,
+        "codebook_size": codebook_size,
+        "code_grid": image_size // 2**n_down,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def _save(store: ObjectStore, model: VQVAE) -> str:
@@ -81,17 +101,27 @@ def load_current(store: ObjectStore) -> VQVAE | None:
         raise VQError(f"VQ model {version} named by {CURRENT} is incomplete")
     model = VQVAE(VQConfig(**manifest["config"]))
     with tempfile.TemporaryDirectory(prefix="wudao-vq-") as tmp:
-        model.load_state_dict(load_file(store.get_file(join_key("vq", version, "model.safetensors"), Path(tmp) / "m.safetensors")))
+        model.load_state_dict(
+            load_file(store.get_file(join_key("vq", version, "model.safetensors"), Path(tmp) / "m.safetensors"))
+        )
     model.eval()
     return model
 
 
 @torch.no_grad()
-def encode_slices(model: VQVAE, store: ObjectStore, slice_ids: list[str], cache_dir: Path, image_size: int,
-                  model_settings: ModelSettings) -> ImagePairs | None:  # fmt: skip
+def encode_slices(
+    model: VQVAE,
+    store: ObjectStore,
+    slice_ids: list[str],
+    cache_dir: Path,
+    image_size: int,
+    model_settings: ModelSettings,
+) -> ImagePairs | None:
     if model.cfg.codebook_size != model_settings.image_codebook_size:
-        raise VQError(f"the VQ codebook has {model.cfg.codebook_size} codes but the GLM reserves "
-                      f"{model_settings.image_codebook_size} (model.image_codebook_size)")  # fmt: skip
+        raise VQError(
+            f"the VQ codebook has {model.cfg.codebook_size} codes but the GLM reserves "
+            f"{model_settings.image_codebook_size} (model.image_codebook_size)"
+        )
     pairs = [p for s in slice_ids for p in load_slice_images(store, s, cache_dir)]
     if not pairs:
         return None

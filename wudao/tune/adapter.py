@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wudao.errors import WudaoError
 from wudao.data.glm import SpecialIds, blank_prompt
 from wudao.data.tokenizer import MASK
+from wudao.errors import WudaoError
 from wudao.model import GLMConfig, GLMModel
 from wudao.model.generation import cloze_score_matrix, fill_blank
 from wudao.model.prompts import InputPromptEncoder, PrefixEncoder, Prompts
@@ -86,8 +86,15 @@ def save_adapter(store: ObjectStore, adapter_id: str, spec: AdapterSpec, state: 
         save_file({k: v.detach().contiguous().clone().cpu() for k, v in state.items()}, path)
         store.put_file(join_key(prefix, WEIGHTS), path)
     store.put_json(join_key(prefix, SPEC), asdict(spec))
-    return store.commit(prefix, {"adapter_id": adapter_id, "method": spec.method, "files": [WEIGHTS, SPEC],
-                                 "base_checkpoint_uri": spec.base_checkpoint_uri})  # fmt: skip
+    return store.commit(
+        prefix,
+        {
+            "adapter_id": adapter_id,
+            "method": spec.method,
+            "files": [WEIGHTS, SPEC],
+            "base_checkpoint_uri": spec.base_checkpoint_uri,
+        },
+    )
 
 
 def download_adapter(store: ObjectStore, uri: str, into: Path) -> Path:
@@ -124,8 +131,10 @@ class Tuned:
     def apply(cls, model: GLMModel, tokenizer, spec: AdapterSpec, state: dict[str, torch.Tensor]) -> Tuned:
         """The base `model` answering with the adapter (`spec`, `state`); a finetune adapter replaces its weights."""
         if spec.model_config != model.cfg.to_dict():
-            raise AdapterError(f"adapter for task {spec.task!r} was tuned on a model of another shape "
-                               f"({spec.base_checkpoint_uri}): tune it again on this base")  # fmt: skip
+            raise AdapterError(
+                f"adapter for task {spec.task!r} was tuned on a model of another shape "
+                f"({spec.base_checkpoint_uri}): tune it again on this base"
+            )
         encoder, prompts = spec.encoder(), None
         try:
             (model if encoder is None else encoder).load_state_dict(state)
@@ -144,7 +153,9 @@ class Tuned:
     def part_a(self, text: str) -> tuple[list[int], str]:
         """Part A of a row (v1 placeholders first: their embeddings are the prompt's) and the answer's lead."""
         if text.count(MASK) != 1:
-            raise AdapterError(f"a text for a tuned adapter holds exactly one {MASK} (this one {text.count(MASK)}): {text[:80]!r}")
+            raise AdapterError(
+                f"a text for a tuned adapter holds exactly one {MASK} (this one {text.count(MASK)}): {text[:80]!r}"
+            )
         blank = blank_prompt(self.tokenizer, text, self.ids)
         return [self.ids.cls] * self.n_input + blank.part_a, blank.lead
 
@@ -162,7 +173,9 @@ class Tuned:
             return self.labels[None]
         return list(dict.fromkeys(label for group in self.labels.values() for label in group))
 
-    def label_scores(self, texts: list[str], langs: list[str | None], grad: bool = False) -> tuple[torch.Tensor, list[list[str]]]:
+    def label_scores(
+        self, texts: list[str], langs: list[str | None], grad: bool = False
+    ) -> tuple[torch.Tensor, list[list[str]]]:
         """(N, C) cloze scores of each row's labels (Σ log p of label + [eop] in the blank; -inf pads rows with
         fewer labels), and the label lists. `grad` keeps the graph (training)."""
         part_as, cands, spaces = [], [], []

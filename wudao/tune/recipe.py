@@ -55,7 +55,9 @@ def _prompt_init(model: GLMModel, method: str, tokens: list[int]) -> tuple[torch
     if method == "ptuning-v1":
         return model.tok_emb.weight[torch.tensor(tokens, device=device)].float().cpu()
     cache = model.new_kv_cache(1, len(tokens))
-    model.hidden(torch.tensor([tokens], device=device), sep_B=torch.tensor([len(tokens)], device=device), kv_cache=cache)
+    model.hidden(
+        torch.tensor([tokens], device=device), sep_B=torch.tensor([len(tokens)], device=device), kv_cache=cache
+    )
     return cache.k_LBHSK[:, 0].float().cpu(), cache.v_LBHSK[:, 0].float().cpu()
 
 
@@ -69,8 +71,10 @@ def check_fits(tuned: Tuned, task: Task, max_new_tokens: int) -> None:
         if task.kind == "generation":  # the greedy fill of accuracy() needs room for max_new_tokens
             longest = max(longest, max_new_tokens)
         if len(part_a) + 1 + longest > limit:
-            raise TaskError(f"{ex.where}: {len(part_a) + 1 + longest} tokens with its answer, the model holds {limit}: "
-                            "shorten the text (or the prompt: --prompt-len)")  # fmt: skip
+            raise TaskError(
+                f"{ex.where}: {len(part_a) + 1 + longest} tokens with its answer, the model holds {limit}: "
+                "shorten the text (or the prompt: --prompt-len)"
+            )
 
 
 def accuracy(tuned: Tuned, task: Task, rows: list[Example], max_new_tokens: int) -> float:
@@ -102,21 +106,37 @@ def _generation_batch(tuned: Tuned, rows: list[Example], rng: np.random.Generato
         target = tuned.tokenizer.encode(lead + ex.answer).ids
         samples.append((np.array(part_a[:m] + target + part_a[m + 1 :]), (m, m + len(target))))
     seq_len = max(len(t) for t, _ in samples) + 2  # a [MASK] in Part A and a [sop] in Part B
-    return stack_rows([glm_sample(t, [span], tuned.ids.mask, tuned.ids, seq_len, rng) for t, span in samples],
-                      "token").tensors(device)  # fmt: skip
+    return stack_rows(
+        [glm_sample(t, [span], tuned.ids.mask, tuned.ids, seq_len, rng) for t, span in samples], "token"
+    ).tensors(device)
 
 
-def tune(model: GLMModel, tokenizer, task: Task, cfg: TuneSettings, *, base_checkpoint_uri: str,
-         tokenizer_version: str, on_step=None) -> TuneOutcome:  # fmt: skip
+def tune(
+    model: GLMModel,
+    tokenizer,
+    task: Task,
+    cfg: TuneSettings,
+    *,
+    base_checkpoint_uri: str,
+    tokenizer_version: str,
+    on_step=None,
+) -> TuneOutcome:
     """Train an adapter for `task` on the base `model` (left unchanged) with the settings `cfg`."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     ids = SpecialIds.from_tokenizer(tokenizer)
-    spec = AdapterSpec(method=cfg.method, prompt_len=0 if cfg.method == "finetune" else cfg.prompt_len,
-                       reparam_hidden=0 if cfg.method == "finetune" else cfg.reparam_hidden, kind=task.kind,
-                       labels={ANY_LANG if k is None else k: v for k, v in task.labels.items()}, task=task.name,
-                       task_digest=task.digest, base_checkpoint_uri=base_checkpoint_uri,
-                       tokenizer_version=tokenizer_version, model_config=model.cfg.to_dict())  # fmt: skip
+    spec = AdapterSpec(
+        method=cfg.method,
+        prompt_len=0 if cfg.method == "finetune" else cfg.prompt_len,
+        reparam_hidden=0 if cfg.method == "finetune" else cfg.reparam_hidden,
+        kind=task.kind,
+        labels={ANY_LANG if k is None else k: v for k, v in task.labels.items()},
+        task=task.name,
+        task_digest=task.digest,
+        base_checkpoint_uri=base_checkpoint_uri,
+        tokenizer_version=tokenizer_version,
+        model_config=model.cfg.to_dict(),
+    )
     model.eval()
     frozen = [p for p in model.parameters() if p.requires_grad]  # handed back trainable, as they came
     if cfg.method == "finetune":
@@ -146,7 +166,9 @@ def tune(model: GLMModel, tokenizer, task: Task, cfg: TuneSettings, *, base_chec
             tuned.prompts = encoder() if encoder is not None else None
             if task.kind == "cloze":
                 scores_NC, spaces = tuned.label_scores([ex.text for ex in rows], [ex.lang for ex in rows], grad=True)
-                gold_N = torch.tensor([space.index(ex.answer) for space, ex in zip(spaces, rows)], device=scores_NC.device)
+                gold_N = torch.tensor(
+                    [space.index(ex.answer) for space, ex in zip(spaces, rows)], device=scores_NC.device
+                )
                 loss = F.cross_entropy(scores_NC, gold_N)
             else:
                 loss = trained.loss(**_generation_batch(tuned, rows, rng, device), prompts=tuned.prompts).lm_loss

@@ -22,8 +22,8 @@ from mlflow.entities import Metric
 
 import wudao
 from wudao import registry, tracking
-from wudao.errors import WudaoError
 from wudao.config import Settings
+from wudao.errors import WudaoError
 from wudao.tune.adapter import download_adapter, save_adapter
 from wudao.tune.recipe import tune
 from wudao.tune.task import load_task
@@ -46,8 +46,10 @@ def resolve_base(settings: Settings, ref: str) -> Base:
     if ref in (registry.CHAMPION, registry.CANDIDATE):
         found = registry.alias_version(settings, ref)
         if found is None:
-            raise TuneError(f"model {settings.registry.model_name} has no @{ref} yet: run a cycle first "
-                            "(`wudao cycle SOURCE`), or pass --model with a checkpoint URI")  # fmt: skip
+            raise TuneError(
+                f"model {settings.registry.model_name} has no @{ref} yet: run a cycle first "
+                "(`wudao cycle SOURCE`), or pass --model with a checkpoint URI"
+            )
         return Base(found.checkpoint_uri, settings.registry.model_name, str(found.version))
     if ref.startswith("models:/"):
         name, found = registry.version_of(settings, ref)
@@ -80,31 +82,57 @@ def run_tune(settings: Settings, task_dir: str | Path, model_ref: str = "champio
     c = tracking.client(settings)
     with tracking.stage_run(settings, None, "tune") as run_id:
         c.set_tag(run_id, "mlflow.runName", f"tune-{task.name}-{cfg.method}")
-        outcome = tune(ckpt.model, tokenizer, task, cfg, base_checkpoint_uri=base.checkpoint_uri,
-                       tokenizer_version=tokenizer_version)  # fmt: skip
+        outcome = tune(
+            ckpt.model,
+            tokenizer,
+            task,
+            cfg,
+            base_checkpoint_uri=base.checkpoint_uri,
+            tokenizer_version=tokenizer_version,
+        )
         m = outcome.metrics
         now = int(time.time() * 1000)
-        tracking.log_metrics(settings, run_id, [Metric("train_loss", v, now, i) for i, v in enumerate(outcome.history)]
-                             + [Metric(k, float(v), now, cfg.steps) for k, v in m.items() if isinstance(v, (int, float))])  # fmt: skip
+        tracking.log_metrics(
+            settings,
+            run_id,
+            [Metric("train_loss", v, now, i) for i, v in enumerate(outcome.history)]
+            + [Metric(k, float(v), now, cfg.steps) for k, v in m.items() if isinstance(v, (int, float))],
+        )
         ident = adapter_id(task.name, cfg.method, [task.digest, base.checkpoint_uri, cfg.model_dump()])
         uri = save_adapter(store, ident, outcome.spec, outcome.state)
         tags = {
-            "wudao.base_model": base.model_name or "", "wudao.base_version": base.version or "",
-            "wudao.base_checkpoint_uri": base.checkpoint_uri, "wudao.adapter_uri": uri, "wudao.adapter_id": ident,
-            "wudao.tokenizer_version": tokenizer_version, "wudao.task": task.name, "wudao.task_digest": task.digest,
-            "wudao.method": cfg.method, "wudao.prompt_len": str(outcome.spec.prompt_len),
-            "wudao.dev_accuracy": f"{m['dev_accuracy']:.6f}", "wudao.base_accuracy": f"{m['base_accuracy']:.6f}",
+            "wudao.base_model": base.model_name or "",
+            "wudao.base_version": base.version or "",
+            "wudao.base_checkpoint_uri": base.checkpoint_uri,
+            "wudao.adapter_uri": uri,
+            "wudao.adapter_id": ident,
+            "wudao.tokenizer_version": tokenizer_version,
+            "wudao.task": task.name,
+            "wudao.task_digest": task.digest,
+            "wudao.method": cfg.method,
+            "wudao.prompt_len": str(outcome.spec.prompt_len),
+            "wudao.dev_accuracy": f"{m['dev_accuracy']:.6f}",
+            "wudao.base_accuracy": f"{m['base_accuracy']:.6f}",
             "wudao.majority_accuracy": f"{m['majority_accuracy']:.6f}",
-            "wudao.trainable_params": str(m["trainable_params"]), "wudao.code_version": wudao.__version__,
+            "wudao.trainable_params": str(m["trainable_params"]),
+            "wudao.code_version": wudao.__version__,
             "wudao.mlflow_run_id": run_id,
-        }  # fmt: skip
+        }
         with tempfile.TemporaryDirectory(prefix="wudao-adapter-") as tmp:
             folder = download_adapter(store, uri, Path(tmp) / "adapter")
             name = settings.registry.adapter_model_name
             version = registry.log_model_version(
-                settings, store, base.checkpoint_uri, tokenizer_version,
-                run_id, tags, name=name, extra_artifacts={"adapter": str(folder)}, params=ADAPTER_PARAMS,
-                python_model=WudaoTunedLM())  # fmt: skip
+                settings,
+                store,
+                base.checkpoint_uri,
+                tokenizer_version,
+                run_id,
+                tags,
+                name=name,
+                extra_artifacts={"adapter": str(folder)},
+                params=ADAPTER_PARAMS,
+                python_model=WudaoTunedLM(),
+            )
         for k, v in tags.items():
             c.set_tag(run_id, k, v)
     base_uri = f"models:/{base.model_name}/{base.version}" if base.version else base.checkpoint_uri

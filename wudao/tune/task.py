@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from wudao.errors import WudaoError
 from wudao.data.formats import encodable
 from wudao.data.tokenizer import MASK
+from wudao.errors import WudaoError
 
 TRAIN, DEV = "train.jsonl", "dev.jsonl"
 
@@ -90,8 +90,9 @@ def _rows(path: Path) -> tuple[list[Example], str]:
         try:
             row = json.loads(line)
         except (ValueError, RecursionError) as e:
-            raise TaskError(f"{where}: not a JSON object: one object per line, e.g. "
-                            '{"text": "... [MASK] ...", "label": "..."}') from e  # fmt: skip
+            raise TaskError(
+                f'{where}: not a JSON object: one object per line, e.g. {{"text": "... [MASK] ...", "label": "..."}}'
+            ) from e
         if not isinstance(row, dict):
             raise TaskError(f"{where}: a JSON {type(row).__name__}, not an object with `text` and `label` or `target`")
         text = row.get("text")
@@ -107,7 +108,7 @@ def _rows(path: Path) -> tuple[list[Example], str]:
             raise TaskError(f"{where}: `{has[0]}` must be a non-empty string")
         lang = row.get("lang")
         if lang is not None and not (isinstance(lang, str) and encodable(lang)):
-            raise TaskError(f"{where}: `lang` must be a string such as \"en\" or \"zh\"")
+            raise TaskError(f'{where}: `lang` must be a string such as "en" or "zh"')
         out.append((Example(text, answer.strip() if has[0] == "label" else answer, lang, where), has[0]))
     if not out:
         raise TaskError(f"{path}: no examples")
@@ -136,8 +137,10 @@ def load_task(folder: Path) -> Task:
         for ex in dev:
             if ex.answer not in task.labels.get(ex.lang, []):
                 lang = f" with lang {ex.lang!r}" if ex.lang is not None else ""
-                raise TaskError(f"{ex.where}: label {ex.answer!r} never occurs in {TRAIN}{lang}: the closed label set is "
-                                "what train.jsonl uses, so this row could never be right; add train rows with it")  # fmt: skip
+                raise TaskError(
+                    f"{ex.where}: label {ex.answer!r} never occurs in {TRAIN}{lang}: the closed label set is "
+                    "what train.jsonl uses, so this row could never be right; add train rows with it"
+                )
         if all(len(v) < 2 for v in task.labels.values()):
             raise TaskError(f"{folder / TRAIN}: a cloze task needs at least two labels; every row has the same one")
     return task
