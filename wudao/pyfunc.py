@@ -20,7 +20,6 @@ no request can make the server read a path of its choosing.
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -149,20 +148,13 @@ class WudaoLM(mlflow.pyfunc.PythonModel):
             raise MlflowException(str(e), INVALID_PARAMETER_VALUE) from None
 
     def _draw(self, caption: str, candidates: int, seed: int) -> str:
-        import torch
-        from PIL import Image
+        from wudao.serving import Painter
 
         if self.vq is None:
             raise ValueError("this version has no image tokenizer: it was registered before any images were learned")
-        grid = self.image_size // 2**self.vq.cfg.n_down
-        codes_HW = self.generator.image_codes(
-            caption, grid=grid, codebook_size=self.vq.cfg.codebook_size, candidates=candidates, seed=seed
-        )
-        with torch.no_grad():
-            image_CHW = self.vq.decode(torch.from_numpy(codes_HW)[None]).clamp(0, 1)[0]
-        buf = io.BytesIO()
-        Image.fromarray((image_CHW.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(buf, format="PNG")
-        return base64.b64encode(buf.getvalue()).decode()
+        return base64.b64encode(
+            Painter(self.generator, self.vq, self.image_size).png(caption, candidates, seed)
+        ).decode()
 
 
 def _sampling(p: dict[str, Any]):

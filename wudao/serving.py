@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from wudao.data.glm import SpecialIds, blank_prompt
+from wudao.data.images import png_bytes
 from wudao.data.multimodal import cogview_prompt
-from wudao.model import GLMModel, Sampling, continue_text, fill_blank, rerank, sample_image_codes
+from wudao.model import VQVAE, GLMModel, Sampling, continue_text, fill_blank, rerank, sample_image_codes
 
 
 @dataclass
@@ -86,6 +87,39 @@ class Generator:
             ]
             best, _ = rerank(self.model, prompts, caption_ids, self.ids)
         return codes[best].numpy().reshape(grid, grid)
+
+
+@dataclass
+class Painter:
+    """Text -> image, the one way every caller draws (`wudao generate --image`, the served model, FID): the GLM
+    samples a grid of image codes for each caption and the image tokenizer (VQ-VAE) decodes them."""
+
+    generator: Generator
+    vq: VQVAE
+    image_size: int
+
+    @property
+    def grid(self) -> int:
+        """Codes per side: the image size over the VQ-VAE's downsampling."""
+        return self.image_size // 2**self.vq.cfg.n_down
+
+    @torch.no_grad()
+    def images(self, captions: list[str], seeds: list[int], candidates: int = 1) -> np.ndarray:
+        """uint8 images (N, H, W, 3): one per caption, sampled with its seed (the codes one caption at a time, its
+        candidates as a batch; the VQ-VAE decodes the whole batch)."""
+        codes_NHW = np.stack(
+            [
+                self.generator.image_codes(
+                    c, grid=self.grid, codebook_size=self.vq.cfg.codebook_size, candidates=candidates, seed=seed
+                )
+                for c, seed in zip(captions, seeds, strict=True)
+            ]
+        )
+        images_NCHW = self.vq.decode(torch.from_numpy(codes_NHW))
+        return (images_NCHW.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+    def png(self, caption: str, candidates: int = 1, seed: int = 0) -> bytes:
+        return png_bytes(self.images([caption], [seed], candidates)[0])
 
 
 @contextlib.contextmanager

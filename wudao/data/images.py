@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from wudao.data.quarantine import Reason
@@ -41,4 +42,11 @@ def normalize_image(data: bytes, size: int, max_pixels: int) -> bytes:
     img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
     out = io.BytesIO()
     img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def png_bytes(image_HWC: np.ndarray) -> bytes:
+    """A uint8 RGB image as PNG bytes (lossless, as the shards keep images)."""
+    out = io.BytesIO()
+    Image.fromarray(image_HWC).save(out, format="PNG")
     return out.getvalue()
