@@ -5,7 +5,7 @@ nothing to compare (no parent, no KG, a parent without a comparable FID) is `ski
 the candidate is promoted when no gate `failed`. Every result becomes a version tag and a row of the gates table.
 
 A new gate is one function here, registered with `@gate("name")`, and its threshold as one field of
-`GateSettings` (wudao/config.py); registration, tags, the `gates.json` table and history pick it up by name.
+`GateSettings` (wudao/config/sections.py); registration, tags, the `gates.json` table and history pick it up by name.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ rules per language, PII scrubbing.
 English rules follow Gopher (word counts, mean word length, alphabetic words, stop words, symbol ratio,
 repetition) and C4 (terminal punctuation, lorem ipsum, code braces); Chinese rules follow WuDaoCorpora's
 cleaning (share of Chinese characters, minimum Chinese length, garbled text, boilerplate lines). Thresholds
-live in `CleanSettings` (wudao/config.py) with their defaults documented there.
+live in `CleanSettings` (wudao/config/sections.py) with their defaults documented there.
 """
 
 from __future__ import annotations
