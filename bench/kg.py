@@ -43,7 +43,8 @@ from wudao.eval.kg import (  # noqa: E402
     parse_kg,
 )
 from wudao.model import GLMConfig, GLMModel  # noqa: E402
-from wudao.model.generation import _encode_part_a, _part_b, cloze_scores_many  # noqa: E402
+from wudao.model.cloze import cloze_scores_many  # noqa: E402
+from wudao.model.generation import _encode_part_a, _part_b  # noqa: E402
 
 
 @torch.no_grad()

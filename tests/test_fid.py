@@ -22,6 +22,7 @@ from PIL import Image
 
 from wudao.data.demo import write_scenes
 from wudao.eval import fid
+from wudao.eval.coco import caption_order, load_coco
 from wudao.storage import LocalStore
 
 WUDAO = str(Path(sys.executable).parent / "wudao")
@@ -127,8 +128,8 @@ def test_s3_weights_are_copied_once_into_the_cache(tmp_path):
 
 def test_caption_sample_is_seeded_one_caption_per_image(tmp_path):
     write_scenes(tmp_path, n=12, seed=0, size=16)
-    index = fid.load_coco(LocalStore(tmp_path))
-    a, b, other = fid.caption_order(index, 0), fid.caption_order(index, 0), fid.caption_order(index, 1)
+    index = load_coco(LocalStore(tmp_path))
+    a, b, other = caption_order(index, 0), caption_order(index, 0), caption_order(index, 1)
     assert a == b and a != other
     assert sorted(i for i, _ in a) == sorted(index.files)
     assert all(caption in index.captions[i] for i, caption in a)

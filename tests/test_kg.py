@@ -19,7 +19,7 @@ from wudao.data.glm import SpecialIds, glm_sample, stack_rows
 from wudao.data.tokenizer import train_tokenizer
 from wudao.eval.kg import _cloze_inputs, answer_spaces, evaluate_kg, naive_cloze_sums, parse_kg
 from wudao.model import GLMConfig, GLMModel, cloze_scores
-from wudao.model.generation import cloze_scores_many
+from wudao.model.cloze import cloze_scores_many
 
 
 def small_kg(n: int = 24):

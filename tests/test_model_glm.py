@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from tests.test_model_vq import one_thread
 from wudao.data.glm import SpecialIds, glm_sample, stack_rows
 from wudao.model.attention import LayerNorm, glm_attention_mask, pb_relax_attention
-from wudao.model.generation import Sampling, cloze_scores, continue_text, fill_blank, rerank
+from wudao.model.cloze import cloze_scores, rerank
+from wudao.model.generation import Sampling, continue_text, fill_blank
 from wudao.model.glm import GLMConfig, GLMModel
 
 IDS = SpecialIds(pad=0, eos=1, cls=2, mask=3, smask=4, gmask=5, sop=6, eop=7, boi=8, eoi=9, roi=10, base=11)

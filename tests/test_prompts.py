@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.test_model_glm import IDS, MODELS, V, logits_of, sample_row, tiny
-from wudao.model.generation import cloze_score_matrix, cloze_scores_many, fill_blank
+from wudao.model.cloze import cloze_score_matrix, cloze_scores_many
+from wudao.model.generation import fill_blank
 from wudao.model.prompts import InputPromptEncoder, PrefixEncoder, Prompts
 
 

@@ -10,6 +10,8 @@
 - The real side (mean, covariance, and the features KID needs) is stored under `eval/fid-reference/<key>/`, keyed by
   the dataset's content, N, resolution, weights, real set, seed and blur radii, so repeated evaluations pay only
   for generation.
+- The captions index, caption order and real images are `wudao.eval.coco`'s; the sample grid and the PNG encoding
+  are `wudao.eval.grid`'s.
 """
 
 from __future__ import annotations
@@ -17,13 +19,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import random
-import re
 import tempfile
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,10 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from wudao.data.formats import parse_coco_captions
-from wudao.data.images import ImageRejected, normalize_image
-from wudao.data.quarantine import Reason
-from wudao.errors import WudaoError
+from wudao.eval.coco import CocoIndex, FIDError, caption_order, load_coco, read_real
+from wudao.eval.grid import png_bytes, sample_grid
 from wudao.storage import ObjectStore, StorageError, join_key, sha256_file
 
 STANDARD_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -54,10 +51,6 @@ _HOW = (
 
 Generate = Callable[[list[str], list[int]], np.ndarray]
 """(captions, image ids) -> generated images (B, H, W, 3) uint8, one per caption."""
-
-
-class FIDError(WudaoError):
-    """FID cannot run as configured; the message says what to set."""
 
 
 @dataclass(frozen=True)
@@ -281,79 +274,6 @@ class _FeatureSets:
         return np.concatenate(self.parts[sigma]) if self.parts[sigma] else np.zeros((0, FEATURE_DIM), np.float32)
 
 
-# ---- MS-COCO captions ----
-
-
-@dataclass(frozen=True)
-class CocoIndex:
-    split: str
-    files: dict[int, str]
-    captions: dict[int, list[str]]
-    present: frozenset[str]
-    digest: str
-    """sha256 of the captions file and of the split's listing (key, size, etag): the reference cache's key."""
-
-
-def load_coco(store: ObjectStore, split: str | None = None) -> CocoIndex:
-    if split is None:
-        matches = (re.fullmatch(r"annotations/captions_(\w+)\.json", o.key) for o in store.list("annotations/"))
-        found = sorted(m.group(1) for m in matches if m)
-        vals = [s for s in found if s.startswith("val")]
-        if len(found) != 1 and len(vals) != 1:
-            raise FIDError(
-                f"{store.uri}: expected one annotations/captions_<split>.json, found {found or 'none'}; "
-                "set eval.fid_split (WUDAO_EVAL__FID_SPLIT)"
-            )
-        split = found[0] if len(found) == 1 else vals[0]
-    key = f"annotations/captions_{split}.json"
-    try:
-        raw = store.get_bytes(key)
-        parsed = parse_coco_captions(raw)
-        files = {int(i): str(name) for i, name in parsed.files.items()}
-        captions = {int(i): c for i, c in parsed.captions.items()}
-    except StorageError as e:
-        raise FIDError(
-            f"no {store.url(key)}: give an MS-COCO root (annotations/captions_<split>.json + <split>/ images)"
-        ) from e
-    except (ValueError, KeyError, TypeError) as e:
-        raise FIDError(f"{store.url(key)} is not an MS-COCO captions file: {e}") from e
-    digest = hashlib.sha256(raw)
-    listing = sorted(store.list(f"{split}/"), key=lambda o: o.key)
-    for o in listing:
-        digest.update(f"{o.key}\0{o.size}\0{o.etag}\n".encode())
-    return CocoIndex(split, files, captions, frozenset(o.key for o in listing), digest.hexdigest())
-
-
-def caption_order(index: CocoIndex, seed: int) -> list[tuple[int, str]]:
-    """Every captioned image in a seeded order, each with one seeded choice among its captions."""
-    ids = sorted(i for i in index.files if index.captions.get(i))
-    random.Random(seed).shuffle(ids)
-    return [(i, random.Random(f"{seed}:{i}").choice(index.captions[i])) for i in ids]
-
-
-def read_real(
-    store: ObjectStore, index: CocoIndex, image_ids: list[int], size: int, max_pixels: int
-) -> list[np.ndarray | str]:
-    """Each image center-cropped and resized (uint8 HWC), or the reason it was skipped."""
-
-    def one(image_id: int) -> np.ndarray | str:
-        key = f"{index.split}/{index.files[image_id]}"
-        if key not in index.present:
-            return Reason.MISSING_IMAGE
-        try:
-            # The ingest's own normalisation (PNG round trip is lossless), so both paths crop and resize alike.
-            png = normalize_image(store.get_bytes(key), size, max_pixels)
-        except ImageRejected as e:
-            return e.reason
-        except StorageError:
-            return Reason.UNREADABLE
-        with Image.open(io.BytesIO(png)) as img:
-            return np.asarray(img.convert("RGB"))
-
-    with ThreadPoolExecutor(max_workers=8) as pool:  # S3 reads are latency-bound
-        return list(pool.map(one, image_ids))
-
-
 # ---- evaluation ----
 
 
@@ -431,7 +351,7 @@ def evaluate_fid(
         chunk = captions[start : start + cfg.batch_size]
         images = _to_size(generate([c for _, c in chunk], [i for i, _ in chunk]), cfg.resolution)
         for (image_id, _), im in zip(chunk, images):
-            out.put_bytes(join_key(out_prefix, "generated", f"{image_id:012d}.png"), _png(im))
+            out.put_bytes(join_key(out_prefix, "generated", f"{image_id:012d}.png"), png_bytes(im))
         fake.add(images)
         grid_fake += list(images[: cfg.grid - len(grid_fake)])
     t_generate = time.perf_counter() - started - t_reference
@@ -495,123 +415,3 @@ def _to_size(images_NHWC: np.ndarray, size: int) -> np.ndarray:
     return np.stack(
         [np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in images_NHWC]
     )
-
-
-def _png(image_HWC: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image_HWC).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-# Fonts with CJK glyphs, as (path, face index in a .ttc): Debian's fonts-noto-cjk (face 2 = Simplified Chinese
-# shapes), fonts-wqy-microhei, Fedora/Arch's Noto CJK, macOS. PIL's own default font has no CJK glyphs (boxes).
-_CJK_FONTS = (
-    ("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc", 2),
-    ("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc", 0),
-    ("/usr/share/fonts/google-noto-cjk/NotoSansCJK-Regular.ttc", 2),
-    ("/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc", 2),
-    ("/System/Library/Fonts/PingFang.ttc", 0),
-)
-_warned_no_cjk_font = False
-
-
-def cjk_font_file() -> tuple[str, int] | None:
-    """(path, face index) of an installed font that covers Chinese: a known path, else what fontconfig picks for
-    zh-cn (`fc-match`, where installed); None when neither finds one."""
-    import shutil
-    import subprocess
-
-    for path, index in _CJK_FONTS:
-        if Path(path).is_file():
-            return path, index
-    if shutil.which("fc-match"):
-        try:
-            out = subprocess.run(
-                ["fc-match", "-f", "%{file}|%{index}|%{lang}", "sans-serif:lang=zh-cn"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-        path, _, rest = out.partition("|")
-        index, _, langs = rest.partition("|")
-        # fontconfig always answers with some font; only one whose languages include Chinese has its glyphs.
-        if path and Path(path).is_file() and "zh-cn" in langs.split("|"):
-            return path, int(index or 0)
-    return None
-
-
-def caption_font(size: int = 11):
-    """A CJK-capable font for captions; PIL's default font (CJK drawn as boxes) with a one-time warning if none."""
-    import sys
-
-    from PIL import ImageFont
-
-    global _warned_no_cjk_font
-    found = cjk_font_file()
-    if found is not None:
-        try:
-            return ImageFont.truetype(found[0], size, index=found[1])
-        except OSError:
-            pass
-    if not _warned_no_cjk_font:
-        _warned_no_cjk_font = True
-        print(
-            "warning: no CJK font found (install fonts-noto-cjk): Chinese captions in sample grids show as boxes",
-            file=sys.stderr,
-        )
-    return ImageFont.load_default(size=size)
-
-
-def _wrap_px(text: str, font, width_px: int, max_lines: int) -> list[str]:
-    """Greedy wrap by drawn width: Latin words stay whole, CJK (no spaces) breaks between any two characters."""
-    tokens = re.findall(r"[^\s\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]+|\s+|.", text)
-    lines, line = [], ""
-    for token in tokens:
-        candidate = line + token if line.strip() else token.lstrip()
-        if line.strip() and font.getlength(candidate) > width_px:
-            lines.append(line.rstrip())
-            candidate = token.lstrip()
-        line = candidate
-        while len(line) > 1 and font.getlength(line) > width_px:  # one word wider than the cell: cut it
-            cut = len(line) - 1
-            while cut > 1 and font.getlength(line[:cut]) > width_px:
-                cut -= 1
-            lines.append(line[:cut])
-            line = line[cut:]
-    if line.strip():
-        lines.append(line.rstrip())
-    return lines[:max_lines]
-
-
-def sample_grid(
-    captions: list[str], generated: list[np.ndarray], real: list[np.ndarray | None], cell: int = 128
-) -> Image.Image:
-    """One column per caption: the generated image on top, its real image below, the caption under both."""
-    from PIL import ImageDraw
-
-    font = caption_font(11)
-    text_h = 4 * 13
-    # The grid keeps its size; a CJK font's lines are taller than PIL's default font's, so fewer of them fit.
-    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
-    max_lines = max(
-        [
-            n
-            for n in range(1, 5)
-            if probe.multiline_textbbox((0, 1), "\n".join(["国Ag"] * n), font=font, spacing=1)[3] <= text_h
-        ]
-        or [1]
-    )
-    grid = Image.new("RGB", (max(1, len(captions)) * cell, 2 * cell + text_h), "white")
-    draw = ImageDraw.Draw(grid)
-    for col, (caption, gen, ref) in enumerate(zip(captions, generated, real)):
-        x = col * cell
-        grid.paste(Image.fromarray(gen).resize((cell, cell), Image.Resampling.NEAREST), (x, 0))
-        if ref is not None:
-            grid.paste(Image.fromarray(ref).resize((cell, cell), Image.Resampling.NEAREST), (x, cell))
-        lines = _wrap_px(
-            caption, font, cell - 4, max_lines
-        )  # by drawn width: CJK glyphs are twice as wide as Latin ones
-        draw.multiline_text((x + 2, 2 * cell + 1), "\n".join(lines), fill="black", font=font, spacing=1)
-    return grid

@@ -28,7 +28,7 @@ from wudao.data.formats import encodable
 from wudao.data.glm import SpecialIds, blank_prompt
 from wudao.data.tokenizer import MASK
 from wudao.model import GLMModel, continue_text
-from wudao.model.generation import cloze_scores_many
+from wudao.model.cloze import cloze_scores_many
 
 KG_FACTS, KG_TEMPLATES = "facts.jsonl", "templates.jsonl"
 

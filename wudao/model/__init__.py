@@ -8,12 +8,12 @@ from importlib import import_module
 
 _WHERE = {
     "KVCache": "attention",
-    "ClozeScore": "generation",
+    "ClozeScore": "cloze",
+    "cloze_scores": "cloze",
+    "rerank": "cloze",
     "Sampling": "generation",
-    "cloze_scores": "generation",
     "continue_text": "generation",
     "fill_blank": "generation",
-    "rerank": "generation",
     "sample_image_codes": "generation",
     "GLMAux": "glm",
     "GLMLoss": "glm",

@@ -25,7 +25,8 @@ from wudao.data.glm import SpecialIds, blank_prompt
 from wudao.data.tokenizer import MASK
 from wudao.errors import WudaoError
 from wudao.model import GLMConfig, GLMModel
-from wudao.model.generation import cloze_score_matrix, fill_blank
+from wudao.model.cloze import cloze_score_matrix
+from wudao.model.generation import fill_blank
 from wudao.model.prompts import InputPromptEncoder, PrefixEncoder, Prompts
 from wudao.storage import ObjectStore, join_key, key_in_store
 
