@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from wudao.data.images import png_bytes
 from wudao.eval.coco import CocoIndex, FIDError, caption_order, load_coco, read_real
-from wudao.eval.grid import png_bytes, sample_grid
+from wudao.eval.grid import sample_grid
 from wudao.storage import ObjectStore, StorageError, join_key, sha256_file
 
 STANDARD_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"

@@ -1,24 +1,13 @@
 """The FID sample grid: generated images over their real ones with the captions under both, drawn with a font
-that has CJK glyphs (Chinese captions), and the PNG encoding generated images are stored in (lossless: JPEG
-re-encoding alone moves FID).
-"""
+that has CJK glyphs (Chinese captions)."""
 
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-
-def png_bytes(image_HWC: np.ndarray) -> bytes:
-    """One uint8 (H, W, 3) image as PNG."""
-    buf = io.BytesIO()
-    Image.fromarray(image_HWC).save(buf, format="PNG")
-    return buf.getvalue()
-
 
 # Fonts with CJK glyphs, as (path, face index in a .ttc): Debian's fonts-noto-cjk (face 2 = Simplified Chinese
 # shapes), fonts-wqy-microhei, Fedora/Arch's Noto CJK, macOS. PIL's own default font has no CJK glyphs (boxes).
