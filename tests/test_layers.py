@@ -1,7 +1,7 @@
 """Dependencies point one way (DESIGN.md): each part of `wudao` imports only its own layer and the layers below it,
 `wudao/model` imports nothing of the package but itself, data / train / eval never import each other sideways, and
 nothing in `wudao` imports `flows`. Every import counts, module level or inside a function; `TYPE_CHECKING`-only
-imports (annotations) do not."""
+imports (annotations) do not. README's Layout block names every module."""
 
 from __future__ import annotations
 
@@ -101,3 +101,26 @@ def test_the_check_sees_a_violation(tmp_path):
         "def f():\n    from wudao.eval.kg import parse_kg\n    import flows.cli\n"
     )
     assert _imports(sample) == ["typing", "wudao.eval.kg", "flows.cli"]
+
+
+def test_the_readme_layout_names_every_module():
+    """README's Layout block names every module of wudao/ and flows/ (a new module is placed there with a word on
+    what it holds), and nothing that no longer exists."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```")[1]
+    top = folder = ""
+    named = set()
+    for line in block.splitlines():
+        indent, first = len(line) - len(line.lstrip()), (line.split() or [""])[0]
+        if indent == 0:  # `wudao/`, `flows/`, `prefect.yaml`
+            top = folder = first if first.endswith("/") else ""
+        elif indent == 2:  # `  data/` (a folder whose files the description lists) or `  gates.py`
+            folder = top + first if first.endswith("/") else top
+        words = line.translate(str.maketrans(",()`:;", "      ")).split()
+        named |= {folder + w for w in words if w.endswith(".py")} if folder else set()
+    modules = {p.relative_to(ROOT).as_posix() for top in ("wudao", "flows") for p in _modules(top)}
+    modules = {m for m in modules if not m.endswith("__init__.py")}  # a package is named by its folder
+    missing = sorted(m for m in modules if m not in named)
+    stale = sorted(n for n in named if not (ROOT / n).exists())
+    assert not missing, f"add to README's Layout: {missing}"
+    assert not stale, f"README's Layout names modules that do not exist: {stale}"
