@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from wudao.config import Settings, hide_password
 from wudao.registry import CHAMPION, RegistryError
 from wudao.results import Evaluation
-from wudao.tracking import KG_SLICES_TAG, TrackingError, client, kg_chance, log_table_once
+from wudao.tracking import KG_SLICES_TAG, TrackingError, client, kg_chance, log_table_once, unreachable
 
 HELDOUT, KG_P1 = "heldout_loss/", "kg/p_at_1/"
 CANDIDATE = "candidate"
@@ -240,10 +240,8 @@ def read_versions(settings: Settings) -> list[VersionRecord]:
         raise TrackingError(
             f"cannot read model {name!r} from MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message}"
         ) from e
-    except Exception as e:  # connection refused and friends surface as requests/urllib3 errors
-        raise TrackingError(
-            f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`"
-        ) from e
+    except Exception as e:
+        raise unreachable(settings, e) from e
     if not versions:
         raise RegistryError(f"model {name!r} has no versions yet: run a cycle first (`wudao cycle SOURCE`)")
     aliases: dict[str, list[str]] = {}

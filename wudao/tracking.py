@@ -41,6 +41,13 @@ def client(settings: Settings) -> MlflowClient:
     return MlflowClient(settings.mlflow_tracking_uri)
 
 
+def unreachable(settings: Settings, e: Exception) -> TrackingError:
+    """The error for an MLflow server that does not answer: connection refused and friends surface as
+    requests/urllib3 errors, not as MlflowException."""
+    where = hide_password(settings.mlflow_tracking_uri)
+    return TrackingError(f"cannot reach MLflow at {where} ({type(e).__name__}): run `wudao stack up`")
+
+
 def experiment_id(c: MlflowClient, settings: Settings) -> str:
     try:
         exp = c.get_experiment_by_name(settings.registry.experiment)
@@ -48,10 +55,8 @@ def experiment_id(c: MlflowClient, settings: Settings) -> str:
         raise TrackingError(
             f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)}: {e.message.splitlines()[0]}"
         ) from e
-    except Exception as e:  # connection refused and friends surface as requests/urllib3 errors
-        raise TrackingError(
-            f"cannot reach MLflow at {hide_password(settings.mlflow_tracking_uri)} ({type(e).__name__}): run `wudao stack up`"
-        ) from e
+    except Exception as e:
+        raise unreachable(settings, e) from e
     if exp is not None:
         if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before the tag existed (or by hand): set it once
             c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
