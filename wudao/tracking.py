@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -148,6 +149,19 @@ def fail_dead_runs(settings: Settings) -> list[dict[str, str]]:
             c.set_terminated(run.info.run_id, "FAILED")
             dead.append({"run_id": run.info.run_id, "prefect_flow_run_id": run.data.tags.get(PREFECT_RUN_TAG, "")})
     return dead
+
+
+@contextmanager
+def stage_run(settings: Settings, parent_run_id: str | None, stage: str) -> Iterator[str]:
+    """Open a (nested) run for work outside a cycle's flow, e.g. `wudao tune`; it ends FINISHED, or FAILED when
+    the work raises."""
+    run_id = begin_stage(settings, parent_run_id, stage)
+    try:
+        yield run_id
+    except BaseException:
+        client(settings).set_terminated(run_id, "FAILED")
+        raise
+    client(settings).set_terminated(run_id, "FINISHED")
 
 
 def log_metrics(settings: Settings, run_id: str, metrics: list[Metric], tags: dict[str, str] | None = None) -> None:
