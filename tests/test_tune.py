@@ -11,12 +11,7 @@ real countries are in, in the demo corpus's three phrasings per language (cloze 
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import free_port, stack_env
+from tests.conftest import stack_env
 from tests.test_cli import run
 from tests.test_model_glm import memorise
 from tests.test_model_vq import one_thread
@@ -34,6 +29,7 @@ from wudao.data.demo import TASK_TEMPLATES, TEMPLATES, country_facts, write_task
 from wudao.data.glm import SpecialIds, blank_prompt, glm_sample, stack_rows
 from wudao.data.tokenizer import MASK, train_tokenizer
 from wudao.model import GLMConfig, GLMModel
+from wudao.serving import mlflow_serve
 from wudao.storage import LocalStore
 from wudao.tune.adapter import AdapterError, Tuned, download_adapter, read_adapter, save_adapter
 from wudao.tune.recipe import tune
@@ -298,42 +294,9 @@ def test_cli_tunes_the_champion_registers_the_adapter_and_mlflow_serves_it(base,
     with pytest.raises(Exception, match="no labels for lang 'fr'"):  # the declared params reach the model
         loaded.predict(texts[:1], params={"lang": "fr"})
 
-    port = free_port()
-    log = tmp_path / "serve.log"
-    serve_env = {**env, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "mlflow"),
-                "models",
-                "serve",
-                "-m",
-                r["adapter_model_uri"],
-                "--env-manager",
-                "local",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-            ],
-            env=serve_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping: " + log.read_text()[-2000:]
-            time.sleep(1)
+    with mlflow_serve(r["adapter_model_uri"], tmp_path / "serve.log", env=env) as url:
         answer = httpx.post(
-            f"http://127.0.0.1:{port}/invocations",
+            f"{url}/invocations",
             timeout=120,
             json={"inputs": texts[:8] + ["France"], "params": {"max_new_tokens": 4}},
         )
@@ -342,14 +305,5 @@ def test_cli_tunes_the_champion_registers_the_adapter_and_mlflow_serves_it(base,
         assert served[:8] == labels[:8], "served over HTTP = loaded in process"
         assert served[8].startswith("France"), "text without a blank is continued by the base"
         # Params reach the model: a label set it does not have is refused, by name.
-        bad = httpx.post(
-            f"http://127.0.0.1:{port}/invocations", timeout=60, json={"inputs": [texts[1]], "params": {"lang": "fr"}}
-        )
+        bad = httpx.post(f"{url}/invocations", timeout=60, json={"inputs": [texts[1]], "params": {"lang": "fr"}})
         assert bad.status_code >= 400 and "no labels for lang 'fr'" in bad.text
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
