@@ -286,25 +286,22 @@ def test_stage_and_cli_with_a_trained_model(weights, demo_dir, tmp_path):
 def test_human_output_says_biased_next_to_the_number(capsys):
     from wudao.cli import _render_fid
 
-    _render_fid(
-        {
-            "fid": 12.5,
-            "kid_mean": 0.01,
-            "kid_std": 0.001,
-            "kid_subsets": 100,
-            "kid_subset_size": 48,
-            "n_images": 48,
-            "n_real": 48,
-            "n_skipped": 0,
-            "skipped": {},
-            "model": "m",
-            "reference_cached": True,
-            "reference_key": "k",
-            "samples_uri": "s",
-            "warning": "N=48 < 2048: …",
-            "weights_note": "TEST-ONLY …",
-        }
-    )
+    report = {
+        "fid": 12.5,
+        "kid_mean": 0.01,
+        "kid_std": 0.001,
+        "kid_subsets": 100,
+        "kid_subset_size": 48,
+        "n_images": 48,
+        "n_real": 48,
+        "n_skipped": 0,
+        "skipped": {},
+        "model": "m",
+        "reference_cached": True,
+        "reference_key": "k",
+        "samples_uri": "s",
+    }
+    _render_fid({**report, "warning": "N=48 < 2048: …", "weights_note": "TEST-ONLY …"})
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("FID 12.500") and "biased" in out[0]
     assert not any("follow" in line for line in out), "no colour probe line for captions it cannot read"
@@ -318,23 +315,6 @@ def test_human_output_says_biased_next_to_the_number(capsys):
         "chance_shape": 0.2,
         "chance_both": 1 / 30,
     }
-    _render_fid(
-        {
-            "fid": 12.5,
-            "kid_mean": 0.01,
-            "kid_std": 0.001,
-            "kid_subsets": 100,
-            "kid_subset_size": 48,
-            "n_images": 48,
-            "n_real": 48,
-            "n_skipped": 0,
-            "skipped": {},
-            "model": "m",
-            "reference_cached": True,
-            "reference_key": "k",
-            "samples_uri": "s",
-            "follows": follows,
-        }
-    )
+    _render_fid({**report, "follows": follows})
     assert "images follow their captions: 0.65 (chance 0.03)" in capsys.readouterr().out
     assert any(line.startswith("weights: TEST-ONLY") for line in out)

@@ -111,15 +111,12 @@ class WudaoLM(mlflow.pyfunc.PythonModel):
     # directly.
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         p = {**PARAMS, **(params or {})}
-        model_input = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
+        texts = _texts(model_input)
         if p["check_facts"] and p["mode"] == "text":
-            return [self._checked(str(prompt), p) for prompt in model_input]
+            return [self._checked(prompt, p) for prompt in texts]
         if p["mode"] == "image":
-            return [self._draw(str(caption), int(p["candidates"]), int(p["seed"])) for caption in model_input]
-        return [
-            self.generator.text(str(prompt), int(p["max_new_tokens"]), _sampling(p), int(p["seed"]))
-            for prompt in model_input
-        ]
+            return [self._draw(caption, int(p["candidates"]), int(p["seed"])) for caption in texts]
+        return [self.generator.text(prompt, int(p["max_new_tokens"]), _sampling(p), int(p["seed"])) for prompt in texts]
 
     def _checked(self, prompt: str, p: dict[str, Any]) -> dict[str, Any]:
         from mlflow.exceptions import MlflowException
@@ -157,6 +154,13 @@ class WudaoLM(mlflow.pyfunc.PythonModel):
         ).decode()
 
 
+def _texts(model_input) -> list[str]:
+    """The request's strings: serving passes the signature's one-column DataFrame, direct calls a list."""
+    if isinstance(model_input, (pd.DataFrame, pd.Series)):
+        model_input = (model_input.iloc[:, 0] if model_input.ndim == 2 else model_input).tolist()
+    return [str(t) for t in model_input]
+
+
 def _sampling(p: dict[str, Any]):
     from wudao.model import Sampling
 
@@ -185,9 +189,7 @@ class WudaoTunedLM(WudaoLM):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):  # hint: see WudaoLM
         """Texts with a blank through the adapter, the rest (and checked generation) through the base."""
         p = {**ADAPTER_PARAMS, **(params or {})}
-        if isinstance(model_input, (pd.DataFrame, pd.Series)):
-            model_input = (model_input.iloc[:, 0] if model_input.ndim == 2 else model_input).tolist()
-        texts = [str(t) for t in model_input]
+        texts = _texts(model_input)
         if p["mode"] != "text" or p["check_facts"]:
             return super().predict(context, texts, params)
         tuned = [i for i, t in enumerate(texts) if self.blank in t]
